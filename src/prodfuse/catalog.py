@@ -1,0 +1,147 @@
+"""Reading and validating product catalogs (CSV, parquet, JSON Lines) and the column flags every command shares."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which catalog column plays which role. `label`/`split` may be None (unlabelled catalog / no split)."""
+
+    id: str = "product_id"
+    image: str = "image_path"
+    text: tuple[str, ...] = ("title", "description")
+    label: str | None = "label"
+    split: str | None = "split"
+
+
+def add_column_args(parser: argparse.ArgumentParser) -> None:
+    """The column-mapping flags shared by every command."""
+    g = parser.add_argument_group("catalog columns")
+    g.add_argument("--id-col", default="product_id", help="unique product id column (default: product_id)")
+    g.add_argument("--image-col", default="image_path",
+                   help="image path column; relative paths are relative to the catalog file (default: image_path)")
+    g.add_argument("--text-cols", default="title,description",
+                   help="comma list of text columns, any may be absent; '' for none (default: title,description)")
+    g.add_argument("--label-col", default="label", help="label column; '' for an unlabelled catalog (default: label)")
+    g.add_argument("--split-col", default="split", help="optional train/val/test column (default: split)")
+
+
+def columns_from_args(args: argparse.Namespace) -> Columns:
+    text = tuple(c.strip() for c in (args.text_cols or "").split(",") if c.strip())
+    return Columns(id=args.id_col, image=args.image_col, text=text,
+                   label=args.label_col or None, split=args.split_col or None)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"Cannot read catalog {str(path)!r}: unknown extension {path.suffix!r}. "
+                         f"Use one of {', '.join(sorted(FORMATS))}.")
+    try:
+        if fmt == "parquet":
+            return pd.read_parquet(path)
+        if fmt == "jsonl":
+            return pd.read_json(path, lines=True, dtype=False)
+        # Read everything as text: ids like "00123" must keep their zeros, and labels stay strings.
+        return pd.read_csv(path, sep="\t" if fmt == "tsv" else ",", dtype=str, keep_default_na=False,
+                           na_values=[""])
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+    except Exception as e:  # parser errors differ per format; all mean the same thing to the user
+        raise ValueError(f"Cannot read catalog {str(path)!r} as {fmt}: {type(e).__name__}: {e}. "
+                         f"Check that the file is a valid {fmt} file.") from e
+
+
+def _require(df: pd.DataFrame, col: str, role: str, flag: str, path: Path) -> None:
+    if col not in df.columns:
+        raise ValueError(f"Catalog {str(path)!r} has no {role} column {col!r}; its columns are "
+                         f"{list(map(str, df.columns))}. Pass {flag} NAME to map it.")
+
+
+def read_catalog(path: str | os.PathLike, columns: Columns = Columns(), require_label: bool = True) -> pd.DataFrame:
+    """Read and validate a catalog. Per-row problems (bad images, empty text) are left to extraction.
+
+    Returns a DataFrame with ids, labels and splits as strings; text columns that are absent are simply not there.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"Catalog {str(path)!r} does not exist or is not a file. Pass --catalog PATH to an existing "
+                         f"CSV, parquet or JSON Lines file.")
+    df = _read_table(path)
+    if len(df) == 0:
+        raise ValueError(f"Catalog {str(path)!r} is empty (no rows). It needs a header and at least one product.")
+    _require(df, columns.id, "id", "--id-col", path)
+    _require(df, columns.image, "image", "--image-col", path)
+    if columns.label is not None and (require_label or columns.label in df.columns):
+        _require(df, columns.label, "label", "--label-col", path)
+    if columns.split is not None and columns.split not in df.columns:
+        columns = Columns(columns.id, columns.image, columns.text, columns.label, None)
+    df = df.reset_index(drop=True)
+    ids = df[columns.id]
+    if ids.isna().any():
+        rows = list(df.index[ids.isna()][:5])
+        raise ValueError(f"Catalog {str(path)!r} has {int(ids.isna().sum())} rows with an empty id "
+                         f"(column {columns.id!r}, rows {rows}). Every product needs an id.")
+    df[columns.id] = ids.astype(str)
+    dup = df[columns.id][df[columns.id].duplicated(keep=False)]
+    if len(dup):
+        examples = list(dict.fromkeys(dup))[:5]
+        raise ValueError(f"Catalog {str(path)!r} has duplicate ids in column {columns.id!r}: {examples} "
+                         f"({dup.nunique()} ids repeated). Ids must be unique: de-duplicate the catalog first.")
+    for col in (columns.label, columns.split):
+        if col is not None and col in df.columns:
+            if df[col].isna().any():
+                rows = list(df[columns.id][df[col].isna()][:5])
+                raise ValueError(f"Catalog {str(path)!r} has {int(df[col].isna().sum())} rows with an empty "
+                                 f"{col!r} (ids {rows}). Fill or drop them.")
+            df[col] = df[col].astype(str)
+    for col in columns.text:
+        if col in df.columns:
+            df[col] = df[col].astype("string").fillna("")
+    return df
+
+
+def present_text_columns(df: pd.DataFrame, columns: Columns) -> list[str]:
+    return [c for c in columns.text if c in df.columns]
+
+
+def resolve_image_paths(df: pd.DataFrame, catalog_path: str | os.PathLike, image_col: str) -> tuple[list[str], list[str | None]]:
+    """Absolute image paths, and a reject reason per row (None when fine).
+
+    A relative path that climbs out of the catalog's folder is rejected: a catalog from elsewhere should not be
+    able to make us read arbitrary files on this machine.
+    """
+    base = Path(catalog_path).resolve().parent
+    paths, reasons = [], []
+    for raw in df[image_col].tolist():
+        if raw is None or (isinstance(raw, float) and raw != raw) or str(raw).strip() == "":
+            paths.append("")
+            reasons.append("missing_path")
+            continue
+        p = Path(str(raw).strip())
+        if p.is_absolute():
+            paths.append(str(p))
+            reasons.append(None)
+            continue
+        full = (base / p).resolve()
+        paths.append(str(full))
+        reasons.append(None if full.is_relative_to(base) else "outside_catalog_dir")
+    return paths, reasons

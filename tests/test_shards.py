@@ -1,0 +1,124 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from prodfuse import shards
+
+
+def header(**settings):
+    return {"catalog_path": "c.csv", "catalog_sha256": "abc", "columns": {"id": "product_id"},
+            "settings": {"backbone": "mobilenet_v2", "image_size": 224, **settings},
+            "encoders": {"image": {"dim": 8}, "text": {"dim": 4}}, "versions": {"prodfuse": "0"}}
+
+
+def chunk(start, n, rng):
+    return {"product_id": [f"id{start + i}" for i in range(n)], "label": [f"c{(start + i) % 3}" for i in range(n)],
+            "image_embedding": rng.normal(size=(n, 8)).astype(np.float32),
+            "text_embedding": rng.normal(size=(n, 4)).astype(np.float32),
+            "has_text": np.arange(n) % 2 == 0, "text": [f"t {start + i}" for i in range(n)],
+            "ocr_text": ["" for _ in range(n)],
+            "tokens": rng.integers(0, 15001, size=(n, 60)).astype(np.int32)}
+
+
+def write_all(folder, chunks, overwrite=False, stop_after=None):
+    m = shards.open_shards(folder, header(), overwrite=overwrite)
+    start = shards.next_input_row(m)
+    for k, c in enumerate(chunks):
+        if sum(len(x["product_id"]) for x in chunks[:k]) < start:
+            continue
+        n = len(c["product_id"])
+        first = int(c["product_id"][0][2:])
+        shards.write_shard(folder, m, c, first, first + n, rejects=[{"id": "bad", "path": "p", "reason": "x"}] if k == 1 else [])
+        if stop_after is not None and k + 1 == stop_after:
+            return m
+    shards.finish(folder, m)
+    return m
+
+
+def test_round_trip_values_dtypes_order(tmp_path):
+    rng = np.random.default_rng(0)
+    chunks = [chunk(0, 5, rng), chunk(5, 5, rng), chunk(10, 3, rng)]
+    write_all(tmp_path, chunks)
+    got = shards.read_shards(tmp_path)
+    assert list(got["product_id"]) == [f"id{i}" for i in range(13)]
+    np.testing.assert_array_equal(got["image_embedding"], np.concatenate([c["image_embedding"] for c in chunks]))
+    assert got["image_embedding"].dtype == np.float32 and got["image_embedding"].shape == (13, 8)
+    assert got["text_embedding"].shape == (13, 4)
+    assert got["tokens"].dtype == np.int32 and got["tokens"].shape == (13, 60)
+    np.testing.assert_array_equal(got["tokens"], np.concatenate([c["tokens"] for c in chunks]))
+    assert got["has_text"].dtype == bool
+    # the parquet types are the documented ones
+    schema = pq.read_schema(tmp_path / "part-00000.parquet")
+    t = schema.field("image_embedding").type
+    assert pa.types.is_fixed_size_list(t) and t.list_size == 8 and t.value_type == pa.float32()
+    t = schema.field("tokens").type
+    assert pa.types.is_list(t) and t.value_type == pa.int32()
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert m["complete"] and m["rows"] == 13 and m["rejected"] == 1
+    assert [s["rows"] for s in m["shards"]] == [5, 5, 3]
+    assert (tmp_path / "rejects.csv").read_text().splitlines()[1].startswith("bad,p,x")
+
+
+def test_column_and_row_subsets(tmp_path):
+    rng = np.random.default_rng(1)
+    chunks = [chunk(0, 5, rng), chunk(5, 5, rng)]
+    write_all(tmp_path, chunks)
+    full = shards.read_shards(tmp_path)
+    got = shards.read_shards(tmp_path, columns=["image_embedding", "product_id"], rows=[7, 2, 9])
+    assert set(got) == {"image_embedding", "product_id"}
+    assert list(got["product_id"]) == ["id7", "id2", "id9"]
+    np.testing.assert_array_equal(got["image_embedding"], full["image_embedding"][[7, 2, 9]])
+    mask = np.zeros(10, bool)
+    mask[[1, 8]] = True
+    assert list(shards.read_shards(tmp_path, ["product_id"], rows=mask)["product_id"]) == ["id1", "id8"]
+    with pytest.raises(ValueError, match="not in the shards"):
+        shards.read_shards(tmp_path, columns=["nope"])
+    with pytest.raises(ValueError, match=r"row positions must lie in \[0, 10\)"):
+        shards.read_shards(tmp_path, rows=[10])
+
+
+def test_resume_after_kill_between_shards(tmp_path):
+    rng = np.random.default_rng(2)
+    chunks = [chunk(0, 4, rng), chunk(4, 4, rng), chunk(8, 4, rng)]
+    m = write_all(tmp_path, chunks, stop_after=1)  # "killed" after the first shard
+    assert not m["complete"]
+    with pytest.raises(ValueError, match="incomplete"):
+        shards.read_shards(tmp_path)
+    # a kill mid-write leaves a temp file and maybe a renamed shard the manifest never recorded
+    (tmp_path / "part-00001.parquet.tmp").write_bytes(b"half")
+    (tmp_path / "part-00001.parquet").write_bytes(b"orphan")
+    m2 = shards.open_shards(tmp_path, header())
+    assert shards.next_input_row(m2) == 4
+    assert not (tmp_path / "part-00001.parquet.tmp").exists() and not (tmp_path / "part-00001.parquet").exists()
+    write_all(tmp_path, chunks)
+    got = shards.read_shards(tmp_path)
+    assert list(got["product_id"]) == [f"id{i}" for i in range(12)]  # nothing lost, nothing doubled
+    np.testing.assert_array_equal(got["image_embedding"], np.concatenate([c["image_embedding"] for c in chunks]))
+
+
+def test_settings_mismatch_names_the_setting(tmp_path):
+    rng = np.random.default_rng(3)
+    write_all(tmp_path, [chunk(0, 3, rng)])
+    with pytest.raises(ValueError) as e:
+        shards.open_shards(tmp_path, header(image_size=128))
+    assert "settings.image_size: existing 224, requested 128" in str(e.value)
+    assert "--overwrite" in str(e.value)
+    m = shards.open_shards(tmp_path, header(image_size=128), overwrite=True)
+    assert m["shards"] == [] and not list(tmp_path.glob("part-*"))
+
+
+def test_hand_damaged_shard_is_detected(tmp_path):
+    rng = np.random.default_rng(4)
+    write_all(tmp_path, [chunk(0, 3, rng), chunk(3, 3, rng)], stop_after=2)
+    with open(tmp_path / "part-00000.parquet", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(ValueError, match="wrong size"):
+        shards.open_shards(tmp_path, header())
+
+
+def test_not_a_shard_folder(tmp_path):
+    with pytest.raises(ValueError, match="no manifest.json"):
+        shards.read_shards(tmp_path)
