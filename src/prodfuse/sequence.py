@@ -1,0 +1,89 @@
+"""Feeding shards to Keras: a PyDataset over arrays read once from the shards.
+
+The arrays are read once (one preallocated array per column) and every batch is gathered from them by index, so
+train, validation and test share the same memory and an epoch costs one pass of fancy indexing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+
+from . import shards
+
+# Model input name -> shard column.
+INPUT_COLUMNS = {"image": "image_embedding", "text": "text_embedding", "tokens": "tokens"}
+
+
+def load_inputs(folder, inputs: list[str], extra_columns: list[str] = ()) -> dict[str, np.ndarray]:
+    """Read the shard columns that the given model inputs need, plus any extra (label, split, id) columns."""
+    cols = [INPUT_COLUMNS[i] for i in inputs] + [c for c in extra_columns if c not in INPUT_COLUMNS.values()]
+    data = shards.read_shards(folder, cols)
+    return {**{i: data[INPUT_COLUMNS[i]] for i in inputs}, **{c: data[c] for c in extra_columns}}
+
+
+class ShardSequence(keras.utils.PyDataset):
+    """Batches of `({"image": ..., "text"|"tokens": ...}, one_hot_labels, sample_weights)`.
+
+    `arrays` maps model input names to arrays holding every row; `rows` picks this split's rows. Training options
+    (shuffle, mixup, modality dropout) act only when `training` is True. Mixup mixes the image stream and the
+    labels, never the text. Modality dropout blanks one stream (chosen at random) for a fraction of items, so the
+    model learns to cope with catalog items that lack text (or have a poor photo).
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], labels: np.ndarray, num_classes: int, rows=None,
+                 batch_size: int = 32, training: bool = False, class_weight: dict | None = None,
+                 mixup: float = 0.0, modality_dropout: float = 0.0, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= modality_dropout <= 1.0:
+            raise ValueError(f"modality_dropout must be in [0, 1]; got {modality_dropout}")
+        if mixup < 0:
+            raise ValueError(f"mixup must be >= 0 (the Beta distribution's alpha); got {mixup}")
+        self.arrays = arrays
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.num_classes = num_classes
+        self.rows = np.arange(len(self.labels)) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.batch_size = batch_size
+        self.training = training
+        self.class_weight = class_weight
+        self.mixup = mixup
+        self.modality_dropout = modality_dropout
+        self.seed = seed
+        self._weights = None
+        if class_weight:
+            self._weights = np.array([class_weight.get(c, 1.0) for c in range(num_classes)], dtype=np.float32)
+        self._rng = np.random.default_rng(seed)
+        self._order = self.rows.copy()
+        if training:
+            self._rng.shuffle(self._order)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.rows) / self.batch_size)
+
+    def on_epoch_end(self) -> None:
+        if self.training:
+            self._rng.shuffle(self._order)
+
+    def __getitem__(self, index: int):
+        idx = self._order[index * self.batch_size:(index + 1) * self.batch_size]
+        x = {name: arr[idx] for name, arr in self.arrays.items()}
+        y_int = self.labels[idx]
+        y = np.zeros((len(idx), self.num_classes), dtype=np.float32)
+        y[np.arange(len(idx)), y_int] = 1.0
+        w = self._weights[y_int] if self._weights is not None else np.ones(len(idx), np.float32)
+        if self.training and self.mixup > 0 and "image" in x:
+            lam = self._rng.beta(self.mixup, self.mixup, size=(len(idx), 1)).astype(np.float32)
+            perm = self._rng.permutation(len(idx))
+            x["image"] = lam * x["image"] + (1 - lam) * x["image"][perm]
+            y = lam * y + (1 - lam) * y[perm]
+            w = lam[:, 0] * w + (1 - lam[:, 0]) * w[perm]
+        if self.training and self.modality_dropout > 0 and len(x) > 1:
+            streams = [s for s in ("image", "text", "tokens") if s in x]
+            drop = self._rng.random(len(idx)) < self.modality_dropout
+            which = self._rng.integers(0, 2, size=len(idx))  # 0: blank the image, 1: blank the text
+            for s in streams:
+                target = drop & (which == (0 if s == "image" else 1))
+                x[s][target] = 0  # x[s] is a fresh copy (fancy indexing), never the stored array
+        return x, y, w.astype(np.float32)
