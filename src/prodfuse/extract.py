@@ -149,6 +149,10 @@ def run_extract(args: argparse.Namespace) -> dict:
     ids = df[cols.id].tolist()
     n = len(df)
 
+    # Random weights (--weights none, or the demo's fallback) must be the same random weights on every run, or a
+    # resumed extraction would mix embeddings from two different networks.
+    import keras
+    keras.utils.set_random_seed(0)
     model = image_encoders.build_backbone(settings["backbone"], settings["weights"], settings["image_size"],
                                           settings["precision"], allow_random_fallback=demo)
     image_dim = int(model.output.shape[-1])

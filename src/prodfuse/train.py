@@ -96,8 +96,14 @@ class BranchRateAdam(keras.optimizers.Adam):
         self.branch_rate = branch_rate
         self.branch_prefixes = tuple(branch_prefixes)
 
+    def build(self, var_list):
+        super().build(var_list)
+        # The backend hands update_step its own variable objects, so remember branch variables by index.
+        self._branch_index = {i for i, v in enumerate(var_list)
+                              if v.path.split("/")[0].startswith(self.branch_prefixes)}
+
     def update_step(self, gradient, variable, learning_rate):
-        if variable.path.split("/")[0].startswith(self.branch_prefixes):
+        if self._get_variable_index(variable) in self._branch_index:
             learning_rate = learning_rate * self.branch_rate
         super().update_step(gradient, variable, learning_rate)
 
@@ -269,6 +275,7 @@ def run_train(args: argparse.Namespace) -> dict:
     train_seconds = time.perf_counter() - t0
     # Re-compile with plain Adam so the saved file holds only standard Keras objects besides our layers.
     model.compile(optimizer=keras.optimizers.Adam(args.lr), loss="categorical_crossentropy", metrics=["accuracy"])
+    model.optimizer.build(model.trainable_variables)  # saved state then matches what loading builds: no warnings
     model.save(run / "model.keras")
     (run / "checkpoint.keras").unlink(missing_ok=True)
 

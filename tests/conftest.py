@@ -1,0 +1,28 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+MOBILENET_WEIGHTS = SHARED / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+
+
+@pytest.fixture
+def tiny_catalog(tmp_path):
+    """12 products in 3 classes with small PNGs, some without title; returns the CSV path."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    rows = ["product_id,image_path,title,description,label,group"]
+    colours = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200)}
+    for i in range(12):
+        label = list(colours)[i % 3]
+        arr = np.clip(np.array(colours[label]) + rng.normal(0, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(tmp_path / "img" / f"{i}.png")
+        title = "" if i % 4 == 0 else f"{label} thing number {i}"
+        rows.append(f"p{i},img/{i}.png,{title},,{label},{'a' if i < 6 else 'b'}")
+    path = tmp_path / "catalog.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path

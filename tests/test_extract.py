@@ -1,0 +1,165 @@
+"""Extraction end to end on tiny catalogs: rejects, resume after a kill, --like reuse, settings mismatch."""
+import csv
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from prodfuse import extract, image_encoders, shards
+from prodfuse.cli import build_parser, main
+
+FAST = ["--backbone", "mobilenet_v2", "--weights", "none", "--image-size", "32", "--ocr", "none", "--no-progress"]
+
+
+def run(catalog, out, *extra):
+    args = build_parser().parse_args(["extract", "--catalog", str(catalog), "--out", str(out), *FAST, *extra])
+    return extract.run_extract(args)
+
+
+def test_bad_images_are_rejected_with_reasons_and_good_rows_kept(tiny_catalog, tmp_path):
+    img = tiny_catalog.parent / "img"
+    (img / "empty.png").write_bytes(b"")
+    (img / "text.jpg").write_text("this is not an image")
+    good = (img / "0.png").read_bytes()
+    Image.open(img / "0.png").convert("RGB").save(img / "full.jpg", quality=90)
+    (img / "trunc.jpg").write_bytes((img / "full.jpg").read_bytes()[:200])
+    (tmp_path.parent / "outside.png").write_bytes(good)
+    with open(tiny_catalog, "a") as f:
+        f.write("b1,img/missing.png,t,,red,a\n")
+        f.write("b2,img/empty.png,t,,red,a\n")
+        f.write("b3,img/text.jpg,t,,red,a\n")
+        f.write("b4,img/trunc.jpg,t,,red,a\n")
+        f.write(f"b5,../../{tmp_path.parent.name}/outside.png,t,,red,a\n")
+        f.write("b6,,t,,red,a\n")
+    out = tmp_path / "emb"
+    summary = run(tiny_catalog, out, "--shard-rows", "5")
+    got = shards.read_shards(out)
+    assert sorted(got["product_id"]) == sorted(f"p{i}" for i in range(12))
+    with open(out / "rejects.csv") as f:
+        reasons = {r["id"]: r["reason"] for r in csv.DictReader(f)}
+    assert reasons == {"b1": "missing_file", "b2": "empty_file", "b3": "not_an_image", "b4": "truncated_image",
+                       "b5": "outside_catalog_dir", "b6": "missing_path"}
+    assert summary["embedded_rows"] + summary["rejected_rows"] == summary["input_rows"] == 18
+    assert summary["rejected_by_reason"]["missing_file"] == 1
+
+
+def test_shard_contents(tiny_catalog, tmp_path):
+    out = tmp_path / "emb"
+    run(tiny_catalog, out, "--shard-rows", "5")
+    m = shards.read_manifest(out)
+    assert [s["rows"] for s in m["shards"]] == [5, 5, 2]
+    assert m["encoders"]["image"]["dim"] == 1280 and m["encoders"]["text"]["dim"] == 384
+    got = shards.read_shards(out)
+    assert got["image_embedding"].shape == (12, 1280) and got["text_embedding"].shape == (12, 384)
+    assert got["tokens"].shape == (12, 60)
+    # items 0, 4, 8 have no title and (no OCR) no text: has_text False, zero vector, all-padding tokens
+    no_text = np.array([i % 4 == 0 for i in range(12)])
+    np.testing.assert_array_equal(got["has_text"], ~no_text)
+    assert not got["text_embedding"][no_text].any() and not got["tokens"][no_text].any()
+    assert np.allclose(np.linalg.norm(got["text_embedding"][~no_text], axis=1), 1, atol=1e-5)
+    assert list(got["group"][:2]) == ["a", "a"] and "title" not in got  # non-text columns carried, text not
+    assert got["text"][1] == "green thing number 1"
+
+
+def test_kill_then_rerun_equals_uninterrupted(tiny_catalog, tmp_path, monkeypatch):
+    ref = tmp_path / "ref"
+    run(tiny_catalog, ref, "--shard-rows", "4")
+    killed = tmp_path / "killed"
+    real_write = shards.write_shard
+    calls = {"n": 0}
+
+    def dying_write(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return real_write(*a, **k)
+
+    monkeypatch.setattr(shards, "write_shard", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_catalog, killed, "--shard-rows", "4")
+    monkeypatch.setattr(shards, "write_shard", real_write)
+    assert len(shards.read_manifest(killed)["shards"]) == 1
+    # a second kill, this time in the image stage of a fresh folder, after the first chunk
+    killed2 = tmp_path / "killed2"
+    real_iter = image_encoders.iter_image_embeddings
+    chunks = {"n": 0}
+
+    def dying_iter(*a, **k):
+        chunks["n"] += 1
+        if chunks["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        yield from real_iter(*a, **k)
+
+    monkeypatch.setattr(image_encoders, "iter_image_embeddings", dying_iter)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_catalog, killed2, "--shard-rows", "4")
+    monkeypatch.setattr(image_encoders, "iter_image_embeddings", real_iter)
+    for folder in (killed, killed2):
+        summary = run(tiny_catalog, folder, "--shard-rows", "4")
+        assert summary["embedded_rows"] == 12
+        a, b = shards.read_shards(ref), shards.read_shards(folder)
+        assert list(a["product_id"]) == list(b["product_id"])  # nothing lost or doubled, same order
+        for col in ("image_embedding", "text_embedding", "tokens", "has_text"):
+            np.testing.assert_array_equal(a[col], b[col])
+        assert not (folder / ".work").exists()
+
+
+def test_rerun_of_complete_folder_does_nothing(tiny_catalog, tmp_path):
+    out = tmp_path / "emb"
+    run(tiny_catalog, out)
+    before = (out / "part-00000.parquet").stat().st_mtime_ns
+    summary = run(tiny_catalog, out)
+    assert summary["embedded_this_run"] == 0 and summary["embedded_rows"] == 12
+    assert (out / "part-00000.parquet").stat().st_mtime_ns == before
+
+
+def test_like_reuses_settings_and_fitted_text_encoder(tiny_catalog, tmp_path):
+    train = tmp_path / "train"
+    run(tiny_catalog, train)
+    # a "new" catalog: a subset of the same items in another order, another folder, no label column
+    new_dir = tmp_path / "new"
+    shutil.copytree(tiny_catalog.parent / "img", new_dir / "img")
+    lines = tiny_catalog.read_text().splitlines()
+    rows = [",".join(l.split(",")[:4]) for l in [lines[0]] + lines[1:][::-1][:5]]
+    (new_dir / "c.csv").write_text("\n".join(rows) + "\n")
+    args = build_parser().parse_args(["extract", "--catalog", str(new_dir / "c.csv"), "--out", str(tmp_path / "n"),
+                                      "--like", str(train), "--label-col", "", "--no-progress"])
+    extract.run_extract(args)
+    a, b = shards.read_shards(train), shards.read_shards(tmp_path / "n")
+    pos = {pid: i for i, pid in enumerate(a["product_id"])}
+    idx = [pos[p] for p in b["product_id"]]
+    np.testing.assert_array_equal(a["text_embedding"][idx], b["text_embedding"])  # identical vectors
+    np.testing.assert_allclose(a["image_embedding"][idx], b["image_embedding"], atol=1e-5)
+    np.testing.assert_array_equal(a["tokens"][idx], b["tokens"])
+    assert shards.read_manifest(tmp_path / "n")["settings"]["image_size"] == 32
+
+
+def test_like_contradicting_flag_is_an_error(tiny_catalog, tmp_path):
+    train = tmp_path / "train"
+    run(tiny_catalog, train)
+    args = build_parser().parse_args(["extract", "--catalog", str(tiny_catalog), "--out", str(tmp_path / "x"),
+                                      "--like", str(train), "--image-size", "64"])
+    with pytest.raises(ValueError, match="--image-size 64 contradicts --like"):
+        extract.run_extract(args)
+
+
+def test_settings_mismatch_stops_with_the_setting(tiny_catalog, tmp_path, capsys):
+    out = tmp_path / "emb"
+    run(tiny_catalog, out)
+    code = main(["extract", "--catalog", str(tiny_catalog), "--out", str(out), *FAST[:-3], "--ocr", "none",
+                 "--no-progress", "--image-size", "48"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "image_size: existing 32, requested 48" in err and "--overwrite" in err
+    assert main(["extract", "--catalog", str(tiny_catalog), "--out", str(out), *FAST[:4], "--image-size", "48",
+                 "--ocr", "none", "--no-progress", "--overwrite"]) == 0
+    assert shards.read_manifest(out)["settings"]["image_size"] == 48
+
+
+def test_bad_catalog_is_a_clean_error(tmp_path, capsys):
+    p = tmp_path / "c.csv"
+    p.write_text("id,img\n1,a.png\n")
+    assert main(["extract", "--catalog", str(p), "--out", str(tmp_path / "o"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "no id column 'product_id'" in err and "['id', 'img']" in err

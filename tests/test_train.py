@@ -1,0 +1,131 @@
+"""Training on synthetic shards: fusion must use both streams; the gate must lean to the stream that carries the class."""
+import json
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from prodfuse import model as model_lib
+from prodfuse.cli import build_parser
+from prodfuse.train import balanced_class_weights, run_train, stratified_split
+from synthetic import image_vs_text_classes, write_synthetic_shards
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    img, txt, labels = image_vs_text_classes()
+    return write_synthetic_shards(tmp_path_factory.mktemp("synth"), img, txt, labels)
+
+
+def train(emb, out, *extra):
+    args = build_parser().parse_args(["train", "--embeddings", str(emb), "--out", str(out), "--epochs", "25",
+                                      "--patience", "8", "--batch-size", "64", "--quiet", *extra])
+    return run_train(args)
+
+
+@pytest.fixture(scope="module")
+def runs(synth, tmp_path_factory):
+    base = tmp_path_factory.mktemp("runs")
+    return {name: train(synth, base / name, *flags) for name, flags in {
+        "concat": ["--fusion", "concat"], "gated": ["--fusion", "gated"],
+        "image_only": ["--text-branch", "none"], "text_only": ["--image-branch", "none"]}.items()}
+
+
+def test_fusion_uses_both_streams_and_unimodal_cannot(runs):
+    for name in ("concat", "gated"):
+        assert runs[name]["metrics"]["val"]["accuracy"] >= 0.95, name
+    # each unimodal model can only tell apart one pair of classes: at best ~75%
+    for name in ("image_only", "text_only"):
+        assert runs[name]["metrics"]["val"]["accuracy"] < 0.85, name
+
+
+def test_gate_leans_to_the_stream_that_carries_the_class(runs, synth):
+    from prodfuse.shards import read_shards
+    run = runs["gated"]["run"]
+    model = keras.models.load_model(f"{run}/model.keras")
+    data = read_shards(synth, ["image_embedding", "text_embedding", "label"])
+    gates = model_lib.gate_model(model).predict({"image": data["image_embedding"], "text": data["text_embedding"]},
+                                                verbose=0)
+    mean = pd.Series(gates.mean(1)).groupby(data["label"]).mean()
+    assert mean["img_a"] > 0.5 and mean["img_b"] > 0.5  # no text: the image dominates
+    assert mean["txt_c"] < 0.5 and mean["txt_d"] < 0.5  # image uninformative: the text dominates
+
+
+def test_run_folder_contents_and_early_stopping_restores_best(runs):
+    run = runs["concat"]["run"]
+    from pathlib import Path
+    p = Path(run)
+    for f in ("model.keras", "labels.json", "config.json", "history.csv", "metrics.json", "curves.png"):
+        assert (p / f).is_file(), f
+    assert not (p / "checkpoint.keras").exists()
+    metrics = json.loads((p / "metrics.json").read_text())
+    assert set(metrics["val"]) >= {"accuracy", "weighted_f1", "macro_f1"} and "test" in metrics
+    hist = pd.read_csv(p / "history.csv")
+    # the saved model is the best epoch's: its val accuracy equals the best in the history, not the last
+    assert metrics["val"]["accuracy"] == pytest.approx(hist["val_accuracy"].max(), abs=1e-6)
+    config = json.loads((p / "config.json").read_text())
+    assert config["splits"]["train"] + config["splits"]["val"] + config["splits"]["test"] == 600
+    assert len(config["manifest_sha256"]) == 64 and config["args"]["fusion"] == "concat"
+    assert json.loads((p / "labels.json").read_text()) == ["img_a", "img_b", "txt_c", "txt_d"]
+
+
+def test_early_stopping_restores_best_weights_not_last(synth, tmp_path):
+    # a huge learning rate makes later epochs worse than the best; the saved model must still be the best one
+    r = train(synth, tmp_path / "r", "--fusion", "concat", "--lr", "0.5", "--patience", "3", "--label-smoothing", "0")
+    hist = pd.read_csv(tmp_path / "r" / "history.csv")
+    assert r["metrics"]["val"]["accuracy"] == pytest.approx(hist["val_accuracy"].max(), abs=1e-6)
+    assert r["best_epoch"] == int(hist["val_accuracy"].idxmax()) + 1
+
+
+def test_saved_model_loads_without_custom_objects(runs, synth):
+    from prodfuse.shards import read_shards
+    data = read_shards(synth, ["image_embedding", "text_embedding"], rows=np.arange(10))
+    m = keras.models.load_model(f"{runs['gated']['run']}/model.keras")
+    p = m.predict({"image": data["image_embedding"], "text": data["text_embedding"]}, verbose=0)
+    assert p.shape == (10, 4) and np.allclose(p.sum(1), 1, atol=1e-5)
+
+
+def test_staged_and_cnn_and_cosine_run(synth, tmp_path):
+    r = train(synth, tmp_path / "s", "--staged", "--fusion", "gated", "--epochs", "6")
+    assert r["metrics"]["val"]["accuracy"] > 0.8
+    r = train(synth, tmp_path / "c", "--text-branch", "cnn", "--lr-schedule", "cosine", "--epochs", "3")
+    assert r["metrics"]["val"]["accuracy"] > 0.3  # tokens are all padding here: the image carries half the classes
+
+
+def test_class_weights_formula():
+    y = np.array([0, 0, 0, 1, 2, 2])
+    w = balanced_class_weights(y, 4)
+    assert w == {0: 6 / (3 * 3), 1: 6 / (3 * 1), 2: 6 / (3 * 2)}  # n / (k * n_c); class 3 absent
+
+
+def test_stratified_split_reports_small_classes():
+    labels = np.array(["a"] * 20 + ["b"] * 5 + ["c"] * 2)
+    splits, small = stratified_split(labels, seed=1)
+    assert small == [("c", 2)]
+    assert sorted(np.concatenate(list(splits.values())).tolist()) == list(range(27))  # nothing lost
+    assert {len(splits["val"]), len(splits["test"])} == {3}  # a: 2 + b: 1
+    again, _ = stratified_split(labels, seed=1)
+    assert all(np.array_equal(splits[k], again[k]) for k in splits)
+
+
+def test_missing_demo_shards_message(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="Run `python extract_embeddings.py` first"):
+        run_train(build_parser().parse_args(["train"]))
+
+
+def test_branch_rate_adam_scales_only_branch_steps():
+    from prodfuse.train import BranchRateAdam
+    inp = keras.Input((1,), name="image")
+    h = keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros", name="image_dense_0")(inp)
+    out = keras.layers.Dense(1, use_bias=False, kernel_initializer="ones", name="fusion_dense")(h)
+    m = keras.Model(inp, out)
+    opt = BranchRateAdam(branch_rate=0.1, learning_rate=0.01)
+    opt.build(m.trainable_variables)
+    grads = [np.ones((1, 1), np.float32), np.ones((1, 1), np.float32)]
+    before = [v.numpy().copy() for v in m.trainable_variables]
+    opt.apply_gradients(zip(grads, m.trainable_variables))
+    steps = [abs(float((v.numpy() - b).ravel()[0])) for v, b in zip(m.trainable_variables, before)]
+    assert steps[1] == pytest.approx(0.01, rel=1e-3)  # fusion: full rate (Adam's first step = lr)
+    assert steps[0] == pytest.approx(0.001, rel=1e-3)  # branch: a tenth
