@@ -145,6 +145,10 @@ def run_extract(args: argparse.Namespace) -> dict:
 
     df = read_catalog(args.catalog, cols, require_label=cols.label is not None)
     text_cols = present_text_columns(df, cols)
+    if not text_cols and settings["ocr"] == "none" and settings["text_encoder"] != "none" and not args.like:
+        raise ValueError(f"The catalog has none of the text columns {list(cols.text)} and OCR is off, so there is no "
+                         f"text to encode. Pass --text-cols with existing columns, turn OCR on, or use "
+                         f"--text-encoder none.")
     paths, path_rejects = resolve_image_paths(df, args.catalog, cols.image)
     ids = df[cols.id].tolist()
     n = len(df)

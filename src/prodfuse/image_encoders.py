@@ -1,0 +1,423 @@
+"""Image stage of embedding extraction: robust image loading and ImageNet-backbone embeddings.
+
+`build_backbone` returns a Keras model that takes raw RGB batches (0..255, uint8 or float) and
+applies the backbone's own `preprocess_input` inside, so callers never preprocess.
+`load_image` turns any file PIL can read into an RGB uint8 (S, S, 3) array or raises
+`ImageRejected` with one of `REJECT_REASONS`. `iter_image_embeddings` decodes in a thread pool,
+a few batches ahead of the model, and streams `(indices, embeddings, rejects)` per batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import hashlib
+import os
+import sys
+import warnings
+import weakref
+from pathlib import Path
+
+import keras
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+from tqdm import tqdm
+
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own Image.MAX_IMAGE_PIXELS default
+
+REJECT_REASONS = (
+    "missing_file",
+    "empty_file",
+    "not_an_image",
+    "truncated_image",
+    "too_many_pixels",
+    "unreadable_file",
+)
+
+# name -> (embedding dim, keras.applications constructor, keras.applications module with preprocess_input)
+BACKBONES = {
+    "resnet50": (2048, "ResNet50", "resnet50"),
+    "mobilenet_v2": (1280, "MobileNetV2", "mobilenet_v2"),
+    "efficientnet_b0": (1280, "EfficientNetB0", "efficientnet"),
+}
+
+PRECISIONS = ("float32", "mixed_float16")
+
+_WEIGHTS_REMEDY = (
+    "Pass --weights PATH to a local no-top ImageNet weights file (.h5 / .weights.h5) for this "
+    "backbone, or --weights none for random initialisation (embeddings are then useless for accuracy)."
+)
+
+
+class ImageRejected(ValueError):
+    """An image that cannot be embedded; `reason` is one of REJECT_REASONS, `detail` says why."""
+
+    def __init__(self, reason, detail=""):
+        if reason not in REJECT_REASONS:
+            raise ValueError(f"unknown reject reason {reason!r}; expected one of {REJECT_REASONS}")
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+# ----------------------------------------------------------------------------------------------
+# Backbones
+
+
+def backbone_dim(name):
+    """Embedding width of backbone `name`."""
+    return _backbone_spec(name)[0]
+
+
+def _backbone_spec(name):
+    if name not in BACKBONES:
+        raise ValueError(f"Unknown image backbone {name!r}; choose one of {sorted(BACKBONES)}.")
+    return BACKBONES[name]
+
+
+@keras.saving.register_keras_serializable(package="prodfuse")
+class ImagenetPreprocess(keras.layers.Layer):
+    """Applies `keras.applications.<module>.preprocess_input` for `backbone` to raw 0..255 RGB."""
+
+    def __init__(self, backbone, **kwargs):
+        super().__init__(**kwargs)
+        self.backbone = backbone
+        module_name = _backbone_spec(backbone)[2]
+        self._preprocess_input = getattr(keras.applications, module_name).preprocess_input
+
+    def call(self, inputs):
+        return self._preprocess_input(keras.ops.cast(inputs, self.compute_dtype))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"backbone": self.backbone})
+        return config
+
+
+def _normalize_weights(weights):
+    """None / "none" -> None, "imagenet" -> "imagenet", else an existing .h5 path as str."""
+    if weights is None or (isinstance(weights, str) and weights.lower() == "none"):
+        return None
+    if isinstance(weights, str) and weights.lower() == "imagenet":
+        return "imagenet"
+    path = Path(weights)
+    if not path.is_file():
+        raise ValueError(
+            f"Image backbone weights file {str(weights)!r} does not exist. "
+            "Pass an existing no-top weights file, --weights imagenet, or --weights none."
+        )
+    if not path.name.endswith(".h5"):
+        raise ValueError(
+            f"Image backbone weights file {str(weights)!r} is not an .h5 / .weights.h5 file; "
+            "Keras can only load no-top application weights from those."
+        )
+    return str(path)
+
+
+def _construct(name, weights, image_size):
+    constructor = getattr(keras.applications, _backbone_spec(name)[1])
+    return constructor(
+        include_top=False,
+        weights=weights,
+        input_shape=(image_size, image_size, 3),
+        pooling="avg",
+    )
+
+
+def _construct_with_weights(name, weights, image_size, allow_random_fallback):
+    if weights == "imagenet":
+        try:
+            return _construct(name, "imagenet", image_size)
+        except ValueError:
+            raise  # Keras' own argument errors (bad input size, ...) are not download failures.
+        except Exception as exc:  # keras.utils.get_file raises a bare Exception when offline
+            message = f"Could not download ImageNet weights for image backbone {name!r} ({exc})."
+            if not allow_random_fallback:
+                raise ValueError(f"{message} {_WEIGHTS_REMEDY}") from exc
+            loud = (
+                f"WARNING: {message} Continuing with RANDOM weights because allow_random_fallback=True "
+                "(demo mode): image embeddings carry no ImageNet knowledge."
+            )
+            warnings.warn(loud, RuntimeWarning, stacklevel=3)
+            print(loud, file=sys.stderr, flush=True)
+            return _construct(name, None, image_size)
+    if weights is None:
+        return _construct(name, None, image_size)
+    try:
+        return _construct(name, weights, image_size)
+    except Exception as exc:
+        raise ValueError(
+            f"Weights file {weights!r} does not fit image backbone {name!r} "
+            f"(include_top=False, input {image_size}x{image_size}x3): {exc}. "
+            f"Pass the no-top weights file made for {name}, or --weights none."
+        ) from exc
+
+
+def build_backbone(
+    name,
+    weights="imagenet",
+    image_size=224,
+    precision="float32",
+    allow_random_fallback=False,
+):
+    """Keras model: raw RGB (batch, S, S, 3) in 0..255 -> float32 (batch, dim) pooled embeddings."""
+    dim = backbone_dim(name)
+    if precision not in PRECISIONS:
+        raise ValueError(f"Unknown precision {precision!r}; choose one of {PRECISIONS}.")
+    if int(image_size) != image_size or image_size < 32:
+        raise ValueError(f"image_size must be an integer >= 32 (got {image_size!r}).")
+    image_size = int(image_size)
+    weights = _normalize_weights(weights)
+
+    previous_policy = keras.config.dtype_policy()
+    if precision == "mixed_float16":
+        # The applications construct their layers from the global policy; set it only while building.
+        keras.config.set_dtype_policy("mixed_float16")
+    try:
+        backbone = _construct_with_weights(name, weights, image_size, allow_random_fallback)
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    # float32 preprocessing: caffe-style mean subtraction loses precision in float16.
+    x = ImagenetPreprocess(name, dtype="float32", name="preprocess")(inputs)
+    x = backbone(x)
+    if precision == "mixed_float16":
+        x = keras.layers.Activation("linear", dtype="float32", name="to_float32")(x)
+    model = keras.Model(inputs, x, name=f"{name}_embedder")
+    if model.output_shape[-1] != dim:
+        raise ValueError(f"Backbone {name!r} produced width {model.output_shape[-1]}, expected {dim}.")
+    return model
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def image_settings(name, weights, image_size, precision):
+    """Manifest record of the image stage; a weights path is recorded with its file's sha256."""
+    normalized = _normalize_weights(weights)
+    record = {
+        "backbone": name,
+        "dim": backbone_dim(name),
+        "weights": "none" if normalized is None else normalized,
+        "weights_sha256": None,
+        "image_size": int(image_size),
+        "precision": precision,
+        "preprocess": f"keras.applications.{_backbone_spec(name)[2]}.preprocess_input (inside model)",
+        "resize": "whole image, bilinear, no crop",
+    }
+    if normalized not in (None, "imagenet"):
+        record["weights"] = str(Path(normalized).resolve())
+        record["weights_sha256"] = _sha256(normalized)
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
+# Image loading
+
+
+def _to_rgb(img):
+    """Any PIL mode -> RGB; transparency is composited on white."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit greyscale: PIL's convert("L") clips at 255 instead of scaling, so scale ourselves.
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode != "I" or (arr.size and arr.max() > 255):  # mode I also carries plain 8-bit data
+            arr = arr / 257.0
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        arr = arr * 255.0 if arr.size and np.nanmax(arr) <= 1.0 else arr
+        img = Image.fromarray(np.clip(np.nan_to_num(arr), 0, 255).astype(np.uint8), mode="L")
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path, image_size, max_pixels=DEFAULT_MAX_PIXELS):
+    """Decode `path` to RGB uint8 (image_size, image_size, 3); raises ImageRejected for bad files.
+
+    EXIF orientation is applied, any mode becomes RGB (alpha composited on white), and the whole
+    image is resized bilinearly (no crop). Headers over `max_pixels` are rejected before decoding;
+    PIL itself refuses headers over twice its own MAX_IMAGE_PIXELS, also reported as too_many_pixels.
+    """
+    # Truncated files must be rejected, not silently padded with grey (a global PIL switch).
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    path = os.fspath(path)
+    try:
+        size_bytes = os.stat(path).st_size
+    except FileNotFoundError as exc:
+        raise ImageRejected("missing_file", f"{path}: no such file") from exc
+    except OSError as exc:
+        raise ImageRejected("unreadable_file", f"{path}: {exc}") from exc
+    if size_bytes == 0:
+        raise ImageRejected("empty_file", f"{path}: 0 bytes")
+
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError as exc:  # removed between stat and open
+        raise ImageRejected("missing_file", f"{path}: no such file") from exc
+    except OSError as exc:  # permissions, a directory, I/O error
+        raise ImageRejected("unreadable_file", f"{path}: {exc}") from exc
+
+    with f:
+        try:
+            img = Image.open(f)
+        except Image.DecompressionBombError as exc:  # header over 2x PIL's limit
+            raise ImageRejected("too_many_pixels", f"{path}: {exc}") from exc
+        except Image.UnidentifiedImageError as exc:
+            raise ImageRejected("not_an_image", f"{path}: not a recognised image format") from exc
+        except OSError as exc:
+            # A file cut off inside its header fails here rather than in load(): still a truncated image.
+            reason = "truncated_image" if "truncat" in str(exc).lower() else "unreadable_file"
+            raise ImageRejected(reason, f"{path}: {exc}") from exc
+        except Exception as exc:  # malformed headers surface as assorted errors in PIL plugins
+            raise ImageRejected("not_an_image", f"{path}: {type(exc).__name__}: {exc}") from exc
+
+        with img:
+            width, height = img.size
+            # Checked on the header, before any pixel is decoded, so a decompression bomb never allocates.
+            if width * height > max_pixels:
+                raise ImageRejected(
+                    "too_many_pixels", f"{path}: {width}x{height} = {width * height} > max_pixels={max_pixels}"
+                )
+            if img.format == "JPEG":
+                # DCT-domain downscale (1/2, 1/4, 1/8) while staying >= image_size: big photos decode fast.
+                img.draft("RGB", (image_size, image_size))
+            try:
+                img.load()
+            except (OSError, ValueError, SyntaxError, EOFError, IndexError) as exc:
+                raise ImageRejected("truncated_image", f"{path}: {exc}") from exc
+            try:
+                img = ImageOps.exif_transpose(img)
+            except Exception:  # corrupt EXIF only loses the orientation, the pixels are fine
+                pass
+            try:
+                rgb = _to_rgb(img)
+            except (OSError, ValueError) as exc:
+                raise ImageRejected("not_an_image", f"{path}: cannot convert mode {img.mode}: {exc}") from exc
+            resized = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            return np.asarray(resized, dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batched embedding
+
+
+def _default_batch_size():
+    import tensorflow as tf
+
+    return 256 if tf.config.list_physical_devices("GPU") else 64
+
+
+_PREDICT_FNS = weakref.WeakKeyDictionary()  # model -> compiled step, so each model traces once
+
+
+def _predict_fn(model):
+    """Compiled forward pass: uint8 batch -> float32 embeddings, without model.predict's per-call cost."""
+    if keras.backend.backend() != "tensorflow":
+        return lambda batch: keras.ops.convert_to_numpy(model(batch.astype(np.float32), training=False))
+    if model not in _PREDICT_FNS:
+        import tensorflow as tf
+
+        # A None batch dimension: one trace serves full batches, the last one and batches with rejects.
+        signature = [tf.TensorSpec((None, *model.input_shape[1:]), tf.uint8)]
+
+        model_ref = weakref.ref(model)  # a strong reference here would keep the cache key alive forever
+
+        @tf.function(input_signature=signature)
+        def step(batch):
+            return tf.cast(model_ref()(tf.cast(batch, tf.float32), training=False), tf.float32)
+
+        _PREDICT_FNS[model] = lambda batch: step(tf.convert_to_tensor(batch, tf.uint8)).numpy()
+    return _PREDICT_FNS[model]
+
+
+def _load_or_reject(path, image_size, max_pixels):
+    try:
+        return load_image(path, image_size, max_pixels=max_pixels)
+    except ImageRejected as exc:
+        return exc
+
+
+def iter_image_embeddings(
+    model,
+    paths,
+    image_size,
+    batch_size=None,
+    workers=None,
+    progress=True,
+    max_pixels=DEFAULT_MAX_PIXELS,
+    prefetch_batches=2,
+):
+    """Yield `(indices, embeddings float32 [n, D], rejects [(index, reason, detail)])` per batch of
+    `batch_size` input paths, in input order. Bad images become rejects and never raise."""
+    paths = [os.fspath(p) for p in paths]
+    batch_size = int(batch_size or _default_batch_size())
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (got {batch_size}).")
+    workers = int(workers or min(16, os.cpu_count() or 1))
+    dim = model.output_shape[-1]
+    predict = _predict_fn(model)
+    starts = range(0, len(paths), batch_size)
+
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image-decode")
+    pending = collections.deque()  # (start, [futures]) for batches submitted ahead of the model
+
+    def submit(start):
+        chunk = paths[start : start + batch_size]
+        pending.append((start, [executor.submit(_load_or_reject, p, image_size, max_pixels) for p in chunk]))
+
+    bar = tqdm(total=len(paths), desc="images", unit="img", disable=not progress)
+    try:
+        next_start = iter(starts)
+        for start in next_start:
+            submit(start)
+            if len(pending) > prefetch_batches:
+                break
+        while pending:
+            start, futures = pending.popleft()
+            # Keep `prefetch_batches` batches decoding while the model runs on this one.
+            for s in next_start:
+                submit(s)
+                break
+            ok_rows, ok_images, rejects = [], [], []
+            for offset, future in enumerate(futures):
+                result = future.result()
+                if isinstance(result, ImageRejected):
+                    rejects.append((start + offset, result.reason, result.detail))
+                else:
+                    ok_rows.append(start + offset)
+                    ok_images.append(result)
+            if ok_images:
+                embeddings = np.asarray(predict(np.stack(ok_images)), dtype=np.float32)
+            else:
+                embeddings = np.zeros((0, dim), dtype=np.float32)
+            bar.update(len(futures))
+            yield np.asarray(ok_rows, dtype=np.int64), embeddings, rejects
+    finally:
+        bar.close()
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def embed_images(model, paths, image_size, **kwargs):
+    """All of `iter_image_embeddings` at once: (emb float32 [N_ok, D], ok_index int64 [N_ok], rejects)."""
+    dim = model.output_shape[-1]
+    chunks, indices, rejects = [], [], []
+    for idx, emb, rej in iter_image_embeddings(model, paths, image_size, **kwargs):
+        chunks.append(emb)
+        indices.append(idx)
+        rejects.extend(rej)
+    if not chunks:
+        return np.zeros((0, dim), np.float32), np.zeros((0,), np.int64), rejects
+    return np.concatenate(chunks), np.concatenate(indices), rejects
