@@ -6,9 +6,6 @@ import argparse
 import os
 import sys
 
-# TensorFlow's C++ start-up chatter hides our own messages; users can still turn it back on.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 
 def _extract(args):
     from .extract import print_extract_summary, run_extract

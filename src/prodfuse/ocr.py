@@ -1,0 +1,551 @@
+"""OCR stage of embedding extraction: read the printed words on a product photo.
+
+Each image goes through one engine (RapidOCR by default), the engine's raw
+output is parsed to ``[(text, confidence 0..1), ...]`` and filtered to a single
+string of confident, de-duplicated words. Results are cached on disk keyed by
+the image bytes and the settings, so re-running an extraction costs nothing;
+cache misses run in a pool of single-threaded worker processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import threading
+import types
+import unicodedata
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+
+OCR_ENGINES = ("rapidocr", "tesseract", "easyocr", "none")
+
+MIN_CONF = 0.5
+MIN_LEN = 2
+# Bump when parsing/filtering changes so stale cached texts are not reused.
+CACHE_FORMAT_VERSION = 1
+
+# RapidOCR's wheel ships only the PP-OCRv4 Chinese+English models.
+_RAPIDOCR_LANGS = ("ch", "en")
+_DEFAULT_LANGS = {
+    "rapidocr": _RAPIDOCR_LANGS,
+    "tesseract": ("eng",),
+    "easyocr": ("ch_sim", "en"),
+    "none": (),
+}
+_ENGINE_PACKAGES = {
+    "rapidocr": "rapidocr_onnxruntime",
+    "tesseract": "pytesseract",
+    "easyocr": "easyocr",
+}
+# Set in each worker before any engine library loads, so BLAS/OpenMP/torch
+# pools stay at one thread and N workers use N cores, not N * cores.
+_THREAD_ENV = (
+    "OMP_NUM_THREADS",
+    "OMP_THREAD_LIMIT",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+)
+
+Words = list[tuple[str, float]]
+
+
+class OcrResult(NamedTuple):
+    """OCR outcome of one image: filtered text, whether it came from the cache, error or None."""
+
+    text: str
+    cached: bool
+    error: str | None
+
+
+# --------------------------------------------------------------------------- filter
+
+
+def _strip_punct(word: str) -> str:
+    """Strip leading/trailing punctuation and symbols (Unicode P* and S*: ``"®`` , ``，`` ...)."""
+
+    def is_punct(ch: str) -> bool:
+        return unicodedata.category(ch)[0] in "PS"
+
+    start, end = 0, len(word)
+    while start < end and is_punct(word[start]):
+        start += 1
+    while end > start and is_punct(word[end - 1]):
+        end -= 1
+    return word[start:end]
+
+
+def filter_words(
+    words: Iterable[tuple[str, float]], min_conf: float = MIN_CONF, min_len: int = MIN_LEN
+) -> str:
+    """Join confident words (conf > min_conf, len >= min_len) in reading order, de-duplicated case-insensitively.
+
+    ``words`` are detected lines ``(text, conf01)``; each line is split on
+    whitespace and every word inherits the line's confidence.
+    """
+    seen: set[str] = set()
+    kept: list[str] = []
+    for line, conf in words:
+        if not float(conf) > min_conf:
+            continue
+        for raw in str(line).split():
+            word = _strip_punct(raw)
+            if len(word) < min_len:
+                continue
+            key = word.casefold()
+            if key in seen:
+                continue
+            seen.add(key)
+            kept.append(word)
+    return " ".join(kept)
+
+
+# --------------------------------------------------------------------------- parsers
+
+
+def parse_rapidocr(result: Any) -> Words:
+    """RapidOCR 1.4 output -> [(text, score)]; takes the ``(result, elapse)`` tuple or the result list."""
+    if isinstance(result, tuple):  # the engine returns (result, elapse); result itself is a list
+        result = result[0]
+    if not result:
+        return []
+    return [(str(item[1]), float(item[2])) for item in result]
+
+
+def parse_tesseract(data: dict) -> Words:
+    """pytesseract ``image_to_data(..., output_type=Output.DICT)`` -> [(word, conf/100)], non-words (conf -1) dropped."""
+    out: Words = []
+    for text, conf in zip(data.get("text", []), data.get("conf", [])):
+        conf = float(conf)  # int, float or str depending on the pytesseract/tesseract version
+        text = str(text).strip()
+        if conf < 0 or not text:
+            continue
+        out.append((text, conf / 100.0))
+    return out
+
+
+def parse_easyocr(output: Iterable[Sequence[Any]]) -> Words:
+    """easyocr ``reader.readtext(img)`` list of ``(box, text, confidence)`` -> [(text, confidence)]."""
+    return [(str(item[1]), float(item[2])) for item in output]
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def _split_langs(langs: str | Sequence[str] | None) -> tuple[str, ...]:
+    if langs is None:
+        return ()
+    tokens = langs.split(",") if isinstance(langs, str) else list(langs)
+    out: list[str] = []
+    for tok in tokens:
+        tok = str(tok).strip().lower()
+        if tok and tok not in out:
+            out.append(tok)
+    return tuple(out)
+
+
+def resolve_langs(engine: str, langs: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Validate ``engine`` and a comma-list of languages; None/"" -> the engine's default."""
+    if engine not in OCR_ENGINES:
+        raise ValueError(f"Unknown OCR engine {engine!r}; use one of {', '.join(OCR_ENGINES)}.")
+    parsed = _split_langs(langs)
+    if engine == "none":
+        return ()  # nothing is read, so languages do not matter
+    if not parsed:
+        return _DEFAULT_LANGS[engine]
+    for tok in parsed:
+        if not tok.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(
+                f"Bad OCR language code {tok!r} in {langs!r}; pass a comma list such as 'eng' or 'ch_sim,en'."
+            )
+    if engine == "rapidocr":
+        if set(parsed) != set(_RAPIDOCR_LANGS):
+            raise ValueError(
+                f"rapidocr reads only its built-in Chinese+English models, got languages {langs!r}; "
+                "omit --ocr-lang (or pass 'ch,en'), or use --ocr-engine tesseract/easyocr for other languages."
+            )
+        return _RAPIDOCR_LANGS
+    return parsed
+
+
+def default_cache_dir() -> Path:
+    """``$PRODFUSE_CACHE/ocr`` if that variable is set, else ``~/.cache/prodfuse/ocr``."""
+    root = os.environ.get("PRODFUSE_CACHE")
+    if root:
+        return Path(root).expanduser() / "ocr"
+    return Path.home() / ".cache" / "prodfuse" / "ocr"
+
+
+def _engine_version(engine: str) -> str | None:
+    pkg = _ENGINE_PACKAGES.get(engine)
+    if pkg is None:
+        return None
+    from importlib import metadata
+
+    try:
+        version = metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+    if engine == "tesseract":  # the binary does the reading, so record its version too
+        try:
+            import pytesseract
+
+            version = f"{version} (tesseract {pytesseract.get_tesseract_version()})"
+        except Exception:  # binary missing: the package version is still worth recording
+            pass
+    return version
+
+
+def ocr_settings(engine: str, langs: str | Sequence[str] | None) -> dict:
+    """Settings recorded in the extraction manifest (engine, langs, filter, engine package version)."""
+    return {
+        "engine": engine,
+        "langs": list(resolve_langs(engine, langs)),
+        "min_conf": MIN_CONF,
+        "min_len": MIN_LEN,
+        "version": _engine_version(engine),
+        "cache_format": CACHE_FORMAT_VERSION,
+    }
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cache_key(image_sha: str, engine: str, langs: tuple[str, ...]) -> str:
+    spec = {
+        "v": CACHE_FORMAT_VERSION,
+        "image": image_sha,
+        "engine": engine,
+        "langs": list(langs),
+        "min_conf": MIN_CONF,
+        "min_len": MIN_LEN,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def _cache_path(cache_dir: Path, key: str) -> Path:
+    return cache_dir / key[:2] / f"{key}.json"  # fan out so no directory holds 100k files
+
+
+def _cache_read(path: Path) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)["text"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # absent or unreadable: treat as a miss and recompute
+
+
+def _cache_write(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # tmp file in the same directory + os.replace: readers see the old file or the whole new one.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, ensure_ascii=False)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# --------------------------------------------------------------------------- engines
+
+
+def _load_rgb(path: str):
+    """Decode fully (so truncated files fail here), apply EXIF rotation, convert to RGB."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return img.convert("RGB")
+
+
+def _make_engine(engine: str, langs: tuple[str, ...]) -> Callable[[str], Words]:
+    """Build ``engine`` once; return a function image path -> [(text, conf01)]."""
+    if engine == "rapidocr":
+        from rapidocr_onnxruntime import RapidOCR
+
+        # One onnxruntime thread: parallelism comes from worker processes.
+        # No angle classifier: packshots are upright and it costs time.
+        reader = RapidOCR(intra_op_num_threads=1, inter_op_num_threads=1, use_cls=False)
+        return lambda path: parse_rapidocr(reader(_load_rgb(path)))
+    if engine == "tesseract":
+        import pytesseract
+
+        lang = "+".join(langs)
+        return lambda path: parse_tesseract(
+            pytesseract.image_to_data(_load_rgb(path), lang=lang, output_type=pytesseract.Output.DICT)
+        )
+    if engine == "easyocr":
+        import numpy as np
+
+        try:
+            import easyocr  # optional extra, imported only when chosen
+        except ImportError as e:
+            raise ImportError(
+                "OCR engine 'easyocr' is not installed; install it with `pip install prodfuse[easyocr]` "
+                "or choose --ocr-engine rapidocr."
+            ) from e
+        reader = easyocr.Reader(list(langs), gpu=False, verbose=False)
+        return lambda path: parse_easyocr(reader.readtext(np.asarray(_load_rgb(path))))
+    if engine == "none":
+        return lambda path: []
+    raise ValueError(f"Unknown OCR engine {engine!r}; use one of {', '.join(OCR_ENGINES)}.")
+
+
+def _check_engine(engine: str) -> None:
+    """Fail once, before any image, if the engine is missing (instead of an error per image)."""
+    if engine == "rapidocr":
+        try:
+            import rapidocr_onnxruntime  # noqa: F401
+        except ImportError as e:
+            raise ImportError(
+                "OCR engine 'rapidocr' needs `pip install 'rapidocr_onnxruntime>=1.4,<1.5'`."
+            ) from e
+    elif engine == "tesseract":
+        try:
+            import pytesseract
+
+            pytesseract.get_tesseract_version()
+        except (ImportError, OSError) as e:  # TesseractNotFoundError is an OSError
+            raise ImportError(
+                "OCR engine 'tesseract' needs `pip install pytesseract` and the tesseract binary "
+                f"(`apt-get install tesseract-ocr`): {e}"
+            ) from e
+    elif engine == "easyocr":
+        import importlib.util
+
+        if importlib.util.find_spec("easyocr") is None:
+            raise ImportError(
+                "OCR engine 'easyocr' is not installed; install it with `pip install prodfuse[easyocr]` "
+                "or choose --ocr-engine rapidocr."
+            )
+
+
+def _run_one(read: Callable[[str], Words], path: str) -> tuple[str, str | None]:
+    try:
+        return filter_words(read(path)), None
+    except Exception as e:  # an unreadable image must not stop a whole extraction
+        return "", f"{type(e).__name__}: {e}"
+
+
+# In-process engines, built once per (engine, langs) and kept for later calls.
+_LOCAL_ENGINES: dict[tuple[str, tuple[str, ...]], Callable[[str], Words]] = {}
+
+
+def _local_engine(engine: str, langs: tuple[str, ...]) -> Callable[[str], Words]:
+    key = (engine, langs)
+    if key not in _LOCAL_ENGINES:
+        _LOCAL_ENGINES[key] = _make_engine(engine, langs)
+    return _LOCAL_ENGINES[key]
+
+
+# Per worker process state (spawned workers share nothing with the parent).
+_WORKER_READ: Callable[[str], Words] | None = None
+_WORKER_INIT_ERROR: str | None = None
+
+
+def _worker_init(engine: str, langs: tuple[str, ...]) -> None:
+    global _WORKER_READ, _WORKER_INIT_ERROR
+    for name in _THREAD_ENV:
+        os.environ[name] = "1"
+    try:
+        if engine == "easyocr":
+            import torch
+
+            torch.set_num_threads(1)
+        _WORKER_READ = _make_engine(engine, langs)
+    except Exception as e:
+        # Raising here would make the pool respawn workers forever; report it from the first task.
+        _WORKER_INIT_ERROR = f"{type(e).__name__}: {e}"
+
+
+def _worker_task(job: tuple[int, str]) -> tuple[int, str, str | None]:
+    index, path = job
+    if _WORKER_READ is None:
+        raise RuntimeError(f"OCR engine failed to start in a worker process: {_WORKER_INIT_ERROR}")
+    text, error = _run_one(_WORKER_READ, path)
+    return index, text, error
+
+
+def _loaded_modules(names: Sequence[str]) -> list[str]:
+    """Which of ``names`` a worker has imported (tests check TensorFlow stays out)."""
+    return [n for n in names if n in sys.modules]
+
+
+# Workers load this file as a top-level module under this name, not as
+# prodfuse.ocr: importing the prodfuse package would pull in TensorFlow
+# (prodfuse/__init__ registers the Keras layers), costing each worker seconds
+# and hundreds of MB for nothing. This file imports only the stdlib at the top.
+_WORKER_MODULE = "_prodfuse_ocr_worker"
+_WORKER_BOOTSTRAP = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location(name, path)
+mod = importlib.util.module_from_spec(spec)
+sys.modules[name] = mod
+spec.loader.exec_module(mod)
+mod._worker_init(engine, langs)
+"""
+_MAIN_SWAP_LOCK = threading.Lock()
+
+
+def _standalone_module() -> types.ModuleType:
+    """This file as ``_prodfuse_ocr_worker`` in this process, so tasks pickle by that name."""
+    mod = sys.modules.get(_WORKER_MODULE)
+    if mod is None:
+        spec = importlib.util.spec_from_file_location(_WORKER_MODULE, __file__)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[_WORKER_MODULE] = mod
+        spec.loader.exec_module(mod)
+    return mod
+
+
+@contextlib.contextmanager
+def _blank_main():
+    """Hide ``__main__`` while workers start: spawn re-runs it in every worker otherwise
+    (the prodfuse CLI imports TensorFlow), and the workers need nothing from it."""
+    with _MAIN_SWAP_LOCK:
+        real = sys.modules["__main__"]
+        sys.modules["__main__"] = types.ModuleType("__main__")  # no __spec__/__file__: nothing to re-run
+        try:
+            yield
+        finally:
+            sys.modules["__main__"] = real
+
+
+def _open_pool(engine: str, langs: tuple[str, ...], processes: int):
+    """A 'spawn' pool (forking a parent with TensorFlow loaded is unsafe) of single-threaded
+    OCR workers, and the module whose functions to send to it."""
+    import multiprocessing as mp
+
+    ns = {"name": _WORKER_MODULE, "path": os.path.abspath(__file__), "engine": engine, "langs": langs}
+    mod = _standalone_module()
+    with _blank_main():
+        pool = mp.get_context("spawn").Pool(processes, initializer=exec, initargs=(_WORKER_BOOTSTRAP, ns))
+    return pool, mod
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def iter_ocr(
+    paths: Sequence[str],
+    engine: str = "rapidocr",
+    langs: str | Sequence[str] | None = None,
+    workers: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Iterator[tuple[int, OcrResult]]:
+    """Yield ``(index, OcrResult)`` for every path, cache hits first, then misses as they finish.
+
+    Safe to consume from a background thread. Misses run in ``workers``
+    spawned processes (default os.cpu_count()); workers <= 1 runs in-process.
+    Workers import neither prodfuse nor the caller's ``__main__`` (see _open_pool).
+    """
+    from tqdm.auto import tqdm
+
+    langs_t = resolve_langs(engine, langs)
+    paths = [str(p) for p in paths]
+    if workers is None:
+        workers = os.cpu_count() or 1
+    if workers < 0:
+        raise ValueError(f"ocr workers must be >= 0, got {workers}; use 0 or 1 for in-process OCR.")
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+
+    bar = tqdm(total=len(paths), desc="OCR", unit="img", disable=not progress)
+    try:
+        if engine == "none":
+            for i in range(len(paths)):
+                bar.update(1)
+                yield i, OcrResult("", False, None)
+            return
+
+        # Lookups in the parent: hashing is cheap, and hits never start an engine.
+        # Identical images (same key) in one batch are read once.
+        pending: dict[str, list[int]] = {}
+        jobs: list[tuple[int, str]] = []
+        shas: dict[str, str] = {}
+        for i, path in enumerate(paths):
+            try:
+                sha = _file_sha256(path)
+            except OSError as e:
+                bar.update(1)
+                yield i, OcrResult("", False, f"{type(e).__name__}: {e}")
+                continue
+            key = _cache_key(sha, engine, langs_t)
+            text = _cache_read(_cache_path(cache, key))
+            if text is not None:
+                bar.update(1)
+                yield i, OcrResult(text, True, None)
+                continue
+            if key not in pending:
+                pending[key] = []
+                shas[key] = sha
+                jobs.append((i, path))
+            pending[key].append(i)
+
+        if not jobs:
+            return
+        _check_engine(engine)
+        key_of = {indices[0]: key for key, indices in pending.items()}
+
+        def finish(i: int, text: str, error: str | None) -> Iterator[tuple[int, OcrResult]]:
+            key = key_of[i]
+            if error is None:  # errors are not cached: a fixed file should be retried
+                _cache_write(
+                    _cache_path(cache, key),
+                    {"text": text, "engine": engine, "langs": list(langs_t), "image_sha256": shas[key]},
+                )
+            for j in pending[key]:
+                bar.update(1)
+                yield j, OcrResult(text, False, error)
+
+        n_proc = min(workers, len(jobs))
+        if n_proc <= 1:
+            read = _local_engine(engine, langs_t)
+            for i, path in jobs:
+                yield from finish(i, *_run_one(read, path))
+            return
+
+        pool, mod = _open_pool(engine, langs_t, n_proc)
+        with pool:
+            for i, text, error in pool.imap_unordered(mod._worker_task, jobs, chunksize=1):
+                yield from finish(i, text, error)
+    finally:
+        bar.close()
+
+
+def ocr_images(
+    paths: Sequence[str],
+    engine: str = "rapidocr",
+    langs: str | Sequence[str] | None = None,
+    workers: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    on_result: Callable[[int, OcrResult], None] | None = None,
+) -> list[OcrResult]:
+    """OCR every image (cached); results in input order. ``on_result(index, result)`` is called as each finishes."""
+    results: list[OcrResult | None] = [None] * len(paths)
+    for i, res in iter_ocr(paths, engine, langs, workers, cache_dir, progress):
+        results[i] = res
+        if on_result is not None:
+            on_result(i, res)
+    return results  # type: ignore[return-value]
