@@ -7,21 +7,26 @@ HEADER = {"catalog_path": "synthetic", "catalog_sha256": "-", "columns": {"id": 
           "settings": {}, "encoders": {}, "versions": {}}
 
 
-def write_synthetic_shards(folder, image, text, labels, tokens=None, split=None, shard_rows=500):
-    """Write arrays as a complete shard folder; `split` (optional) becomes a split column."""
+def write_synthetic_shards(folder, image, text, labels, tokens=None, split=None, shard_rows=500, extra=None,
+                           ids=None):
+    """Write arrays as a complete shard folder; `split` (optional) becomes a split column, `extra` maps more
+    column names to per-row values (e.g. a group column)."""
     n = len(labels)
+    ids = [f"p{i}" for i in range(n)] if ids is None else list(ids)
     header = {**HEADER, "columns": {**HEADER["columns"], "split": "split" if split is not None else None}}
     m = shards.open_shards(folder, header, overwrite=True)
     if tokens is None:
         tokens = np.zeros((n, 60), np.int32)
     for s in range(0, n, shard_rows):
         e = min(n, s + shard_rows)
-        data = {"product_id": [f"p{i}" for i in range(s, e)], "label": list(labels[s:e]),
+        data = {"product_id": ids[s:e], "label": list(labels[s:e]),
                 "image_embedding": image[s:e], "text_embedding": text[s:e],
                 "has_text": np.abs(text[s:e]).sum(1) > 0, "text": [""] * (e - s), "ocr_text": [""] * (e - s),
                 "tokens": tokens[s:e]}
         if split is not None:
             data["split"] = list(split[s:e])
+        for name, values in (extra or {}).items():
+            data[name] = list(values[s:e])
         shards.write_shard(folder, m, data, s, e)
     shards.finish(folder, m)
     return folder

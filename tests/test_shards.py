@@ -110,6 +110,13 @@ def test_settings_mismatch_names_the_setting(tmp_path):
     assert m["shards"] == [] and not list(tmp_path.glob("part-*"))
 
 
+def test_overwrite_with_same_settings_resumes(tmp_path):
+    rng = np.random.default_rng(5)
+    write_all(tmp_path, [chunk(0, 3, rng), chunk(3, 3, rng)], stop_after=1)
+    m = shards.open_shards(tmp_path, header(), overwrite=True)
+    assert shards.next_input_row(m) == 3 and (tmp_path / "part-00000.parquet").is_file()
+
+
 def test_hand_damaged_shard_is_detected(tmp_path):
     rng = np.random.default_rng(4)
     write_all(tmp_path, [chunk(0, 3, rng), chunk(3, 3, rng)], stop_after=2)

@@ -83,6 +83,8 @@ def resolve_settings(args: argparse.Namespace) -> dict:
             out[key] = like.get(key)
         else:
             out[key] = given if given is not None else default
+    if out["weights"] not in ("imagenet", "none"):
+        out["weights"] = str(Path(out["weights"]).expanduser().resolve())  # the same file from any working dir
     if out["shard_rows"] < 1:
         raise ValueError(f"--shard-rows must be >= 1; got {out['shard_rows']}")
     if out["image_size"] < 32:

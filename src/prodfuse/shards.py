@@ -108,7 +108,7 @@ def open_shards(folder: str | os.PathLike, header: dict, overwrite: bool = False
             raise ValueError(f"{str(folder)!r} already holds shards made with other settings:\n  "
                              + "\n  ".join(diff)
                              + "\nPass --overwrite to replace them, or choose another --out folder.")
-        if overwrite:
+        if diff:  # and overwrite: start over; same settings resume even with --overwrite
             _clear(folder)
         else:
             listed = {s["file"] for s in old["shards"]}

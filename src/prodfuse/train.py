@@ -76,6 +76,20 @@ def split_from_column(values: np.ndarray) -> dict:
     return {k: np.flatnonzero(names == k) for k in ("train", "val", "test")}
 
 
+def resolve_split_col(manifest: dict, split_col_arg: str | None) -> str | None:
+    """--split-col if given ('' = none), else the split column recorded at extraction."""
+    return manifest["columns"].get("split") if split_col_arg is None else (split_col_arg or None)
+
+
+def make_splits(labels: np.ndarray, split_values: np.ndarray | None, split_col: str | None,
+                seed: int) -> tuple[dict, list, str]:
+    """(rows per split, classes too small to split, a description): the split column if any, else stratified."""
+    if split_values is not None:
+        return split_from_column(split_values), [], f"split column {split_col!r}"
+    splits, too_small = stratified_split(labels, seed)
+    return splits, too_small, f"stratified 80/10/10 by seed {seed}"
+
+
 def balanced_class_weights(y: np.ndarray, num_classes: int) -> dict[int, float]:
     """n / (k * n_c) for the classes present (k = number of present classes), as scikit-learn's 'balanced'."""
     counts = np.bincount(y, minlength=num_classes)
@@ -202,7 +216,7 @@ def run_train(args: argparse.Namespace) -> dict:
     tf.config.experimental.enable_op_determinism()  # repeatable runs on CPU for the same seed
 
     manifest = shards.read_manifest(emb)
-    split_col = manifest["columns"].get("split") if args.split_col is None else (args.split_col or None)
+    split_col = resolve_split_col(manifest, args.split_col)
     inputs = (["image"] if args.image_branch == "mlp" else []) + \
              (["text"] if args.text_branch == "mlp" else ["tokens"] if args.text_branch == "cnn" else [])
     data = load_training_data(emb, args.label_col, None if args.val_embeddings else split_col, inputs)
@@ -215,14 +229,10 @@ def run_train(args: argparse.Namespace) -> dict:
         labels_all = np.concatenate([labels_all, np.asarray(val_data[args.label_col]).astype(str)])
         splits = {"train": np.arange(n_train), "val": np.arange(n_train, len(labels_all)), "test": np.zeros(0, int)}
         split_source = f"--val-embeddings {args.val_embeddings}"
-    elif split_col:
-        arrays = {k: data[k] for k in inputs}
-        splits = split_from_column(np.asarray(data[split_col]))
-        split_source = f"split column {split_col!r}"
     else:
         arrays = {k: data[k] for k in inputs}
-        splits, too_small = stratified_split(labels_all, args.seed)
-        split_source = f"stratified 80/10/10 by seed {args.seed}"
+        splits, too_small, split_source = make_splits(
+            labels_all, np.asarray(data[split_col]) if split_col else None, split_col, args.seed)
     if len(splits["train"]) == 0 or len(splits["val"]) == 0:
         raise ValueError(f"Need both train and validation rows; got {len(splits['train'])} train and "
                          f"{len(splits['val'])} val from {split_source}.")

@@ -1,0 +1,93 @@
+"""Temperature scaling: fit one temperature on validation probabilities, store it with the run, apply it anywhere.
+
+The model's output is a softmax, so its logits are log(p) up to a per-item constant, which softmax ignores:
+softmax(log(p) / T) is therefore exactly temperature scaling of the logits. T > 1 softens over-confident models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+TEMPERATURE_FILE = "temperature.json"
+# Probabilities are clipped before the log: float32 softmax gives exact zeros for hopeless classes.
+_EPS = 1e-12
+# Bounds on T for the search: outside them the model is either useless or a one-hot oracle.
+T_BOUNDS = (0.05, 20.0)
+
+
+def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log(p) / T), computed stably in float64; T = 1 returns the probabilities renormalised."""
+    if not temperature > 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a positive finite number; got {temperature!r}")
+    z = np.log(np.clip(np.asarray(probs, dtype=np.float64), _EPS, 1.0)) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def negative_log_likelihood(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Mean -log p(true class)."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    if len(y_true) == 0:
+        return float("nan")
+    p = np.clip(np.asarray(probs, dtype=np.float64)[np.arange(len(y_true)), y_true], _EPS, 1.0)
+    return float(-np.mean(np.log(p)))
+
+
+def fit_temperature(y_true: np.ndarray, probs: np.ndarray, bounds: tuple[float, float] = T_BOUNDS) -> float:
+    """The T in `bounds` minimising the NLL of softmax(log(p)/T); searched on log T (the loss is smooth there)."""
+    from scipy.optimize import minimize_scalar
+
+    y_true = np.asarray(y_true, dtype=np.int64)
+    if len(y_true) == 0:
+        raise ValueError("cannot fit a temperature on 0 validation items; the run needs a validation split.")
+    logp = np.log(np.clip(np.asarray(probs, dtype=np.float64), _EPS, 1.0))
+    rows = np.arange(len(y_true))
+
+    def nll(log_t: float) -> float:
+        z = logp / math.exp(log_t)
+        z -= z.max(axis=1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[rows, y_true]))
+
+    res = minimize_scalar(nll, bounds=(math.log(bounds[0]), math.log(bounds[1])), method="bounded",
+                          options={"xatol": 1e-4})
+    # The bounded search never evaluates T = 1 exactly; keep it when it is at least as good (flat losses).
+    return 1.0 if nll(0.0) <= res.fun else float(math.exp(res.x))
+
+
+def reliability_bins(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> dict[str, np.ndarray]:
+    """Per equal-width confidence bin: mean confidence, accuracy and item count (the same bins as the ECE)."""
+    conf = np.asarray(probs).max(axis=1)
+    correct = np.asarray(probs).argmax(axis=1) == np.asarray(y_true)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    count = np.bincount(which, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        confidence = np.bincount(which, weights=conf, minlength=bins) / count
+        accuracy = np.bincount(which, weights=correct.astype(float), minlength=bins) / count
+    return {"edges": edges, "confidence": confidence, "accuracy": accuracy, "count": count}
+
+
+def save_temperature(run: str | os.PathLike, temperature: float, info: dict | None = None) -> Path:
+    path = Path(run) / TEMPERATURE_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"temperature": float(temperature), **(info or {})}, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def load_temperature(run: str | os.PathLike) -> tuple[float, bool]:
+    """(T, fitted): T from the run's temperature.json, or (1.0, False) when `evaluate` has not fitted one yet."""
+    path = Path(run) / TEMPERATURE_FILE
+    if not path.is_file():
+        return 1.0, False
+    t = json.loads(path.read_text()).get("temperature")
+    if not isinstance(t, (int, float)) or not t > 0:
+        raise ValueError(f"{str(path)!r} holds temperature {t!r}, not a positive number; delete it and re-run "
+                         f"`prodfuse evaluate --run {run}` to fit it again.")
+    return float(t), True

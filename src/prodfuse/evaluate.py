@@ -1,0 +1,361 @@
+"""Evaluation of a run: metrics, per-class and per-group reports, confusions, modality ablation and calibration.
+
+Default rows are the run's held-out rows: on the run's own training shards the split is recomputed exactly as
+training made it (same seed / split column); any other shard folder is scored whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from . import shards
+from .catalog import file_sha256
+from .calibration import apply_temperature, fit_temperature, negative_log_likelihood, reliability_bins, \
+    save_temperature
+from .metrics import classification_metrics, expected_calibration_error
+from .predict import check_compatible, contributions, forward, load_run, predict_arrays, prediction_table, read_items, \
+    shard_columns
+
+SPLITS = ("test", "val", "all")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run folder written by train")
+    p.add_argument("--embeddings", default=None,
+                   help="shard folder to score (default: the run's training shards, held-out rows)")
+    p.add_argument("--split", default=None, choices=SPLITS,
+                   help="rows to score (default: test, or val when the run has no test split, on the run's own "
+                        "shards; all rows of any other folder)")
+    p.add_argument("--group-col", default=None, help="shard column to break the results down by (e.g. group)")
+    p.add_argument("--out", default=None, help="output folder (default <run>/eval-<split>)")
+    p.add_argument("--top-confusions", type=int, default=20, help="confusions listed in the table (default 20)")
+    p.add_argument("--batch-size", type=int, default=1024, help="items per model batch")
+
+
+# ---------------------------------------------------------------------------------------------------- rows
+
+
+def run_splits(config: dict) -> dict[str, tuple[Path, np.ndarray]]:
+    """The run's train/val/test rows as (shard folder, row positions), recomputed exactly as `train` made them.
+
+    Rows whose label training never saw are kept here (train drops them from val/test); callers report them.
+    """
+    from .train import make_splits, resolve_split_col
+
+    emb = Path(config["embeddings"])
+    a = config["args"]
+    manifest = shards.read_manifest(emb)
+    if config.get("manifest_sha256") and \
+            file_sha256(emb / shards.MANIFEST) != config["manifest_sha256"]:
+        print(f"warning: {emb} changed since the run was trained (manifest differs); the recomputed split may "
+              f"not be the one training used.", file=sys.stderr)
+    n = int(manifest.get("rows", sum(s["rows"] for s in manifest["shards"])))
+    if config.get("val_embeddings"):
+        val = Path(config["val_embeddings"])
+        n_val = int(shards.read_manifest(val).get("rows", 0))
+        return {"train": (emb, np.arange(n)), "val": (val, np.arange(n_val)), "test": (emb, np.zeros(0, np.int64))}
+    split_col = resolve_split_col(manifest, a.get("split_col"))
+    cols = shards.read_shards(emb, [config["label_col"]] + ([split_col] if split_col else []))
+    splits, _, _ = make_splits(np.asarray(cols[config["label_col"]]).astype(str),
+                               np.asarray(cols[split_col]) if split_col else None, split_col, a["seed"])
+    return {k: (emb, v) for k, v in splits.items()}
+
+
+def _same_folder(a, b) -> bool:
+    return b is not None and Path(a).resolve() == Path(b).resolve()
+
+
+def select_rows(config: dict, folder: Path, split: str | None) -> tuple[np.ndarray | None, str, str]:
+    """(rows or None for all, split name, note) of `folder` to evaluate."""
+    if _same_folder(folder, config["embeddings"]):
+        if split == "all":
+            return None, "all", "every row of the run's training shards, training rows included"
+        splits = run_splits(config)
+        if config.get("val_embeddings"):
+            raise ValueError(f"Every row of {str(folder)!r} was a training row (the run used --val-embeddings "
+                             f"{config['val_embeddings']}). Evaluate --embeddings {config['val_embeddings']}, "
+                             f"another held-out folder, or pass --split all.")
+        name = split or ("test" if len(splits["test"][1]) else "val")
+        if len(splits[name][1]) == 0:
+            raise ValueError(f"The run's {name} split is empty; pass --split val or --split all.")
+        return splits[name][1], name, f"the run's {name} split ({config['splits']['source']})"
+    if split in (None, "all"):
+        return None, "all", "every row of a separate shard folder"
+    manifest = shards.read_manifest(folder)
+    col = manifest["columns"].get("split")
+    if not col:
+        raise ValueError(f"--split {split} needs a split column in {str(folder)!r}, which has none; omit --split "
+                         f"to score all its rows.")
+    from .train import split_from_column
+    rows = split_from_column(np.asarray(shards.read_shards(folder, [col])[col]))[split]
+    return rows, split, f"rows of {str(folder)!r} whose {col!r} is {split}"
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+
+
+def per_class_report(y_true: np.ndarray, pred: np.ndarray, classes: list[str]):
+    """DataFrame: class, precision, recall, f1, support, predicted (how often the class was predicted)."""
+    import pandas as pd
+    from sklearn.metrics import precision_recall_fscore_support
+
+    labels = np.arange(len(classes))
+    p, r, f, s = precision_recall_fscore_support(y_true, pred, labels=labels, zero_division=0)
+    return pd.DataFrame({"class": classes, "precision": p, "recall": r, "f1": f, "support": s.astype(int),
+                         "predicted": np.bincount(np.asarray(pred, dtype=np.int64), minlength=len(classes))})
+
+
+def confusion(y_true: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    from sklearn.metrics import confusion_matrix
+    return confusion_matrix(y_true, pred, labels=np.arange(k))
+
+
+def _accuracy_f1(y: np.ndarray, probs: np.ndarray | None) -> dict | None:
+    if probs is None:
+        return None
+    m = classification_metrics(y, probs, top_k=())
+    return {k: m[k] for k in ("accuracy", "weighted_f1", "macro_f1")}
+
+
+def modality_ablation(model, arrays: dict[str, np.ndarray], y_true: np.ndarray, batch_size: int = 1024,
+                      out: dict | None = None) -> dict:
+    """Accuracy / F1 with both streams, the image stream zeroed and the text stream zeroed (None: stream absent)."""
+    out = out or forward(model, arrays, 1.0, batch_size)
+    return {"both": _accuracy_f1(y_true, out["probs"]), "no_image": _accuracy_f1(y_true, out["no_image"]),
+            "no_text": _accuracy_f1(y_true, out["no_text"])}
+
+
+def gate_per_class(gate: np.ndarray, y_true: np.ndarray, classes: list[str]):
+    """DataFrame: class, n, mean gate (image share) and text share = 1 - gate, over items of that true class."""
+    import pandas as pd
+    k = len(classes)
+    n = np.bincount(y_true, minlength=k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.bincount(y_true, weights=gate, minlength=k) / n
+    return pd.DataFrame({"class": classes, "n": n, "image_gate": np.round(mean, 6),
+                         "text_share": np.round(1 - mean, 6)})
+
+
+def _slug(value: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(value)).strip("_") or "group"
+
+
+def _md_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        return f"{v:.4f}" if isinstance(v, float) else ("–" if v is None else str(v))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- command
+
+
+def split_probs(run: dict, name: str, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """(y, softmax probabilities) of a loaded run on one of its own splits, over rows whose label the run knows."""
+    config, classes = run["config"], run["classes"]
+    folder, rows = run_splits(config)[name]
+    label_col = config["label_col"]
+    data = read_items(folder, run["inputs"], [label_col], rows)
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array([index.get(str(v), -1) for v in data[label_col]], dtype=np.int64)
+    keep = y >= 0
+    probs = predict_arrays(run["model"], {k: data[k][keep] for k in run["inputs"]}, batch_size)
+    return y[keep], probs
+
+
+def calibrate_run(run: dict, batch_size: int = 1024, val: tuple | None = None) -> tuple[float, dict]:
+    """Fit the temperature on the run's validation split and save it in the run folder; returns (T, details).
+
+    `val`: the (y, probs) of `split_probs(run, "val")` when the caller already has them.
+    """
+    y, probs = val if val is not None else split_probs(run, "val", batch_size)
+    t = fit_temperature(y, probs)
+    cal = apply_temperature(probs, t)
+    info = {"fitted_on": "val", "n": int(len(y)), "nll_before": negative_log_likelihood(y, probs),
+            "nll_after": negative_log_likelihood(y, cal), "ece_before": expected_calibration_error(y, probs),
+            "ece_after": expected_calibration_error(y, cal)}
+    save_temperature(run["path"], t, info)
+    return t, info
+
+
+def run_evaluate(args: argparse.Namespace) -> dict:
+    from . import plots
+
+    run = load_run(args.run)
+    config, classes, model = run["config"], run["classes"], run["model"]
+    k = len(classes)
+    folder = Path(args.embeddings or config["embeddings"])
+    manifest = shards.read_manifest(folder)
+    if not _same_folder(folder, config["embeddings"]):
+        check_compatible(config, manifest, folder)
+    rows, split, note = select_rows(config, folder, args.split)
+    label_col = config["label_col"]
+    id_col = manifest["columns"]["id"]
+    present = shard_columns(folder)
+    if present and label_col not in present:
+        raise ValueError(f"Shards {str(folder)!r} have no label column {label_col!r} (the run's); evaluation "
+                         f"needs labels. Use `prodfuse predict` for unlabelled data.")
+    if args.group_col and present and args.group_col not in present:
+        raise ValueError(f"--group-col {args.group_col!r} is not a column of {str(folder)!r}; it has "
+                         f"{[c for c in present if c not in ('image_embedding', 'text_embedding', 'tokens')]}.")
+    out_dir = Path(args.out or Path(run["path"]) / f"eval-{split}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    temperature, cal_info = calibrate_run(run, args.batch_size)
+
+    extra = [id_col, label_col] + ([args.group_col] if args.group_col else [])
+    data = read_items(folder, run["inputs"], extra, rows)
+    labels = np.asarray(data[label_col]).astype(str)
+    index = {c: i for i, c in enumerate(classes)}
+    y_all = np.array([index.get(c, -1) for c in labels], dtype=np.int64)
+    known = y_all >= 0
+    unknown = dict(Counter(labels[~known].tolist()))
+    if not known.any():
+        raise ValueError(f"None of the {len(labels)} rows selected ({note}) has a label the run knows "
+                         f"({classes[:5]}...); check --embeddings and the run's label column {label_col!r}.")
+    arrays = {k_: data[k_] for k_ in run["inputs"]}
+    res = forward(model, arrays, temperature, args.batch_size)
+
+    # Predictions of every selected row (unknown labels too), in the same format as `prodfuse predict`.
+    img_c, txt_c = contributions(res)
+    prediction_table(data[id_col], res["probs"], classes, min(5, k), img_c, txt_c, id_col=id_col,
+                     true_labels=labels, label_col=label_col).to_csv(out_dir / "predictions.csv", index=False)
+
+    y = y_all[known]
+    raw, probs = res["raw"][known], res["probs"][known]
+    pred = probs.argmax(axis=1)
+    metrics = classification_metrics(y, probs)
+    ece, ece_cal = expected_calibration_error(y, raw), expected_calibration_error(y, probs)
+    metrics.update({"ece": ece, "ece_calibrated": ece_cal, "temperature": temperature,
+                    "nll": negative_log_likelihood(y, raw), "nll_calibrated": negative_log_likelihood(y, probs)})
+
+    per_class = per_class_report(y, pred, classes)
+    per_class.round(6).to_csv(out_dir / "per_class.csv", index=False)
+    cm = confusion(y, pred, k)
+    plots.plot_confusion(cm, classes, out_dir / "confusion.png")
+    top = plots.top_confusions(cm, classes, args.top_confusions)
+    _write_csv(out_dir / "confusions.csv", top, ["true", "pred", "count", "share_of_true"])
+    plots.plot_reliability(reliability_bins(y, raw), reliability_bins(y, probs), ece, ece_cal, temperature,
+                           out_dir / "reliability.png")
+
+    sub = {key: (None if v is None else v[known]) for key, v in res.items() if key in ("probs", "no_image", "no_text")}
+    ablation = modality_ablation(model, {}, y, out=sub)
+    gate_mean = None
+    if res["gate"] is not None:
+        gate = res["gate"][known]
+        gate_mean = float(gate.mean())
+        gate_per_class(gate, y, classes).to_csv(out_dir / "gate_per_class.csv", index=False)
+    ablation["gate_mean"] = gate_mean
+
+    per_group = {}
+    if args.group_col:
+        groups = np.asarray(data[args.group_col]).astype(str)[known]
+        for g in sorted(set(groups.tolist())):
+            m = groups == g
+            gm = classification_metrics(y[m], probs[m])
+            present_cls = np.union1d(y[m], pred[m])
+            gcm = confusion(y[m], pred[m], k)[np.ix_(present_cls, present_cls)]
+            gnames = [classes[i] for i in present_cls]
+            slug = _slug(g)
+            title = f"{args.group_col} = {g}: row-normalised ({len(gnames)} classes, n={int(m.sum())})"
+            plots.plot_confusion(gcm, gnames, out_dir / f"confusion_{slug}.png", title=title)
+            gtop = plots.top_confusions(gcm, gnames, args.top_confusions)
+            _write_csv(out_dir / f"confusions_{slug}.csv", gtop, ["true", "pred", "count", "share_of_true"])
+            per_group[g] = {**gm, "ece": expected_calibration_error(y[m], probs[m]),
+                            "figure": f"confusion_{slug}.png", "top_confusions": gtop[:5]}
+
+    result = {**metrics, "split": split, "rows": note, "unknown_label_rows": int((~known).sum()),
+              "unknown_labels": unknown, "per_group": per_group, "group_col": args.group_col, "ablation": ablation,
+              "calibration": {"temperature": temperature, "fitted_on": "the run's validation split",
+                              "in_sample": split == "val" and _same_folder(folder, config["embeddings"]),
+                              **{f"val_{k_}": v for k_, v in cal_info.items() if k_ != "fitted_on"}},
+              "top_confusions": top, "run": str(run["path"]), "embeddings": str(folder), "model": model.name}
+    (out_dir / "metrics.json").write_text(json.dumps(_jsonable(result), indent=1))
+    (out_dir / "report.md").write_text(_report(result, classes))
+    print_evaluate_summary(result, out_dir)
+    return result
+
+
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    import pandas as pd
+    pd.DataFrame(rows, columns=columns).to_csv(path, index=False)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if not np.isfinite(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def _report(r: dict, classes: list[str]) -> str:
+    ab = r["ablation"]
+    lines = [f"# Evaluation of `{r['run']}`", "",
+             f"Model `{r['model']}`, {len(classes)} classes. Rows: {r['rows']} (`{r['embeddings']}`), "
+             f"n = {r['n']} scored"
+             + (f"; {r['unknown_label_rows']} rows with labels the run never saw were not scored: "
+                f"{r['unknown_labels']}" if r["unknown_label_rows"] else "") + ".", "",
+             "## Metrics", "",
+             _md_table([r], ["accuracy", "top3_accuracy", "top5_accuracy", "weighted_f1", "macro_f1", "n"]), "",
+             f"Per class: [per_class.csv](per_class.csv). Per item: [predictions.csv](predictions.csv).", "",
+             "## Calibration", "",
+             f"Temperature T = {r['temperature']:.4g}, fitted on the run's validation split "
+             f"(n = {r['calibration'].get('val_n')}) and saved as `temperature.json` in the run folder"
+             + (" (the scored rows ARE that split, so the calibrated ECE is in-sample)"
+                if r["calibration"]["in_sample"] else "") + ".", "",
+             _md_table([{"": "before", "ECE": r["ece"], "NLL": r["nll"]},
+                        {"": f"after (T={r['temperature']:.3g})", "ECE": r["ece_calibrated"],
+                         "NLL": r["nll_calibrated"]}], ["", "ECE", "NLL"]), "",
+             "![reliability diagram](reliability.png)", "",
+             "## Modality ablation", "",
+             _md_table([{"streams": name, **(ab[key] or {})} for name, key in
+                        (("image + text", "both"), ("text only (image zeroed)", "no_image"),
+                         ("image only (text zeroed)", "no_text"))],
+                       ["streams", "accuracy", "weighted_f1", "macro_f1"]), ""]
+    if ab.get("gate_mean") is not None:
+        lines += [f"Mean gate (image share of the fused vector): {ab['gate_mean']:.3f}; per class: "
+                  f"[gate_per_class.csv](gate_per_class.csv).", ""]
+    lines += ["## Confusions", "", "![confusion matrix](confusion.png)", "",
+              _md_table(r["top_confusions"][:10], ["true", "pred", "count", "share_of_true"])
+              if r["top_confusions"] else "No confusions.", "", "All: [confusions.csv](confusions.csv).", ""]
+    if r["per_group"]:
+        lines += [f"## Per {r['group_col']}", "",
+                  _md_table([{r["group_col"]: g, **m} for g, m in r["per_group"].items()],
+                            [r["group_col"], "accuracy", "top3_accuracy", "weighted_f1", "macro_f1", "ece", "n"]), ""]
+        for g, m in r["per_group"].items():
+            lines += [f"### {g}", "", f"![confusion {g}]({m['figure']})", ""]
+            if m["top_confusions"]:
+                lines += [_md_table(m["top_confusions"], ["true", "pred", "count", "share_of_true"]), ""]
+    return "\n".join(lines)
+
+
+def print_evaluate_summary(r: dict, out_dir: Path) -> None:
+    print(f"\nevaluated {r['model']} on {r['n']} items ({r['rows']})")
+    print(f"  accuracy {r['accuracy']:.4f}  top-3 {r['top3_accuracy']:.4f}  top-5 {r['top5_accuracy']:.4f}  "
+          f"weighted F1 {r['weighted_f1']:.4f}  macro F1 {r['macro_f1']:.4f}")
+    print(f"  ECE {r['ece']:.4f} -> {r['ece_calibrated']:.4f} with temperature {r['temperature']:.4g} "
+          f"(fitted on val, saved in the run folder)")
+    ab = r["ablation"]
+    parts = [f"{name} {ab[key]['accuracy']:.4f}" for name, key in
+             (("both", "both"), ("image zeroed", "no_image"), ("text zeroed", "no_text")) if ab[key]]
+    print("  ablation accuracy: " + ", ".join(parts)
+          + (f"; mean gate {ab['gate_mean']:.3f}" if ab.get("gate_mean") is not None else ""))
+    for g, m in r["per_group"].items():
+        print(f"  {r['group_col']}={g}: accuracy {m['accuracy']:.4f}  weighted F1 {m['weighted_f1']:.4f}  "
+              f"(n={m['n']})")
+    if r["unknown_label_rows"]:
+        print(f"  {r['unknown_label_rows']} rows have labels the run never saw (not scored): {r['unknown_labels']}")
+    print(f"  report: {out_dir / 'report.md'}")

@@ -1,0 +1,88 @@
+"""compare: late-fusion weight search, the train arguments per model, and a full run on tiny synthetic shards."""
+
+import json
+
+import numpy as np
+import pytest
+
+from prodfuse.compare import MODELS, fit_late_weight, parse_models, train_namespace
+from synthetic import write_synthetic_shards
+
+
+def _shards(folder, n_per_class=15, image_dim=12, text_dim=6, seed=0):
+    """3 classes: a/b differ only in the image, b/c only in the text; so both streams are needed."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(["a", "b", "c"], n_per_class)
+    img_centre = {"a": rng.normal(size=image_dim) * 3, "b": rng.normal(size=image_dim) * 3}
+    img_centre["c"] = img_centre["b"]
+    txt_centre = {"a": rng.normal(size=text_dim) * 3, "b": rng.normal(size=text_dim) * 3}
+    txt_centre["c"] = -txt_centre["b"]
+    n = len(labels)
+    img = np.stack([img_centre[c] for c in labels]) + rng.normal(size=(n, image_dim))
+    txt = np.stack([txt_centre[c] for c in labels]) + rng.normal(size=(n, text_dim))
+    return write_synthetic_shards(folder, img.astype(np.float32), txt.astype(np.float32), labels,
+                                  tokens=np.ones((n, 60), np.int32))
+
+
+def test_late_weight_follows_the_informative_stream():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 200)
+    good = np.full((200, 4), 0.1)
+    good[np.arange(200), y] = 0.7
+    noise = rng.dirichlet(np.ones(4), 200)
+    assert fit_late_weight(y, good, noise)[0] == 1.0
+    assert fit_late_weight(y, noise, good)[0] == 0.0
+    w, grid = fit_late_weight(y, good, good, "accuracy")
+    assert w == 0.5 and len(grid) == 21  # a flat objective keeps the even mix
+    with pytest.raises(ValueError, match="'auc'"):
+        fit_late_weight(y, good, noise, "auc")
+
+
+def test_parse_models_and_train_arguments(tmp_path):
+    assert parse_models("gated, image,gated") == ["gated", "image"]
+    with pytest.raises(ValueError, match="'mlp'"):
+        parse_models("image,mlp")
+    import argparse
+    args = argparse.Namespace(embeddings="E", val_embeddings=None, label_col="label", epochs=3, patience=2,
+                              batch_size=16, seed=7, split_col=None)
+    ns = {m: train_namespace(args, m, tmp_path / m, "cnn") for m in MODELS if m != "late"}
+    assert (ns["image"].image_branch, ns["image"].text_branch) == ("mlp", "none")
+    assert (ns["text"].image_branch, ns["text"].text_branch) == ("none", "cnn")
+    for f in ("concat", "gated", "cross_attention"):
+        assert (ns[f].fusion, ns[f].image_branch, ns[f].text_branch) == (f, "mlp", "cnn")
+    assert all(n.epochs == 3 and n.seed == 7 and n.patience == 2 and n.quiet for n in ns.values())
+    assert ns["gated"].lr == 1e-3  # everything not set by compare keeps train's default
+
+
+@pytest.fixture
+def eager():
+    """tf.functions run eagerly: on a few dozen rows graph tracing is most of the time (the numbers are the same)."""
+    import tensorflow as tf
+    tf.config.run_functions_eagerly(True)
+    try:
+        yield
+    finally:
+        tf.config.run_functions_eagerly(False)
+
+
+def test_compare_trains_every_model_on_the_same_splits(tmp_path, capsys, eager):
+    from prodfuse.cli import main
+    emb = _shards(tmp_path / "emb")
+    out = tmp_path / "cmp"
+    assert main(["compare", "--embeddings", str(emb), "--epochs", "2", "--patience", "2", "--out", str(out)]) == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert [r["model"] for r in result["rows"]] == list(MODELS)
+    assert result["split"] == "test" and result["text_branch"] == "mlp"
+    n_test = result["splits"]["test"]
+    for r in result["rows"]:
+        assert r["n"] == n_test and 0 <= r["accuracy"] <= 1 and r["train_seconds"] > 0
+    late = result["late_fusion"]
+    assert 0 <= late["weight"] <= 1 and set(late["temperatures"]) == {"image", "text"}
+    for m in ("image", "text", "concat", "gated", "cross_attention"):
+        config = json.loads((out / m / "config.json").read_text())
+        assert config["splits"]["test"] == n_test and config["args"]["seed"] == 42
+    assert (out / "image" / "temperature.json").is_file()  # late fusion calibrated the unimodal runs
+    md = (out / "compare.md").read_text()
+    printed = capsys.readouterr().out
+    for m in MODELS:
+        assert f"| {m} |" in md and f"| {m} |" in printed

@@ -1,0 +1,148 @@
+"""Prediction: a new catalog with a bad image, reproducing evaluate's probabilities, contributions and the table."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from prodfuse import shards
+from prodfuse.cli import main
+from prodfuse.predict import contributions, prediction_table, zero_stream
+
+FAST = ["--backbone", "mobilenet_v2", "--weights", "none", "--image-size", "32", "--ocr", "none",
+        "--text-encoder", "tfidf", "--no-progress"]
+COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200)}
+
+
+def _write_catalog(folder, n, with_label=True, seed=0):
+    rng = np.random.default_rng(seed)
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        label = list(COLOURS)[i % 3]
+        arr = np.clip(np.array(COLOURS[label]) + rng.normal(0, 25, (36, 36, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(folder / "img" / f"{i}.png")
+        row = {"product_id": f"{folder.name}-{i}", "image_path": f"img/{i}.png",
+               "title": "" if i % 5 == 0 else f"{label} cotton shirt size {i % 4}", "description": ""}
+        if with_label:
+            row["label"] = label
+        rows.append(row)
+    path = folder / "catalog.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    catalog = _write_catalog(root / "train", 30)
+    assert main(["extract", "--catalog", str(catalog), "--out", str(root / "emb"), *FAST]) == 0
+    import tensorflow as tf
+    tf.config.run_functions_eagerly(True)  # on 30 rows graph tracing would be most of the training time
+    try:
+        assert main(["train", "--embeddings", str(root / "emb"), "--out", str(root / "run"), "--epochs", "2",
+                     "--fusion", "gated", "--quiet"]) == 0
+    finally:
+        tf.config.run_functions_eagerly(False)
+    return root
+
+
+def test_predict_catalog_rejects_bad_image_and_predicts_the_rest(trained, capsys):
+    (trained / "run" / "temperature.json").unlink(missing_ok=True)
+    new = trained / "new"
+    catalog = _write_catalog(new, 5, with_label=False, seed=1)
+    (new / "img" / "1.png").write_bytes(b"definitely not a png")
+    df = pd.read_csv(catalog)
+    df.loc[3, "image_path"] = "img/gone.png"
+    df.to_csv(catalog, index=False)
+    out = trained / "out" / "pred.csv"
+    assert main(["predict", "--run", str(trained / "run"), "--catalog", str(catalog), "--out", str(out),
+                 "--top-k", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "rejected (not embeddable): 2" in printed and "NOT calibrated (T=1)" in printed
+    rejects = pd.read_csv(trained / "out" / "pred_rejects.csv")
+    assert sorted(rejects["id"]) == ["new-1", "new-3"]
+    pred = pd.read_csv(out)
+    assert list(pred.columns) == ["product_id", "label_1", "prob_1", "label_2", "prob_2", "image_contribution",
+                                  "text_contribution"]
+    assert pred["product_id"].tolist() == ["new-0", "new-2", "new-4"]
+    assert set(pred["label_1"]) <= set(COLOURS) and (pred["label_1"] != pred["label_2"]).all()
+    assert (pred["prob_1"] >= pred["prob_2"]).all()
+    np.testing.assert_allclose(pred["image_contribution"] + pred["text_contribution"], 1.0, atol=2e-6)
+    # embedded like the run's data: the fitted tfidf was reused, so equal titles give equal text vectors
+    work = trained / "out" / "pred.embeddings"
+    assert shards.read_manifest(work)["settings"]["like"] == str((trained / "emb").resolve())
+    new_t = shards.read_shards(work, ["text", "text_embedding"])
+    old_t = shards.read_shards(trained / "emb", ["text", "text_embedding"])
+    i, j = list(new_t["text"]).index("blue cotton shirt size 2"), list(old_t["text"]).index("blue cotton shirt size 2")
+    np.testing.assert_allclose(new_t["text_embedding"][i], old_t["text_embedding"][j], atol=1e-6)
+
+
+def test_predict_reproduces_evaluate_probabilities(trained, capsys):
+    run = str(trained / "run")
+    assert main(["evaluate", "--run", run, "--out", str(trained / "ev")]) == 0
+    assert main(["predict", "--run", run, "--embeddings", str(trained / "emb"), "--out",
+                 str(trained / "all.csv"), "--top-k", "5"]) == 0
+    assert "calibrated with temperature" in capsys.readouterr().out
+    ev = pd.read_csv(trained / "ev" / "predictions.csv")
+    pr = pd.read_csv(trained / "all.csv").set_index("product_id").loc[ev["product_id"]].reset_index()
+    assert len(ev) == json.loads((trained / "run" / "config.json").read_text())["splits"]["test"] > 0
+    assert len(pd.read_csv(trained / "all.csv")) == 30 and "label" in pr.columns  # true label carried
+    for c in ("label_1", "label_2", "label_3", "label"):
+        assert ev[c].tolist() == pr[c].tolist()
+    cols = ["prob_1", "prob_2", "prob_3", "image_contribution", "text_contribution"]
+    np.testing.assert_allclose(ev[cols].to_numpy(), pr[cols].to_numpy(), atol=2e-6)
+    # both are the model's softmax recalibrated with the temperature evaluate saved in the run folder
+    from prodfuse.calibration import apply_temperature
+    from prodfuse.predict import load_run, predict_arrays, read_items
+    t = json.loads((trained / "run" / "temperature.json").read_text())["temperature"]
+    r = load_run(run)
+    raw = predict_arrays(r["model"], {k: v for k, v in read_items(trained / "emb", r["inputs"]).items()})
+    expected = np.sort(apply_temperature(raw, t), axis=1)[:, ::-1]
+    all_rows = pd.read_csv(trained / "all.csv")
+    np.testing.assert_allclose(all_rows[["prob_1", "prob_2", "prob_3"]].to_numpy(), expected, atol=2e-6)
+
+
+def test_predict_refuses_shards_from_another_backbone(trained, tmp_path, capsys):
+    header = {"catalog_path": "x", "catalog_sha256": "-", "columns": {"id": "product_id"}, "settings": {},
+              "encoders": {"image": {"backbone": "resnet50", "dim": 2048}, "text": {"kind": "tfidf", "dim": 4}},
+              "versions": {}}
+    m = shards.open_shards(tmp_path / "s", header)
+    shards.write_shard(tmp_path / "s", m, {"product_id": ["a"], "image_embedding": np.zeros((1, 2048)),
+                                           "text_embedding": np.zeros((1, 4))}, 0, 1)
+    shards.finish(tmp_path / "s", m)
+    assert main(["predict", "--run", str(trained / "run"), "--embeddings", str(tmp_path / "s"),
+                 "--out", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "'resnet50'" in err and "--like" in err
+
+
+def test_zero_stream_and_contributions():
+    arrays = {"image": np.ones((2, 3), np.float32), "text": np.ones((2, 4), np.float32)}
+    z = zero_stream(arrays, "text")
+    assert z["image"] is arrays["image"] and not z["text"].any() and arrays["text"].all()
+    with pytest.raises(ValueError, match="'audio'"):
+        zero_stream(arrays, "audio")
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])
+    out = {"probs": probs, "gate": None, "no_image": np.array([[0.4, 0.5, 0.1], [0.1, 0.3, 0.6]]),
+           "no_text": np.array([[0.8, 0.1, 0.1], [0.3, 0.3, 0.4]])}
+    img, txt = contributions(out)
+    np.testing.assert_allclose(img, [0.3, 0.0])
+    np.testing.assert_allclose(txt, [-0.1, 0.2])
+    img, txt = contributions({**out, "no_text": None})
+    assert np.isnan(txt).all()
+    img, txt = contributions({**out, "gate": np.array([0.9, 0.25])})
+    np.testing.assert_allclose(img + txt, 1.0)
+    np.testing.assert_allclose(img, [0.9, 0.25])
+
+
+def test_prediction_table_orders_labels_by_probability():
+    probs = np.array([[0.1, 0.6, 0.3], [0.5, 0.25, 0.25]])
+    t = prediction_table(["x", "y"], probs, ["a", "b", "c"], k=5, true_labels=["b", "a"])
+    assert list(t.columns) == ["product_id", "label", "label_1", "prob_1", "label_2", "prob_2", "label_3", "prob_3",
+                               "image_contribution", "text_contribution"]
+    assert t.loc[0, ["label_1", "label_2", "label_3"]].tolist() == ["b", "c", "a"]
+    assert t.loc[1, ["label_1", "label_2", "label_3"]].tolist() == ["a", "b", "c"]  # tie -> lower index first
+    assert t["prob_1"].tolist() == [0.6, 0.5]
