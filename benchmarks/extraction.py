@@ -1,0 +1,306 @@
+"""Images/s of our extraction vs the bare backbone and vs the common Keras recipe, plus OCR images/s.
+
+    python benchmarks/extraction.py [--images 296] [--ocr-images 60] [--repeats 2]
+
+On the same grocery photos (val.csv of ../shared/data/grocery) and the same mobilenet_v2 weights:
+
+- extract:  `run_extract` (`prodfuse extract --ocr none --text-encoder tfidf --no-progress`) into a temp folder,
+            end to end (decode, backbone, TF-IDF fit + encode, tokens, parquet shard); the one-off model build is
+            timed separately and left out of `extract_img_s` (`extract_with_build_img_s` keeps it). The grocery
+            csv has no text column, so the temp catalog adds a `title` made from the label names.
+- backbone: the ceiling. Every image decoded + resized (`load_image`) into one uint8 array first, then the same
+            compiled forward pass extraction uses, batch by batch (64), after one untimed warm-up call.
+- keras:    what a Keras user commonly writes: `keras.utils.image_dataset_from_directory(folder, labels=None,
+            image_size=(S, S), batch_size=64, shuffle=False)` over a temp folder of symlinks, then
+            `model.predict(ds)` with a freshly built backbone model (the build is not timed; the predict
+            tracing is, as extract's own tracing is).
+- OCR:      `ocr_images` (RapidOCR) on the first `--ocr-images` photos, 1 and 2 workers, each on a fresh (cold)
+            cache dir and with its in-process engine dropped, so engine/worker start-up is included; then the
+            1-worker call again on its now warm cache (hashing + cache reads only).
+
+The machine may be shared, so variants are interleaved (backbone, extract, keras, backbone, ...) and every figure
+is the median over `--repeats` runs; the table also gives this process's CPU seconds, which other jobs disturb
+less than wall time. A breakdown of extract's time (build, image stage, first-batch tracing, text encoder fit,
+the rest) follows the table. `PRODFUSE_CACHE` points at a temp dir, so the user's OCR cache is untouched.
+The last line printed is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+DEFAULT_CSV = SHARED / "data" / "grocery" / "val.csv"
+DEFAULT_WEIGHTS = SHARED / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+BATCH_SIZE = 64
+
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def read_photos(csv_path: Path, n: int | None) -> list[dict]:
+    """The first `n` rows of a grocery csv, image paths made absolute."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))[:n]
+    for r in rows:
+        r["image_path"] = str((csv_path.parent / r["image_path"]).resolve())
+    return rows
+
+
+def write_catalog(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["product_id", "image_path", "label", "title"])
+        for r in rows:
+            title = f"{r['label'].replace('-', ' ')} {r['coarse_label']} {r['group']}"
+            w.writerow([r["product_id"], r["image_path"], r["label"], title])
+    return path
+
+
+def link_folder(folder: Path, rows: list[dict]) -> Path:
+    """A flat folder of symlinks, named so that sorted order = catalog order (image_dataset_from_directory sorts)."""
+    folder.mkdir()
+    for i, r in enumerate(rows):
+        os.symlink(r["image_path"], folder / f"{i:06d}{Path(r['image_path']).suffix.lower()}")
+    return folder
+
+
+@contextlib.contextmanager
+def patched(owner, name: str, make_wrapper):
+    """Temporarily replace `owner.name` by `make_wrapper(original)` (run_extract looks these up at call time)."""
+    original = getattr(owner, name)
+    setattr(owner, name, make_wrapper(original))
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def time_extract(catalog: Path, out: Path, args) -> tuple[dict, np.ndarray]:
+    """Seconds of one `run_extract` and of its parts, and the image embeddings it wrote.
+
+    Parts: `build` (build_backbone), `images` (first to last batch of iter_image_embeddings: decode + forward
+    passes), `forward` (the compiled forward passes alone), `first_batch` (the first one, which traces the
+    model), `trace` (its excess over the later batches' pace; None with a single batch), `text_fit` (fitting the
+    text encoder) and `total` (the whole call); `build_cpu`, `total_cpu`: CPU seconds of this process."""
+    from prodfuse import image_encoders, shards, text_encoders
+    from prodfuse.cli import build_parser
+    from prodfuse.extract import run_extract
+
+    ns = build_parser().parse_args([
+        "extract", "--catalog", str(catalog), "--out", str(out), "--backbone", args.backbone,
+        "--weights", args.weights, "--image-size", str(args.image_size), "--batch-size", str(BATCH_SIZE),
+        "--ocr", "none", "--text-encoder", "tfidf", "--text-cols", "title", "--no-progress"])
+    parts = {"build": 0.0, "images": 0.0, "forward": 0.0, "first_batch": None, "trace": None, "text_fit": 0.0}
+    calls = []  # (batch rows, seconds) of every forward pass
+
+    def timed(key):
+        def wrap(fn):
+            def call(*a, **kw):
+                t, c = time.perf_counter(), time.process_time()
+                try:
+                    return fn(*a, **kw)
+                finally:
+                    parts[key] += time.perf_counter() - t
+                    parts[key + "_cpu"] = parts.get(key + "_cpu", 0.0) + time.process_time() - c
+            return call
+        return wrap
+
+    def timed_iter(fn):
+        def gen(*a, **kw):
+            t = time.perf_counter()
+            yield from fn(*a, **kw)
+            parts["images"] += time.perf_counter() - t
+        return gen
+
+    def timed_predict_fn(fn):
+        def make(model):
+            predict = fn(model)
+
+            def call(batch):
+                t = time.perf_counter()
+                out = predict(batch)
+                calls.append((len(batch), time.perf_counter() - t))
+                return out
+            return call
+        return make
+
+    with patched(image_encoders, "build_backbone", timed("build")), \
+            patched(image_encoders, "iter_image_embeddings", timed_iter), \
+            patched(image_encoders, "_predict_fn", timed_predict_fn), \
+            patched(text_encoders.TfidfTextEncoder, "fit", timed("text_fit")):
+        t, c = time.perf_counter(), time.process_time()
+        summary = run_extract(ns)
+        parts["total"], parts["total_cpu"] = time.perf_counter() - t, time.process_time() - c
+    parts["forward"] = sum(sec for _, sec in calls)
+    parts["first_batch"] = calls[0][1]
+    later_rows = sum(rows for rows, _ in calls[1:])
+    if later_rows:  # the first call's excess over the later calls' per-image pace: tracing + graph optimisation
+        parts["trace"] = max(0.0, calls[0][1] - calls[0][0] * sum(sec for _, sec in calls[1:]) / later_rows)
+    if summary["embedded_rows"] != args.images:
+        raise RuntimeError(f"extract embedded {summary['embedded_rows']} of {args.images} images: {summary}")
+    return parts, shards.read_shards(out, ["image_embedding"])["image_embedding"]
+
+
+def time_backbone(model, pixels: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """(wall s, CPU s, embeddings) of the forward passes over pre-decoded pixels."""
+    from prodfuse import image_encoders
+
+    predict = image_encoders._predict_fn(model)  # the compiled step iter_image_embeddings uses
+    predict(pixels[:BATCH_SIZE])  # trace once, untimed: this is the ceiling
+    t, c = time.perf_counter(), time.process_time()
+    emb = [predict(pixels[s:s + BATCH_SIZE]) for s in range(0, len(pixels), BATCH_SIZE)]
+    return time.perf_counter() - t, time.process_time() - c, np.concatenate(emb)
+
+
+def time_keras_common(folder: Path, args) -> tuple[float, float, np.ndarray]:
+    """(wall s, CPU s, embeddings) of image_dataset_from_directory + model.predict."""
+    import keras
+
+    from prodfuse import image_encoders
+
+    model = image_encoders.build_backbone(args.backbone, args.weights, args.image_size)
+    t, c = time.perf_counter(), time.process_time()
+    ds = keras.utils.image_dataset_from_directory(folder, labels=None, image_size=(args.image_size,) * 2,
+                                                  batch_size=BATCH_SIZE, shuffle=False, verbose=False)
+    emb = model.predict(ds, verbose=0)
+    return time.perf_counter() - t, time.process_time() - c, emb
+
+
+def time_ocr(paths: list[str], workers: int, cache_dir: Path) -> float:
+    from prodfuse import ocr
+
+    t = time.perf_counter()
+    res = ocr.ocr_images(paths, engine="rapidocr", workers=workers, cache_dir=cache_dir, progress=False)
+    seconds = time.perf_counter() - t
+    errors = [r.error for r in res if r.error]
+    if errors:
+        raise RuntimeError(f"OCR failed on {len(errors)} images, e.g. {errors[0]}")
+    return seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--csv", default=str(DEFAULT_CSV), help="grocery csv (image_path relative to it)")
+    ap.add_argument("--backbone", default="mobilenet_v2")
+    ap.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--images", type=int, default=None, help="photos to embed (default: all)")
+    ap.add_argument("--ocr-images", type=int, default=60, help="photos to OCR (0 skips OCR)")
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved runs per variant; figures are medians")
+    args = ap.parse_args()
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1; got {args.repeats}")
+
+    with tempfile.TemporaryDirectory(prefix="prodfuse-bench-") as tmp:
+        tmp = Path(tmp)
+        os.environ["PRODFUSE_CACHE"] = str(tmp / "cache")  # before prodfuse reads it: never the user's cache
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        from prodfuse import image_encoders, ocr
+
+        rows = read_photos(Path(args.csv), args.images)
+        args.images = len(rows)
+        catalog = write_catalog(tmp / "catalog.csv", rows)
+        folder = link_folder(tmp / "images", rows)
+        paths = [r["image_path"] for r in rows]
+        # Imports and first-use costs (sklearn, pyarrow, TF) that a one-shot CLI run also pays once; not timed.
+        import pyarrow.parquet  # noqa: F401
+        import sklearn.decomposition  # noqa: F401
+        import sklearn.feature_extraction.text  # noqa: F401
+
+        pixels = np.stack([image_encoders.load_image(p, args.image_size) for p in paths])
+        model = image_encoders.build_backbone(args.backbone, args.weights, args.image_size)
+
+        runs = {"backbone": [], "extract": [], "extract_with_build": [], "keras": []}
+        cpu = {k: [] for k in runs}
+        extract_parts, checks = [], {}
+        for r in range(args.repeats):
+            s, c, emb_b = time_backbone(model, pixels)
+            runs["backbone"].append(s)
+            cpu["backbone"].append(c)
+            parts, emb_a = time_extract(catalog, tmp / f"extract-{r}", args)
+            runs["extract"].append(parts["total"] - parts["build"])
+            runs["extract_with_build"].append(parts["total"])
+            cpu["extract"].append(parts["total_cpu"] - parts["build_cpu"])
+            cpu["extract_with_build"].append(parts["total_cpu"])
+            extract_parts.append(parts)
+            s, c, emb_c = time_keras_common(folder, args)
+            runs["keras"].append(s)
+            cpu["keras"].append(c)
+            # Same photos, same weights: extract must equal the ceiling; keras decodes/resizes with TF, not PIL,
+            # so it is only close (the cosine shows it embedded the same photos in the same order).
+            checks = {"extract_vs_backbone": float(np.abs(emb_a - emb_b).max()),
+                      "keras_min_cosine": float(np.min(np.sum(emb_c * emb_b, 1) / (
+                          np.linalg.norm(emb_c, axis=1) * np.linalg.norm(emb_b, axis=1) + 1e-12)))}
+            print(f"run {r + 1}: backbone {runs['backbone'][-1]:.2f} s, extract {runs['extract'][-1]:.2f} s "
+                  f"(+ build {parts['build']:.2f} s; first-batch tracing ~{parts['trace'] or 0:.2f} s, text fit "
+                  f"{parts['text_fit']:.2f} s), keras {runs['keras'][-1]:.2f} s", file=sys.stderr)
+
+        ocr_runs = {"1": [], "2": [], "warm": []}
+        ocr_paths = paths[:args.ocr_images]
+        for r in range(args.repeats if ocr_paths else 0):
+            for workers in (1, 2):
+                ocr._LOCAL_ENGINES.clear()  # cold means the engine is built too, as in a fresh process
+                cache = tmp / f"ocr-{r}-{workers}"
+                ocr_runs[str(workers)].append(time_ocr(ocr_paths, workers, cache))
+                if workers == 1:
+                    ocr_runs["warm"].append(time_ocr(ocr_paths, workers, cache))
+            print(f"OCR run {r + 1}: 1 worker {ocr_runs['1'][-1]:.1f} s, 2 workers {ocr_runs['2'][-1]:.1f} s, "
+                  f"warm {ocr_runs['warm'][-1]:.3f} s", file=sys.stderr)
+
+    n, n_ocr = args.images, len(ocr_paths)
+    rate = {k: n / statistics.median(v) for k, v in runs.items()}
+    ocr_rate = {k: (n_ocr / statistics.median(v) if v else None) for k, v in ocr_runs.items()}
+    print(f"\n{n} photos, {args.backbone} @ {args.image_size}, batch {BATCH_SIZE}, median of {args.repeats} "
+          f"interleaved runs (shared machine: expect noise)")
+    print(f"{'variant':<44}{'seconds':>9}{'images/s':>10}{'CPU s':>8}")
+    for key, label in (("backbone", "(b) backbone on pre-decoded uint8 (ceiling)"),
+                       ("extract", "(a) run_extract, OCR off, excl. model build"),
+                       ("extract_with_build", "    run_extract incl. model build"),
+                       ("keras", "(c) image_dataset_from_directory + predict")):
+        print(f"{label:<44}{statistics.median(runs[key]):>9.2f}{rate[key]:>10.1f}{statistics.median(cpu[key]):>8.1f}")
+    med = {k: statistics.median(p[k] for p in extract_parts) if extract_parts[0][k] is not None else None
+           for k in extract_parts[0]}
+    trace = "n/a (one batch)" if med["trace"] is None else f"~{med['trace']:.2f} s"
+    rest = med["total"] - med["build"] - med["images"] - med["text_fit"]
+    print(f"(a) where the time goes (medians): model build {med['build']:.2f} s (excluded) | image stage "
+          f"{med['images']:.2f} s, of which forward passes {med['forward']:.2f} s, and in the first batch tracing + "
+          f"graph optimisation {trace} | text encoder fit {med['text_fit']:.2f} s | catalog, tokens, "
+          f"shard writing {rest:.2f} s")
+    print(f"checks: max |extract - backbone| {checks['extract_vs_backbone']:.1e}; min cosine keras vs backbone "
+          f"{checks['keras_min_cosine']:.4f}")
+    print(f"ratios: extract/backbone {rate['extract'] / rate['backbone']:.2f} (goal >= 0.9), "
+          f"extract/keras {rate['extract'] / rate['keras']:.2f} (goal >= 1.0)")
+    if n_ocr:
+        print(f"OCR (rapidocr), {n_ocr} photos: cold 1 worker {ocr_rate['1']:.2f} img/s, cold 2 workers "
+              f"{ocr_rate['2']:.2f} img/s, warm cache {ocr_rate['warm']:.0f} img/s")
+
+    def rnd(x, d=1):
+        return None if x is None else round(x, d)
+
+    print(json.dumps({
+        "benchmark": "extraction", "images": n, "extract_img_s": rnd(rate["extract"]),
+        "backbone_img_s": rnd(rate["backbone"]), "keras_common_img_s": rnd(rate["keras"]),
+        "ratio_extract_vs_backbone": rnd(rate["extract"] / rate["backbone"], 3),
+        "ratio_extract_vs_keras": rnd(rate["extract"] / rate["keras"], 3),
+        "ocr_img_s_1_worker": rnd(ocr_rate["1"], 2), "ocr_img_s_2_workers": rnd(ocr_rate["2"], 2),
+        "ocr_img_s_warm_cache": rnd(ocr_rate["warm"]),
+        "extract_with_build_img_s": rnd(rate["extract_with_build"]),
+        "extract_first_batch_trace_s": rnd(med["trace"], 2), "extract_text_fit_s": rnd(med["text_fit"], 2),
+        "ocr_images": n_ocr,
+        "repeats": args.repeats, "backbone": args.backbone, "image_size": args.image_size}))
+
+
+if __name__ == "__main__":
+    main()
