@@ -72,7 +72,9 @@ def test_grocery_fine_label_fusion_with_ocr(tmp_path):
     with_words = (pd.Series(val["ocr_text"][packages]).str.len() > 0).mean()
     assert with_words >= 0.80, with_words
 
-    fused_run = train(train_emb, tmp_path / "gated", "--fusion", "gated")["run"]
+    # Staged: the image branch learns first, then the (noisy, often empty) OCR text is fused in at a lower rate;
+    # on this data it is the steadiest of the fusions (README, "Results on real data").
+    fused_run = train(train_emb, tmp_path / "gated", "--fusion", "gated", "--staged")["run"]
     image_run = train(train_emb, tmp_path / "image", "--text-branch", "none")["run"]
     fused = evaluate(fused_run, val_emb, tmp_path / "eval-gated")
     image = evaluate(image_run, val_emb, tmp_path / "eval-image")
