@@ -60,7 +60,7 @@ class ConcatFusion(keras.layers.Layer):
             )
         self.dropout = rates
         self.denses = [keras.layers.Dense(u, dtype=self.dtype_policy, name=f"dense_{i}") for i, u in enumerate(self.units)]
-        self.norms = [keras.layers.BatchNormalization(dtype=self.dtype_policy, name=f"bn_{i}") for i in range(len(self.units))]
+        self.norms = [keras.layers.BatchNormalization(momentum=0.9, dtype=self.dtype_policy, name=f"bn_{i}") for i in range(len(self.units))]
         self.drops = [keras.layers.Dropout(r, dtype=self.dtype_policy, name=f"dropout_{i}") for i, r in enumerate(self.dropout)]
 
     def build(self, input_shape):
