@@ -6,7 +6,8 @@ Synthetic rows (2048-d image + 384-d text float32, 16 classes) are written as pa
 Each variant then runs in its own subprocess (so its peak RSS is its own) and reads the same shards:
 
 - sequence: `load_inputs` -> `ShardSequence(..., training=True)` with balanced class weights, as train.py feeds it;
-- numpy:    `load_inputs` -> `model.fit(x_dict, one_hot, batch_size, shuffle=True)`.
+- numpy:    `load_inputs` -> `model.fit(x_dict, one_hot, sample_weight=<the same balanced class weights>,
+            batch_size, shuffle=True)`: the same training, fed by Keras from in-memory arrays.
 
 Both train `build_model(16, 2048, 384, fusion="gated")` compiled as train.py does (Adam clipnorm 1.0, categorical
 cross-entropy with label smoothing 0.1, accuracy). The last epoch is timed (the first one warms up tf.function
@@ -110,8 +111,11 @@ def run_variant(args: argparse.Namespace) -> dict:
         history = model.fit(seq, **fit_kw)
     else:
         one_hot = np.eye(NUM_CLASSES, dtype=np.float32)[y]
+        weights = balanced_class_weights(y, NUM_CLASSES)
+        sample_weight = np.array([weights[c] for c in range(NUM_CLASSES)], np.float32)[y]
         steps = -(-len(y) // args.batch_size)
-        history = model.fit(data, one_hot, batch_size=args.batch_size, shuffle=True, **fit_kw)
+        history = model.fit(data, one_hot, sample_weight=sample_weight, batch_size=args.batch_size, shuffle=True,
+                            **fit_kw)
     peak = peak_rss_bytes()
     return {"variant": args.variant, "load_s": round(load_s, 3), "epoch_s": [round(t, 3) for t in times],
             "epoch_cpu_s": [round(t, 3) for t in cpu_times],

@@ -1,3 +1,5 @@
+import platform
+
 import numpy as np
 import pytest
 
@@ -89,3 +91,12 @@ def test_load_inputs_reads_only_needed_columns(tmp_path):
     got = load_inputs(tmp_path, ["image"], ["label"])
     assert set(got) == {"image", "label"}
     np.testing.assert_array_equal(got["image"], img)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the heap setting exists only in glibc")
+def test_freed_heap_is_kept_mapped_on_glibc(monkeypatch):
+    import prodfuse
+
+    assert prodfuse._keep_freed_heap_mapped() is True
+    monkeypatch.setenv("PRODFUSE_KEEP_MALLOC_DEFAULTS", "1")
+    assert prodfuse._keep_freed_heap_mapped() is False

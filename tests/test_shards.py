@@ -56,6 +56,9 @@ def test_round_trip_values_dtypes_order(tmp_path):
     assert pa.types.is_fixed_size_list(t) and t.list_size == 8 and t.value_type == pa.float32()
     t = schema.field("tokens").type
     assert pa.types.is_list(t) and t.value_type == pa.int32()
+    # non-null embedding columns: parquet then skips per-value definition levels (the reader's speed relies on it)
+    for name in ("image_embedding", "text_embedding", "tokens"):
+        assert not schema.field(name).nullable and not schema.field(name).type.value_field.nullable
     m = json.loads((tmp_path / "manifest.json").read_text())
     assert m["complete"] and m["rows"] == 13 and m["rejected"] == 1
     assert [s["rows"] for s in m["shards"]] == [5, 5, 3]
@@ -78,6 +81,37 @@ def test_column_and_row_subsets(tmp_path):
         shards.read_shards(tmp_path, columns=["nope"])
     with pytest.raises(ValueError, match=r"row positions must lie in \[0, 10\)"):
         shards.read_shards(tmp_path, rows=[10])
+
+
+def test_many_shards_read_in_parallel_keep_catalog_order(tmp_path):
+    rng = np.random.default_rng(2)
+    chunks = [chunk(3 * k, 3, rng) for k in range(9)]
+    write_all(tmp_path, chunks)
+    got = shards.read_shards(tmp_path, rows=np.arange(26, -1, -2))
+    assert list(got["product_id"]) == [f"id{i}" for i in range(26, -1, -2)]
+    np.testing.assert_array_equal(got["image_embedding"],
+                                  np.concatenate([c["image_embedding"] for c in chunks])[26::-2])
+
+
+def test_reads_shards_with_nullable_columns(tmp_path):
+    """Shards written before the columns were declared non-null still read."""
+    rng = np.random.default_rng(3)
+    write_all(tmp_path, [chunk(0, 4, rng)])
+    path = tmp_path / "part-00000.parquet"
+    table = pq.read_table(path)
+    def nullable(t):
+        if pa.types.is_fixed_size_list(t):
+            return pa.list_(t.value_type, t.list_size)
+        return pa.list_(t.value_type) if pa.types.is_list(t) else t
+    table = table.cast(pa.schema([pa.field(f.name, nullable(f.type), nullable=True) for f in table.schema]))
+    assert pq.read_schema(path).field("tokens").type.value_field.nullable is False
+    pq.write_table(table, path)
+    assert pq.read_schema(path).field("image_embedding").type.value_field.nullable
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    m["shards"][0]["sha256"] = shards.file_sha256(path)
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    got = shards.read_shards(tmp_path, ["image_embedding", "tokens"])
+    assert got["image_embedding"].shape == (4, 8) and got["tokens"].shape == (4, 60)
 
 
 def test_resume_after_kill_between_shards(tmp_path):
