@@ -11,13 +11,10 @@ switched off. Inputs are a dict keyed by name, holding only what the branches ne
 
 import keras
 
-from prodfuse.fusion import FUSIONS, GatedFusion, get_fusion
+from prodfuse.fusion import BN_MOMENTUM, FUSIONS, GatedFusion, get_fusion
 
 VOCAB_SIZE = 15001  # 15000 words + padding id 0
 SEQ_LEN = 60
-# Keras' default 0.99 leaves BatchNorm's moving statistics far from the data after the few hundred steps a
-# small catalog trains for (the demo: 12 steps an epoch), so validation swings wildly while training looks fine.
-BN_MOMENTUM = 0.9
 IMAGE_BRANCHES = ("mlp", "none")
 TEXT_BRANCHES = ("mlp", "cnn", "none")
 INPUT_NAMES = ("image", "text", "tokens")

@@ -295,17 +295,19 @@ def read_shards(folder: str | os.PathLike, columns: list[str] | None = None, row
         for batch in batches:
             n = batch.num_rows
             arrays = {name: _to_numpy(batch.column(name), name) for name in columns}
+            taken = n
             if local is not None:
                 sel = local[(local >= first) & (local < first + n)] - first
                 arrays = {name: arr[sel] for name, arr in arrays.items()}
+                taken = len(sel)
             first += n
             with lock:  # whichever batch is read first fixes each column's dtype and width
                 for name, arr in arrays.items():
                     if name not in out:
                         out[name] = np.empty((n_out,) + arr.shape[1:], dtype=arr.dtype)
             for name, arr in arrays.items():
-                out[name][start:start + len(arr)] = arr
-            start += len(next(iter(arrays.values()))) if arrays else 0
+                out[name][start:start + taken] = arr
+            start += taken
 
     # One thread per shard rather than pyarrow's one per column: the image column is most of the work, so only
     # shards read side by side keep every core busy (1.6x faster on 2 cores).
