@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from prodfuse.compare import MODELS, fit_late_weight, parse_models, train_namespace
+from prodfuse.compare import MODELS, TRAINED, fit_late_weight, parse_models, repetitions, train_namespace
 from synthetic import write_synthetic_shards
 
 
 def _shards(folder, n_per_class=15, image_dim=12, text_dim=6, seed=0):
-    """3 classes: a/b differ only in the image, b/c only in the text; so both streams are needed."""
+    """3 classes: b and c share one image centre (only the text tells them apart); a differs in both."""
     rng = np.random.default_rng(seed)
     labels = np.repeat(["a", "b", "c"], n_per_class)
     img_centre = {"a": rng.normal(size=image_dim) * 3, "b": rng.normal(size=image_dim) * 3}
@@ -45,7 +45,7 @@ def test_parse_models_and_train_arguments(tmp_path):
     import argparse
     args = argparse.Namespace(embeddings="E", val_embeddings=None, label_col="label", epochs=3, patience=2,
                               batch_size=16, seed=7, split_col=None)
-    ns = {m: train_namespace(args, m, tmp_path / m, "cnn") for m in MODELS if m != "late"}
+    ns = {m: train_namespace(args, m, tmp_path / m, "cnn") for m in TRAINED if m != "late"}
     assert (ns["image"].image_branch, ns["image"].text_branch) == ("mlp", "none")
     assert (ns["text"].image_branch, ns["text"].text_branch) == ("none", "cnn")
     for f in ("concat", "gated", "cross_attention"):
@@ -74,8 +74,13 @@ def test_compare_trains_every_model_on_the_same_splits(tmp_path, capsys, eager):
     assert [r["model"] for r in result["rows"]] == list(MODELS)
     assert result["split"] == "test" and result["text_branch"] == "mlp"
     n_test = result["splits"]["test"]
-    for r in result["rows"]:
-        assert r["n"] == n_test and 0 <= r["accuracy"] <= 1 and r["train_seconds"] > 0
+    rows = {r["model"]: r for r in result["rows"]}
+    for r in rows.values():
+        assert r["n"] == n_test and (r["train_seconds"] > 0 or r["model"].startswith("lr_"))
+    # b and c share their image centre, so the image alone tops out near 2/3; the text separates all three
+    assert rows["lr_concat"]["accuracy"] == 1.0 and rows["lr_text"]["accuracy"] == 1.0
+    assert rows["lr_image"]["accuracy"] <= 0.8
+    assert rows["lr_late"]["accuracy"] >= max(rows["lr_image"]["accuracy"], rows["lr_text"]["accuracy"])
     late = result["late_fusion"]
     assert 0 <= late["weight"] <= 1 and set(late["temperatures"]) == {"image", "text"}
     for m in ("image", "text", "concat", "gated", "cross_attention"):
@@ -86,3 +91,35 @@ def test_compare_trains_every_model_on_the_same_splits(tmp_path, capsys, eager):
     printed = capsys.readouterr().out
     for m in MODELS:
         assert f"| {m} |" in md and f"| {m} |" in printed
+
+
+def test_repetitions_by_folds_or_seeds():
+    import argparse
+    a = argparse.Namespace(seed=5, folds=None, seeds=3)
+    assert [(r["seed"], r["fold"], r["name"]) for r in repetitions(a)] == \
+        [(5, None, "seed5"), (6, None, "seed6"), (7, None, "seed7")]
+    a = argparse.Namespace(seed=5, folds=4, seeds=1)
+    assert [(r["seed"], r["fold"]) for r in repetitions(a)] == [(5, 0), (5, 1), (5, 2), (5, 3)]
+    with pytest.raises(ValueError, match="--folds 4 and --seeds 2"):
+        repetitions(argparse.Namespace(seed=5, folds=4, seeds=2))
+
+
+def test_compare_folds_report_mean_and_std(tmp_path, eager):
+    from prodfuse.cli import main
+    emb = _shards(tmp_path / "emb", n_per_class=12)
+    out = tmp_path / "cmp"
+    assert main(["compare", "--embeddings", str(emb), "--folds", "3", "--epochs", "2", "--patience", "2",
+                 "--models", "image,lr_image,lr_concat", "--out", str(out)]) == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert result["repeated_over"] == "3 folds" and len(result["per_repetition"]) == 3
+    tests = []
+    for k in range(3):
+        config = json.loads((out / f"fold{k}" / "image" / "config.json").read_text())
+        assert config["args"]["folds"] == 3 and config["args"]["fold"] == k
+        assert config["splits"]["test"] == 12  # 4 items per class per fold
+        tests.append(config["splits"]["test"])
+    row = {r["model"]: r for r in result["rows"]}["lr_concat"]
+    values = row["accuracy_all"]
+    assert len(values) == 3 and row["accuracy"] == pytest.approx(np.mean(values))
+    assert row["accuracy_std"] == pytest.approx(np.std(values, ddof=1))
+    assert "±" in (out / "compare.md").read_text()

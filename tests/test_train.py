@@ -129,3 +129,31 @@ def test_branch_rate_adam_scales_only_branch_steps():
     steps = [abs(float((v.numpy() - b).ravel()[0])) for v, b in zip(m.trainable_variables, before)]
     assert steps[1] == pytest.approx(0.01, rel=1e-3)  # fusion: full rate (Adam's first step = lr)
     assert steps[0] == pytest.approx(0.001, rel=1e-3)  # branch: a tenth
+
+
+def test_kfold_split_partitions_every_class():
+    from prodfuse.splits import kfold_split
+    labels = np.array(["a"] * 10 + ["b"] * 7 + ["c"] * 2)
+    tests = []
+    for k in range(5):
+        s, small = kfold_split(labels, 5, k, seed=3)
+        assert small == [("c", 2)]
+        rows = np.concatenate(list(s.values()))
+        assert sorted(rows.tolist()) == list(range(19))  # a partition: nothing lost, nothing twice
+        assert len(s["test"]) in (3, 4) and len(s["val"]) in (3, 4)  # a: 2 per fold, b: 1 or 2
+        tests.append(s["test"])
+    assert sorted(np.concatenate(tests).tolist()) == list(range(17))  # every splittable item is tested once
+    again, _ = kfold_split(labels, 5, 2, seed=3)
+    assert np.array_equal(again["test"], tests[2])
+    with pytest.raises(ValueError, match="folds must be an int >= 3"):
+        kfold_split(labels, 2, 0, seed=3)
+
+
+def test_separate_test_folder_leaves_train_and_val_to_the_main_folder():
+    from prodfuse.splits import plan_splits
+    labels = np.array(["a"] * 20 + ["b"] * 10)
+    plan, _, source = plan_splits(labels, None, None, 0, n_test_folder=7)
+    assert plan["test"][0] == "test" and plan["test"][1].tolist() == list(range(7))
+    assert {plan["train"][0], plan["val"][0]} == {"main"}
+    assert len(plan["val"][1]) == 3 and len(plan["train"][1]) == 27  # 90/10, no test rows taken from main
+    assert "separate test folder" in source

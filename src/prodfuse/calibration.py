@@ -18,6 +18,8 @@ TEMPERATURE_FILE = "temperature.json"
 _EPS = 1e-12
 # Bounds on T for the search: outside them the model is either useless or a one-hot oracle.
 T_BOUNDS = (0.05, 20.0)
+# Image weights tried by late fusion.
+LATE_GRID = np.round(np.linspace(0.0, 1.0, 21), 2)
 
 
 def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -91,3 +93,25 @@ def load_temperature(run: str | os.PathLike) -> tuple[float, bool]:
         raise ValueError(f"{str(path)!r} holds temperature {t!r}, not a positive number; delete it and re-run "
                          f"`prodfuse evaluate --run {run}` to fit it again.")
     return float(t), True
+
+
+def fit_late_weight(y: np.ndarray, p_image: np.ndarray, p_text: np.ndarray, objective: str = "logloss",
+                    grid=LATE_GRID) -> tuple[float, dict]:
+    """The image weight w in `grid` that is best on (y, p) by log-loss (lowest) or accuracy (highest; then log-loss).
+
+    Ties go to the weight nearest 0.5, so a flat objective gives an even mix rather than an arbitrary end.
+    """
+    if objective not in ("logloss", "accuracy"):
+        raise ValueError(f"late-fusion objective must be logloss or accuracy; got {objective!r}")
+    scores = {}
+    for w in grid:
+        p = w * p_image + (1 - w) * p_text
+        ll = negative_log_likelihood(y, p)
+        acc = float(np.mean(p.argmax(axis=1) == y))
+        scores[float(w)] = (ll, acc)
+    if objective == "logloss":
+        key = lambda w: (round(scores[w][0], 9), abs(w - 0.5))  # noqa: E731
+    else:
+        key = lambda w: (-scores[w][1], round(scores[w][0], 9), abs(w - 0.5))  # noqa: E731
+    best = min(scores, key=key)
+    return best, {f"{w:.2f}": {"logloss": s[0], "accuracy": s[1]} for w, s in scores.items()}

@@ -47,7 +47,8 @@ def run_splits(config: dict) -> dict[str, tuple[Path, np.ndarray]]:
 
     Rows whose label training never saw are kept here (train drops them from val/test); callers report them.
     """
-    from .train import make_splits, resolve_split_col
+    from .splits import plan_splits
+    from .train import resolve_split_col
 
     emb = Path(config["embeddings"])
     a = config["args"]
@@ -56,16 +57,19 @@ def run_splits(config: dict) -> dict[str, tuple[Path, np.ndarray]]:
             file_sha256(emb / shards.MANIFEST) != config["manifest_sha256"]:
         print(f"warning: {emb} changed since the run was trained (manifest differs); the recomputed split may "
               f"not be the one training used.", file=sys.stderr)
-    n = int(manifest.get("rows", sum(s["rows"] for s in manifest["shards"])))
-    if config.get("val_embeddings"):
-        val = Path(config["val_embeddings"])
-        n_val = int(shards.read_manifest(val).get("rows", 0))
-        return {"train": (emb, np.arange(n)), "val": (val, np.arange(n_val)), "test": (emb, np.zeros(0, np.int64))}
-    split_col = resolve_split_col(manifest, a.get("split_col"))
+    folders = {"main": emb}
+    sizes = {}
+    for where, key in (("val", "val_embeddings"), ("test", "test_embeddings")):
+        if config.get(key):
+            folders[where] = Path(config[key])
+            sizes[where] = int(shards.read_manifest(folders[where]).get("rows", 0))
+    folds = a.get("folds")
+    split_col = resolve_split_col(manifest, a.get("split_col")) if not (folds or "val" in sizes) else None
     cols = shards.read_shards(emb, [config["label_col"]] + ([split_col] if split_col else []))
-    splits, _, _ = make_splits(np.asarray(cols[config["label_col"]]).astype(str),
-                               np.asarray(cols[split_col]) if split_col else None, split_col, a["seed"])
-    return {k: (emb, v) for k, v in splits.items()}
+    plan, _, _ = plan_splits(np.asarray(cols[config["label_col"]]).astype(str),
+                             np.asarray(cols[split_col]) if split_col else None, split_col, a["seed"], folds=folds,
+                             fold=a.get("fold") or 0, n_val_folder=sizes.get("val"), n_test_folder=sizes.get("test"))
+    return {k: (folders[where], rows) for k, (where, rows) in plan.items()}
 
 
 def _same_folder(a, b) -> bool:
@@ -82,7 +86,10 @@ def select_rows(config: dict, folder: Path, split: str | None) -> tuple[np.ndarr
             raise ValueError(f"Every row of {str(folder)!r} was a training row (the run used --val-embeddings "
                              f"{config['val_embeddings']}). Evaluate --embeddings {config['val_embeddings']}, "
                              f"another held-out folder, or pass --split all.")
-        name = split or ("test" if len(splits["test"][1]) else "val")
+        name = split or ("test" if len(splits["test"][1]) and _same_folder(splits["test"][0], folder) else "val")
+        if not _same_folder(splits[name][0], folder):
+            raise ValueError(f"The run's {name} split is the separate folder {str(splits[name][0])!r}; evaluate "
+                             f"--embeddings {splits[name][0]} instead.")
         if len(splits[name][1]) == 0:
             raise ValueError(f"The run's {name} split is empty; pass --split val or --split all.")
         return splits[name][1], name, f"the run's {name} split ({config['splits']['source']})"

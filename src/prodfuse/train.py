@@ -14,14 +14,20 @@ import numpy as np
 
 from . import shards
 from .catalog import file_sha256
+from .splits import make_splits, split_from_column, stratified_split  # noqa: F401  (re-exported)
 
 DEMO_EMBEDDINGS = Path("embeddings") / "demo"
-SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embeddings", default=None, help="shard folder (default embeddings/demo)")
     p.add_argument("--val-embeddings", default=None, help="separate shard folder used as the validation split")
+    p.add_argument("--test-embeddings", default=None,
+                   help="separate shard folder scored as the test split (never used for early stopping)")
+    p.add_argument("--folds", type=int, default=None,
+                   help="stratified K-fold instead of the split column / 80-10-10 split: fold --fold is test, "
+                        "the next fold val (used by compare --folds)")
+    p.add_argument("--fold", type=int, default=0, help="which fold is the test split with --folds (default 0)")
     p.add_argument("--label-col", default="label", help="label column carried in the shards (default label)")
     p.add_argument("--split-col", default=None,
                    help="train/val/test column in the shards (default: the one recorded at extraction)")
@@ -46,48 +52,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="one line per epoch instead of a progress bar")
 
 
-def stratified_split(labels: np.ndarray, seed: int, fractions=(0.8, 0.1, 0.1)) -> tuple[dict, list]:
-    """Per-class 80/10/10 split. Classes with fewer than 3 items cannot be split: they go to train, and are reported."""
-    rng = np.random.default_rng(seed)
-    out = {"train": [], "val": [], "test": []}
-    too_small = []
-    for c in sorted(set(labels.tolist())):
-        rows = np.flatnonzero(labels == c)
-        rng.shuffle(rows)
-        n = len(rows)
-        if n < 3:
-            out["train"] += rows.tolist()
-            too_small.append((c, n))
-            continue
-        n_val = max(1, int(round(fractions[1] * n)))
-        n_test = max(1, int(round(fractions[2] * n)))
-        out["val"] += rows[:n_val].tolist()
-        out["test"] += rows[n_val:n_val + n_test].tolist()
-        out["train"] += rows[n_val + n_test:].tolist()
-    return {k: np.sort(np.asarray(v, dtype=np.int64)) for k, v in out.items()}, too_small
-
-
-def split_from_column(values: np.ndarray) -> dict:
-    names = np.array([SPLIT_NAMES.get(str(v).strip().lower(), "?") for v in values])
-    unknown = sorted({str(v) for v, n in zip(values, names) if n == "?"})
-    if unknown:
-        raise ValueError(f"split column has values {unknown[:5]} that are not train/val/test; fix them or pass "
-                         f"--split-col '' to split by seed instead.")
-    return {k: np.flatnonzero(names == k) for k in ("train", "val", "test")}
-
-
 def resolve_split_col(manifest: dict, split_col_arg: str | None) -> str | None:
     """--split-col if given ('' = none), else the split column recorded at extraction."""
     return manifest["columns"].get("split") if split_col_arg is None else (split_col_arg or None)
-
-
-def make_splits(labels: np.ndarray, split_values: np.ndarray | None, split_col: str | None,
-                seed: int) -> tuple[dict, list, str]:
-    """(rows per split, classes too small to split, a description): the split column if any, else stratified."""
-    if split_values is not None:
-        return split_from_column(split_values), [], f"split column {split_col!r}"
-    splits, too_small = stratified_split(labels, seed)
-    return splits, too_small, f"stratified 80/10/10 by seed {seed}"
 
 
 def balanced_class_weights(y: np.ndarray, num_classes: int) -> dict[int, float]:
@@ -135,6 +102,31 @@ def load_training_data(folder: Path, label_col: str, split_col: str | None, inpu
         raise ValueError(f"{e}. Check --label-col/--split-col, and that the shards hold the streams the model needs "
                          f"(text_embedding is absent when extracted with --text-encoder none: use "
                          f"--text-branch cnn or none).") from None
+
+
+def load_split_data(emb: Path, label_col: str, split_col_arg: str | None, seed: int, inputs: list[str], *,
+                    val_embeddings=None, test_embeddings=None, folds: int | None = None, fold: int = 0) -> dict:
+    """The model inputs and labels of every row (main folder, then the validation and test folders if given,
+    concatenated) and the row positions of each split in them; see `splits.plan_splits`."""
+    from .splits import plan_splits
+    split_col = resolve_split_col(shards.read_manifest(emb), split_col_arg)
+    use_col = split_col if not (val_embeddings or folds) else None
+    parts = {"main": load_training_data(Path(emb), label_col, use_col, inputs)}
+    for where, folder in (("val", val_embeddings), ("test", test_embeddings)):
+        if folder:
+            parts[where] = load_training_data(Path(folder), label_col, None, inputs)
+    labels = {k: np.asarray(v[label_col]).astype(str) for k, v in parts.items()}
+    plan, too_small, source = plan_splits(
+        labels["main"], np.asarray(parts["main"][use_col]) if use_col else None, use_col, seed, folds=folds,
+        fold=fold, n_val_folder=len(labels["val"]) if "val" in parts else None,
+        n_test_folder=len(labels["test"]) if "test" in parts else None)
+    offsets, n = {}, 0
+    for k in parts:
+        offsets[k], n = n, n + len(labels[k])
+    return {"arrays": {i: np.concatenate([parts[k][i] for k in parts]) for i in inputs},
+            "labels": np.concatenate([labels[k] for k in parts]),
+            "splits": {name: rows + offsets[where] for name, (where, rows) in plan.items()},
+            "too_small": too_small, "source": source}
 
 
 def _callbacks(run: Path, patience: int, schedule: str, verbose: int):
@@ -216,23 +208,13 @@ def run_train(args: argparse.Namespace) -> dict:
     tf.config.experimental.enable_op_determinism()  # repeatable runs on CPU for the same seed
 
     manifest = shards.read_manifest(emb)
-    split_col = resolve_split_col(manifest, args.split_col)
     inputs = (["image"] if args.image_branch == "mlp" else []) + \
              (["text"] if args.text_branch == "mlp" else ["tokens"] if args.text_branch == "cnn" else [])
-    data = load_training_data(emb, args.label_col, None if args.val_embeddings else split_col, inputs)
-    labels_all = np.asarray(data[args.label_col]).astype(str)
-    too_small: list = []
-    if args.val_embeddings:
-        val_data = load_training_data(Path(args.val_embeddings), args.label_col, None, inputs)
-        n_train = len(labels_all)
-        arrays = {k: np.concatenate([data[k], val_data[k]]) for k in inputs}
-        labels_all = np.concatenate([labels_all, np.asarray(val_data[args.label_col]).astype(str)])
-        splits = {"train": np.arange(n_train), "val": np.arange(n_train, len(labels_all)), "test": np.zeros(0, int)}
-        split_source = f"--val-embeddings {args.val_embeddings}"
-    else:
-        arrays = {k: data[k] for k in inputs}
-        splits, too_small, split_source = make_splits(
-            labels_all, np.asarray(data[split_col]) if split_col else None, split_col, args.seed)
+    data = load_split_data(emb, args.label_col, args.split_col, args.seed, inputs,
+                           val_embeddings=args.val_embeddings, test_embeddings=getattr(args, "test_embeddings", None),
+                           folds=getattr(args, "folds", None), fold=getattr(args, "fold", 0))
+    arrays, labels_all, splits = data["arrays"], data["labels"], data["splits"]
+    too_small, split_source = data["too_small"], data["source"]
     if len(splits["train"]) == 0 or len(splits["val"]) == 0:
         raise ValueError(f"Need both train and validation rows; got {len(splits['train'])} train and "
                          f"{len(splits['val'])} val from {split_source}.")
@@ -301,6 +283,8 @@ def run_train(args: argparse.Namespace) -> dict:
         "args": {k: v for k, v in vars(args).items() if k != "func"},
         "embeddings": str(emb.resolve()),
         "val_embeddings": str(Path(args.val_embeddings).resolve()) if args.val_embeddings else None,
+        "test_embeddings": str(Path(args.test_embeddings).resolve()) if getattr(args, "test_embeddings", None)
+        else None,
         "manifest_sha256": file_sha256(emb / shards.MANIFEST),
         "extraction": {"catalog_path": manifest["catalog_path"], "columns": manifest["columns"],
                        "settings": manifest["settings"], "encoders": manifest["encoders"]},
