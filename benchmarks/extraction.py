@@ -103,7 +103,7 @@ def time_extract(catalog: Path, out: Path, args) -> tuple[dict, np.ndarray]:
     ns = build_parser().parse_args([
         "extract", "--catalog", str(catalog), "--out", str(out), "--backbone", args.backbone,
         "--weights", args.weights, "--image-size", str(args.image_size), "--batch-size", str(BATCH_SIZE),
-        "--ocr", "none", "--text-encoder", "tfidf", "--text-cols", "title", "--no-progress"])
+        "--ocr", "none", "--text-encoder", "tfidf", "--text-cols", "title", "--views", "1", "--no-progress"])
     parts = {"build": 0.0, "images": 0.0, "forward": 0.0, "first_batch": None, "trace": None, "text_fit": 0.0}
     calls = []  # (batch rows, seconds) of every forward pass
 

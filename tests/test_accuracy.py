@@ -33,6 +33,20 @@ def extract_cached(name: str, catalog: Path, *flags: str) -> Path:
     return out
 
 
+def fashion_shards() -> Path:
+    """Fashion, 135 article types: titles + MobileNetV2 @ 128 px (the photos are 60x80), no OCR."""
+    return extract_cached("fashion-mnv2-128", SHARED / "data" / "fashion" / "catalog.csv", *MOBILENET,
+                          "--image-size", "128", "--ocr", "none", "--text-cols", "title", "--label-col", "article_type")
+
+
+def grocery_shards() -> tuple[Path, Path]:
+    """Grocery train.csv and val.csv (embedded --like train): MobileNetV2 @ 224 px, default views, RapidOCR text."""
+    grocery = SHARED / "data" / "grocery"
+    train_emb = extract_cached("grocery-train-mnv2-rapidocr", grocery / "train.csv", *MOBILENET, "--ocr", "rapidocr",
+                               "--text-cols", "")
+    return train_emb, extract_cached("grocery-val-mnv2-rapidocr", grocery / "val.csv", "--like", str(train_emb))
+
+
 def train(emb: Path, out: Path, *flags: str) -> dict:
     return run_train(build_parser().parse_args(["train", "--embeddings", str(emb), "--out", str(out), *TRAIN, *flags]))
 

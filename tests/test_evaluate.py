@@ -128,9 +128,9 @@ def gated_run(tmp_path_factory):
     from prodfuse.train import run_train
     root = tmp_path_factory.mktemp("eval")
     # Noisy on purpose: the run must make mistakes, so scoring other rows than its test split would show.
-    emb = make_shards(root / "emb", [c for c in "abcd" for _ in range(15)], spread=0.35)
+    emb = make_shards(root / "emb", [c for c in "abcd" for _ in range(15)], spread=0.7)
     args = build_parser().parse_args(["train", "--embeddings", str(emb), "--out", str(root / "run"),
-                                      "--epochs", "3", "--fusion", "gated", "--quiet"])
+                                      "--epochs", "10", "--fusion", "gated", "--quiet"])
     import tensorflow as tf
     tf.config.run_functions_eagerly(True)  # on 60 rows graph tracing would be most of the training time
     try:

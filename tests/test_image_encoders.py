@@ -360,3 +360,29 @@ def test_all_rejected_batch_and_empty_input(small_model, tmp_path, capsys):
     assert "images" in capsys.readouterr().err  # the tqdm bar
     emb, ok, rejects = ie.embed_images(small_model, [], SIZE, progress=False)
     assert emb.shape == (0, 1280) and ok.shape == (0,) and rejects == []
+
+
+def test_views_are_the_whole_photo_then_corner_and_centre_crops(tmp_path):
+    img = _pattern(40, 50)
+    img.save(tmp_path / "p.png")
+    views = ie.load_image(tmp_path / "p.png", 20, views=6)
+    assert views.shape == (6, 20, 20, 3) and views.dtype == np.uint8
+    assert np.array_equal(views[0], ie.load_image(tmp_path / "p.png", 20))  # view 0 is the plain whole photo
+    top_left = np.asarray(img.crop((0, 0, 32, 40)).resize((20, 20), Image.Resampling.BILINEAR)).astype(int)
+    assert np.abs(views[1] - top_left).mean() < 2  # 80% of each side, from the top-left corner
+    assert len({v.tobytes() for v in views}) == 6  # five different crops
+    assert ie.load_image(tmp_path / "p.png", 20, views=2).shape == (2, 20, 20, 3)
+    with pytest.raises(ValueError, match="views must be an int in 1..6"):
+        ie.load_image(tmp_path / "p.png", 20, views=7)
+
+
+def test_views_embed_per_photo_in_one_batch(tmp_path, resnet_model):
+    paths = []
+    for i in range(3):
+        Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    size = resnet_model.input_shape[1]
+    emb, idx, rejects = ie.embed_images(resnet_model, paths, size, views=3, progress=False, batch_size=4)
+    plain, _, _ = ie.embed_images(resnet_model, paths, size, progress=False)
+    assert emb.shape == (3, 3, resnet_model.output_shape[-1]) and idx.tolist() == [0, 1, 2] and not rejects
+    _assert_close(emb[:, 0], plain)  # view 0 is what extraction without views gives

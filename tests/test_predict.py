@@ -136,6 +136,8 @@ def test_zero_stream_and_contributions():
     img, txt = contributions({**out, "gate": np.array([0.9, 0.25])})
     np.testing.assert_allclose(img + txt, 1.0)
     np.testing.assert_allclose(img, [0.9, 0.25])
+    img, txt = contributions({**out, "gate": np.array([0.9, 0.25]), "wide": True})  # the gate is not all of it
+    np.testing.assert_allclose(img, [0.3, 0.0])
 
 
 def test_prediction_table_orders_labels_by_probability():

@@ -100,3 +100,34 @@ def test_freed_heap_is_kept_mapped_on_glibc(monkeypatch):
     assert prodfuse._keep_freed_heap_mapped() is True
     monkeypatch.setenv("PRODFUSE_KEEP_MALLOC_DEFAULTS", "1")
     assert prodfuse._keep_freed_heap_mapped() is False
+
+
+def test_training_draws_views_and_prediction_averages_them():
+    from prodfuse.predict import predict_arrays
+    from prodfuse.sequence import view_count, with_view
+    n, d = 6, 4
+    image = np.zeros((n, d), np.float32)
+    views = np.stack([np.full((n, d), v, np.float32) for v in (1, 2)], axis=1).reshape(n, -1)  # view v == v
+    arrays = {"image": image, "image_views": views, "text": np.ones((n, 3), np.float32)}
+    assert view_count(arrays) == 3 and view_count({"image": image}) == 1
+    assert with_view(arrays, 2)["image"][0, 0] == 2 and "image_views" not in with_view(arrays, 0)
+    picked = with_view(arrays, np.array([0, 1, 2, 0, 1, 2]))["image"][:, 0]
+    assert picked.tolist() == [0, 1, 2, 0, 1, 2]
+    seq = ShardSequence(arrays, np.zeros(n, int), 2, batch_size=n, training=True, seed=0)
+    drawn = set()
+    for _ in range(5):
+        x, _, _ = seq[0]
+        assert set(x) == {"image", "text"}
+        drawn |= set(x["image"][:, 0].tolist())
+        seq.on_epoch_end()
+    assert drawn == {0.0, 1.0, 2.0}
+    x, _, _ = ShardSequence(arrays, np.zeros(n, int), 2, batch_size=n)[0]
+    assert set(x["image"][:, 0].tolist()) == {0.0}  # validation: the whole photo only
+
+    class Echo:  # "probability" of class 1 = the image value / 10: the mean over views is (0 + 1 + 2) / 30
+        output_shape = (None, 2)
+
+        def predict(self, x, batch_size=None, verbose=0):
+            p1 = x["image"][:, :1] / 10
+            return np.concatenate([1 - p1, p1], axis=1)
+    np.testing.assert_allclose(predict_arrays(Echo(), arrays)[:, 1], 0.1)

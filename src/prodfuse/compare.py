@@ -148,20 +148,27 @@ def repetitions(args: argparse.Namespace) -> list[dict]:
     return [{"seed": args.seed + i, "fold": None, "name": f"seed{args.seed + i}"} for i in range(seeds)]
 
 
-def _probe_rows(args, rep: dict, probes: list[str], classes: list[str], eval_split: str) -> dict:
-    """The linear probes on the splits of this repetition (recomputed exactly as `train` makes them)."""
+def _probe_rows(args, rep: dict, probes: list[str], classes: list[str], eval_split: str, cache: dict) -> dict:
+    """The linear probes on the splits of this repetition (recomputed exactly as `train` makes them). The probes
+    are deterministic, so repetitions with the same splits (seeds over a split column) reuse `cache`."""
     from .train import load_split_data
-    data = load_split_data(Path(args.embeddings), args.label_col, args.split_col, rep["seed"], ["image", "text"],
+    from .predict import shard_columns
+    inputs = ["image", "text"] + (["image_views"] if "image_views" in shard_columns(args.embeddings) else [])
+    data = load_split_data(Path(args.embeddings), args.label_col, args.split_col, rep["seed"], inputs,
                            val_embeddings=args.val_embeddings, test_embeddings=getattr(args, "test_embeddings", None),
                            folds=getattr(args, "folds", None), fold=rep["fold"] or 0)
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index.get(c, -1) for c in data["labels"]], dtype=np.int64)
     splits = {k: v[y[v] >= 0] for k, v in data["splits"].items()}  # as train: unseen labels are not scored
-    from .probes import run_probes
-    return run_probes(data["arrays"], y, splits, len(classes), eval_split, probes, seed=rep["seed"])
+    key = hash(tuple(splits[k].tobytes() for k in ("train", "val", eval_split)))
+    if key not in cache:
+        from .probes import run_probes
+        cache[key] = run_probes(data["arrays"], y, splits, len(classes), eval_split, probes)
+    return cache[key]
 
 
-def compare_once(args: argparse.Namespace, rep: dict, models: list[str], out: Path, text_branch: str) -> dict:
+def compare_once(args: argparse.Namespace, rep: dict, models: list[str], out: Path, text_branch: str,
+                 probe_cache: dict) -> dict:
     """Every model of one repetition: {"rows": [...], "splits": ..., "eval_split": ..., "late_fusion": ...}."""
     import keras
 
@@ -185,7 +192,7 @@ def compare_once(args: argparse.Namespace, rep: dict, models: list[str], out: Pa
     if probes:
         classes = json.loads((Path(any_run["run"]) / "labels.json").read_text())
         print(f"[{rep['name'] or 'run'}] linear probes {', '.join(probes)}", file=sys.stderr)
-        probe_results = _probe_rows(args, rep, probes, classes, eval_split)
+        probe_results = _probe_rows(args, rep, probes, classes, eval_split, probe_cache)
     rows, late = [], None
     for m in models:
         if m == "late":
@@ -236,7 +243,9 @@ def run_compare(args: argparse.Namespace) -> dict:
         dropped = [m for m in models if m in PROBES and m != "lr_image"]
         print(f"note: {emb} holds no text embedding, so the text probes {dropped} are left out.", file=sys.stderr)
         models = [m for m in models if m not in dropped]
-    done = [compare_once(args, rep, models, out / rep["name"] if rep["name"] else out, text_branch) for rep in reps]
+    cache: dict = {}
+    done = [compare_once(args, rep, models, out / rep["name"] if rep["name"] else out, text_branch, cache)
+            for rep in reps]
     rows = aggregate([d["rows"] for d in done])
     first = done[0]
     eval_split, s = first["eval_split"], first["splits"]

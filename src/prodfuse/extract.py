@@ -29,10 +29,13 @@ from .catalog import Columns, add_column_args, columns_from_args, file_sha256, p
 DEMO_OUT = Path("embeddings") / "demo"
 DEFAULTS = {"backbone": "resnet50", "weights": "imagenet", "image_size": 224, "precision": "float32",
             "text_encoder": "tfidf", "text_model": None, "ocr": "rapidocr", "ocr_lang": None, "shard_rows": 10_000,
-            "text_cols": "title,description"}
+            "text_cols": "title,description", "views": "auto"}
 # Settings that `--like` copies from another shard folder (everything that changes the numbers).
 LIKE_KEYS = ("backbone", "weights", "image_size", "precision", "text_encoder", "text_model", "ocr", "ocr_lang",
-             "text_cols")
+             "text_cols", "views")
+# --views auto: augmented views for catalogs up to this many rows. Small catalogs are where augmentation pays
+# (grocery, 2,640 photos: +7 points) and where 6x the backbone time is minutes; big ones have data enough.
+AUTO_VIEWS_MAX_ROWS = 5000
 
 
 def add_extract_args(p: argparse.ArgumentParser) -> None:
@@ -44,6 +47,9 @@ def add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, help="square input size of the backbone (default 224)")
     p.add_argument("--precision", choices=["float32", "mixed_float16"], help="mixed_float16 on a GPU")
     p.add_argument("--batch-size", type=int, default=None, help="images per backbone batch (default 64 CPU, 256 GPU)")
+    p.add_argument("--views", help=f"image views embedded per photo, 1..6: the whole photo, then crops of 80%% of "
+                                   f"it (training draws one per epoch, prediction averages them). auto (default): "
+                                   f"6 for catalogs of up to {AUTO_VIEWS_MAX_ROWS:,} rows, else 1")
     p.add_argument("--text-encoder", choices=["minilm", "tfidf", "none"], help="default tfidf (offline)")
     p.add_argument("--text-model", help="sentence-transformers name or local folder (minilm only)")
     p.add_argument("--ocr", choices=["rapidocr", "tesseract", "easyocr", "none"], help="default rapidocr")
@@ -80,7 +86,7 @@ def resolve_settings(args: argparse.Namespace) -> dict:
             if given is not None and given != like.get(key):
                 raise ValueError(f"--{key.replace('_', '-')} {given!r} contradicts --like {args.like!r}, which was "
                                  f"made with {like.get(key)!r}. Drop the flag to embed exactly like that folder.")
-            out[key] = like.get(key)
+            out[key] = like.get(key, 1 if key == "views" else None)  # shards from before --views had one
         else:
             out[key] = given if given is not None else default
     if out["weights"] not in ("imagenet", "none"):
@@ -89,7 +95,29 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         raise ValueError(f"--shard-rows must be >= 1; got {out['shard_rows']}")
     if out["image_size"] < 32:
         raise ValueError(f"--image-size must be >= 32; got {out['image_size']}")
+    out["views"] = parse_views(out["views"])
     return out
+
+
+def parse_views(value) -> int | str:
+    """"auto" or an int in 1..MAX_VIEWS (flags arrive as text)."""
+    from .image_encoders import MAX_VIEWS
+    if value == "auto":
+        return value
+    try:
+        views = int(value)
+    except (TypeError, ValueError):
+        views = None
+    if views is None or str(views) != str(value).strip() or not 1 <= views <= MAX_VIEWS:
+        raise ValueError(f"--views must be auto or an int in 1..{MAX_VIEWS}; got {value!r}")
+    return views
+
+
+def resolve_views(views: int | str, rows: int) -> int:
+    from .image_encoders import MAX_VIEWS
+    if views != "auto":
+        return int(views)
+    return MAX_VIEWS if rows <= AUTO_VIEWS_MAX_ROWS else 1
 
 
 def _chunk_file(folder: Path, k: int) -> Path:
@@ -136,6 +164,8 @@ def run_extract(args: argparse.Namespace) -> dict:
         from .demo import write_demo_catalog
         args.catalog = str(write_demo_catalog())
         args.out = args.out or str(DEMO_OUT)
+        # The demo's random-weight backbone gains nothing from augmented views; one view keeps it about a minute.
+        args.views = args.views or "1"
         print(f"demo mode: catalog {args.catalog} -> {args.out}", file=sys.stderr)
     if not args.out:
         raise ValueError("--out is required with --catalog (e.g. --out embeddings/NAME)")
@@ -154,6 +184,7 @@ def run_extract(args: argparse.Namespace) -> dict:
     paths, path_rejects = resolve_image_paths(df, args.catalog, cols.image)
     ids = df[cols.id].tolist()
     n = len(df)
+    settings["views"] = views = resolve_views(settings["views"], n)
 
     # Random weights (--weights none, or the demo's fallback) must be the same random weights on every run, or a
     # resumed extraction would mix embeddings from two different networks.
@@ -184,7 +215,7 @@ def run_extract(args: argparse.Namespace) -> dict:
                      "ocr_filter": ocr.ocr_settings(settings["ocr"], settings["ocr_lang"]) if settings["ocr"] != "none"
                      else None,
                      "like": str(like_folder.resolve()) if like_folder else None},
-        "encoders": {"image": {"backbone": settings["backbone"], "dim": image_dim},
+        "encoders": {"image": {"backbone": settings["backbone"], "dim": image_dim, "views": views},
                      "text": {"kind": text_kind, "model": settings["text_model"], "dim": encoder.dim},
                      "tokens": {"length": text_encoders.SEQUENCE_LENGTH, "vocab_size": text_encoders.VOCAB_SIZE}},
         "versions": _versions(),
@@ -220,13 +251,14 @@ def run_extract(args: argparse.Namespace) -> dict:
             idx_parts, emb_parts = [], []
             for local_idx, emb, bad in image_encoders.iter_image_embeddings(
                     model, [paths[i] for i in ok_rows], settings["image_size"], batch_size=args.batch_size,
-                    progress=progress):
+                    progress=progress, views=views):
                 idx_parts.append(np.asarray([ok_rows[j] for j in local_idx], dtype=np.int64))
                 emb_parts.append(emb)
                 rejects += [_reject(ids, paths, ok_rows[j], reason, detail) for j, reason, detail in bad]
             index = np.concatenate(idx_parts) if idx_parts else np.zeros(0, np.int64)
-            emb = np.concatenate(emb_parts) if emb_parts else np.zeros((0, image_dim), np.float32)
-            embedded_images += len(index)
+            emb = np.concatenate(emb_parts) if emb_parts else \
+                np.zeros((0, image_dim) if views == 1 else (0, views, image_dim), np.float32)
+            embedded_images += len(index) * views
             _save_chunk(path, index, emb, rejects)
         if ocr_future is not None:
             results = ocr_future.result()
@@ -260,7 +292,11 @@ def run_extract(args: argparse.Namespace) -> dict:
         rows = index.tolist()
         chunk_texts = [texts[i] for i in rows]
         data = {c: [str(df[c].iat[i]) if df[c].iat[i] is not None else None for i in rows] for c in carried}
-        data["image_embedding"] = emb
+        if views > 1:  # view 0 (the whole photo) is the image embedding; the augmented views sit beside it
+            data["image_embedding"] = emb[:, 0]
+            data["image_views"] = emb[:, 1:].reshape(len(emb), (views - 1) * image_dim)
+        else:
+            data["image_embedding"] = emb
         text_emb = encoder.encode(chunk_texts)
         if text_emb.shape[1] > 0:
             data["text_embedding"] = text_emb

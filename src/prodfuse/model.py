@@ -18,6 +18,7 @@ SEQ_LEN = 60
 IMAGE_BRANCHES = ("mlp", "none")
 TEXT_BRANCHES = ("mlp", "cnn", "none")
 INPUT_NAMES = ("image", "text", "tokens")
+INPUT_NORMS = ("l2", "none")
 
 
 def _check_choice(value, choices, what):
@@ -80,6 +81,8 @@ def build_model(
     cnn_units=128,
     cnn_dropout=0.3,
     fusion_kwargs=None,
+    input_norm="l2",
+    wide=True,
     seed=None,
     name=None,
 ):
@@ -87,7 +90,12 @@ def build_model(
 
     ``image_dim`` is needed when ``image_branch="mlp"``, ``text_dim`` when
     ``text_branch="mlp"``; ``"cnn"`` reads ``"tokens"`` instead. ``fusion`` is used
-    only when both branches are on; ``fusion_kwargs`` go to its layer. ``seed``
+    only when both branches are on; ``fusion_kwargs`` go to its layer.
+    ``input_norm="l2"`` scales each image embedding to unit length inside the model
+    (the text embedding already is), as a linear probe on these features wants.
+    ``wide=True`` adds a linear path beside the MLP ("wide and deep"): the class
+    logits are a linear map of the normalised embeddings plus the MLP's, so the model
+    starts from what logistic regression can do and the MLP adds what it cannot. ``seed``
     calls ``keras.utils.set_random_seed`` (global) so weights are reproducible.
     The output layer ``"probs"`` is a float32 softmax, safe under mixed precision.
     """
@@ -101,14 +109,20 @@ def build_model(
     if seed is not None:
         keras.utils.set_random_seed(seed)
 
-    inputs, branches = {}, []
+    _check_choice(input_norm, INPUT_NORMS, "input_norm")
+    inputs, branches, linear_in = {}, [], []
     if image_branch == "mlp":
         image_dim = _check_dim(image_dim, "image_dim", "image_branch='mlp'")
         inputs["image"] = keras.Input((image_dim,), dtype="float32", name="image")
-        branches.append(_mlp(inputs["image"], tuple(image_units), tuple(image_dropout), "image", "image_branch_out"))
+        image = inputs["image"]
+        if input_norm == "l2":
+            image = keras.layers.UnitNormalization(name="image_l2")(image)
+        linear_in.append(image)
+        branches.append(_mlp(image, tuple(image_units), tuple(image_dropout), "image", "image_branch_out"))
     if text_branch == "mlp":
         text_dim = _check_dim(text_dim, "text_dim", "text_branch='mlp'")
         inputs["text"] = keras.Input((text_dim,), dtype="float32", name="text")
+        linear_in.append(inputs["text"])
         branches.append(_mlp(inputs["text"], tuple(text_units), tuple(text_dropout), "text", "text_branch_out"))
     elif text_branch == "cnn":
         inputs["tokens"] = keras.Input((seq_len,), dtype="int32", name="tokens")
@@ -121,7 +135,15 @@ def build_model(
         x = fused[0] if isinstance(fused, (list, tuple)) else fused  # gated also returns the gate
     else:
         x = branches[0]
-    probs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probs")(x)
+    if wide and linear_in:
+        # Separate logits layers then one softmax; "probs" stays the output's name for every variant.
+        logits = keras.layers.Dense(num_classes, dtype="float32", name="deep_logits")(x)
+        lin = linear_in[0] if len(linear_in) == 1 else keras.layers.Concatenate(name="wide_in")(linear_in)
+        wide_logits = keras.layers.Dense(num_classes, dtype="float32", name="wide_logits")(lin)
+        logits = keras.layers.Add(name="logits")([logits, wide_logits])
+        probs = keras.layers.Activation("softmax", dtype="float32", name="probs")(logits)
+    else:
+        probs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probs")(x)
     if name is None:
         name = f"prodfuse_{image_branch}_{text_branch}" + (f"_{fusion}" if len(branches) == 2 else "")
     return keras.Model(inputs, probs, name=name)

@@ -19,7 +19,7 @@ from .calibration import apply_temperature, load_temperature
 from .catalog import add_column_args, file_sha256
 
 # Model inputs that make up each stream; zeroing a stream zeroes all of its inputs (text: vector or token ids).
-STREAMS = {"image": ("image",), "text": ("text", "tokens")}
+STREAMS = {"image": ("image", "image_views"), "text": ("text", "tokens")}
 
 
 def load_run(run: str | Path) -> dict:
@@ -68,10 +68,14 @@ def has_stream(arrays: dict, stream: str) -> bool:
 
 def predict_arrays(model, arrays: dict[str, np.ndarray], batch_size: int = 1024) -> np.ndarray:
     """Softmax probabilities [n, classes] of `model` on the input arrays (one key per model input)."""
+    from .sequence import view_count, with_view
     n = len(next(iter(arrays.values())))
     if n == 0:
         return np.zeros((0, int(model.output_shape[-1])), dtype=np.float32)
-    return np.asarray(model.predict(dict(arrays), batch_size=batch_size, verbose=0))
+    # Test-time augmentation: the mean of the probabilities over every stored view of the photo.
+    views = view_count(arrays)
+    return np.mean([np.asarray(model.predict(with_view(arrays, v), batch_size=batch_size, verbose=0))
+                    for v in range(views)], axis=0)
 
 
 def gate_values(model, arrays: dict[str, np.ndarray], batch_size: int = 1024) -> np.ndarray | None:
@@ -85,7 +89,8 @@ def gate_values(model, arrays: dict[str, np.ndarray], batch_size: int = 1024) ->
     n = len(next(iter(arrays.values())))
     if n == 0:
         return np.zeros(0)
-    g = np.asarray(gm.predict(dict(arrays), batch_size=batch_size, verbose=0))
+    from .sequence import with_view
+    g = np.asarray(gm.predict(with_view(arrays, 0), batch_size=batch_size, verbose=0))  # the whole photo's gate
     return g.reshape(n, -1).mean(axis=1)
 
 
@@ -107,18 +112,20 @@ def forward(model, arrays: dict[str, np.ndarray], temperature: float = 1.0, batc
             p = apply_temperature(p, temperature) if len(p) else p.astype(np.float64)
         out[f"no_{stream}"] = p
     out["gate"] = gate_values(model, arrays, batch_size)
+    out["wide"] = any(layer.name == "wide_logits" for layer in getattr(model, "layers", []))
     return out
 
 
 def contributions(out: dict) -> tuple[np.ndarray, np.ndarray]:
     """(image, text) contribution per item; NaN for a stream the model does not take.
 
-    Gated fusion: the mean gate and 1 - gate (each stream's share of the fused vector). Otherwise: how much the
-    top class's probability drops when that stream is zeroed (can be negative when the stream argued against it).
+    Gated fusion without the wide path: the mean gate and 1 - gate (each stream's share of the fused vector).
+    Otherwise (the gate then decides only the MLP's part): how much the top class's probability drops when that
+    stream is zeroed (can be negative when the stream argued against it).
     """
     probs = out["probs"]
     n = len(probs)
-    if out.get("gate") is not None:
+    if out.get("gate") is not None and not out.get("wide"):
         return out["gate"].astype(np.float64), 1.0 - out["gate"].astype(np.float64)
     top = probs.argmax(axis=1) if n else np.zeros(0, np.int64)
     res = []

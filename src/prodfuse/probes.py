@@ -2,7 +2,9 @@
 
 scikit-learn's LogisticRegression(C=10) on the L2-normalised image embedding, on the text embedding (already
 L2-normalised, zero for items without text), on both concatenated, and the calibrated late fusion of the image
-and text probes (temperature per probe and the image weight fitted on validation).
+and text probes (temperature per probe and the image weight fitted on validation). Where the shards hold augmented
+image views (extraction's --views), the probes get them as the models do: fitted on every view of each training
+photo, their probabilities averaged over the views at prediction.
 """
 
 from __future__ import annotations
@@ -23,8 +25,12 @@ def l2_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norm, 1e-12)
 
 
-def probe_features(arrays: dict[str, np.ndarray], streams: tuple[str, ...]) -> np.ndarray:
-    return np.concatenate([l2_rows(arrays[s]) for s in streams], axis=1)
+def probe_features(arrays: dict[str, np.ndarray], streams: tuple[str, ...], rows: np.ndarray) -> list[np.ndarray]:
+    """The probe's features of `rows`, one array per image view (one in all without views or image stream)."""
+    from .sequence import view_count, with_view
+    views = view_count(arrays) if "image" in streams else 1
+    sub = {k: v[rows] for k, v in arrays.items()}
+    return [np.concatenate([l2_rows(with_view(sub, v)[s]) for s in streams], axis=1) for v in range(views)]
 
 
 def fit_probe(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, c: float = PROBE_C, seed: int = 0):
@@ -54,9 +60,10 @@ def run_probes(arrays: dict[str, np.ndarray], y: np.ndarray, splits: dict[str, n
         if name not in want:
             continue
         t0 = time.perf_counter()
-        x = probe_features(arrays, streams[name])
-        predict = fit_probe(x[tr], y[tr], num_classes, seed=seed)
-        probs[name] = {"val": predict(x[va]), "eval": predict(x[ev])}
+        fit_views = probe_features(arrays, streams[name], tr)
+        predict = fit_probe(np.concatenate(fit_views), np.tile(y[tr], len(fit_views)), num_classes, seed=seed)
+        probs[name] = {k: np.mean([predict(x) for x in probe_features(arrays, streams[name], rows)], axis=0)
+                       for k, rows in (("val", va), ("eval", ev))}
         seconds[name] = time.perf_counter() - t0
     if "lr_late" in want:
         t = {s: fit_temperature(y[va], probs[s]["val"]) for s in ("lr_image", "lr_text")}

@@ -13,8 +13,32 @@ import numpy as np
 
 from . import shards
 
-# Model input name -> shard column.
-INPUT_COLUMNS = {"image": "image_embedding", "text": "text_embedding", "tokens": "tokens"}
+# Model input name -> shard column. "image_views" is no model input: it holds the augmented views of extraction's
+# --views, which training draws "image" from and prediction averages over (`with_view`).
+INPUT_COLUMNS = {"image": "image_embedding", "text": "text_embedding", "tokens": "tokens",
+                 "image_views": "image_views"}
+
+
+def view_count(arrays: dict[str, np.ndarray]) -> int:
+    """Image views per item: 1 (the whole photo) plus the augmented views stored beside it."""
+    if "image_views" not in arrays or "image" not in arrays:
+        return 1
+    return 1 + arrays["image_views"].shape[1] // max(arrays["image"].shape[1], 1)
+
+
+def with_view(arrays: dict[str, np.ndarray], view: int | np.ndarray) -> dict[str, np.ndarray]:
+    """The model inputs with "image" taken from view `view` (0 = the whole photo; an array: one view per item)."""
+    x = {k: v for k, v in arrays.items() if k != "image_views"}
+    if "image_views" not in arrays or np.all(np.asarray(view) == 0):
+        return x
+    dim = arrays["image"].shape[1]
+    views = arrays["image_views"].reshape(len(arrays["image"]), -1, dim)
+    if np.ndim(view) == 0:
+        x["image"] = views[:, int(view) - 1]
+        return x
+    view = np.asarray(view)
+    x["image"] = np.where((view > 0)[:, None], views[np.arange(len(view)), np.maximum(view - 1, 0)], arrays["image"])
+    return x
 
 
 def load_inputs(folder, inputs: list[str], extra_columns: list[str] = ()) -> dict[str, np.ndarray]:
@@ -69,6 +93,9 @@ class ShardSequence(keras.utils.PyDataset):
     def __getitem__(self, index: int):
         idx = self._order[index * self.batch_size:(index + 1) * self.batch_size]
         x = {name: arr[idx] for name, arr in self.arrays.items()}
+        # Training draws one of each photo's views per epoch (augmentation); validation sees the whole photo.
+        views = view_count(x)
+        x = with_view(x, self._rng.integers(0, views, size=len(idx)) if self.training and views > 1 else 0)
         y_int = self.labels[idx]
         y = np.zeros((len(idx), self.num_classes), dtype=np.float32)
         y[np.arange(len(idx)), y_int] = 1.0

@@ -24,7 +24,8 @@ from .catalog import file_sha256
 MANIFEST = "manifest.json"
 REJECTS = "rejects.csv"
 FORMAT_VERSION = 1
-EMBEDDING_COLUMNS = ("image_embedding", "text_embedding")
+# image_views: the augmented views of extraction's --views, flattened to [rows, (views - 1) * dim].
+EMBEDDING_COLUMNS = ("image_embedding", "text_embedding", "image_views")
 READ_BATCH_ROWS = 1000
 NON_NULL_COLUMNS = EMBEDDING_COLUMNS + ("tokens", "has_text")
 # Keys of the manifest that must match for a re-run to resume instead of starting over.
@@ -320,7 +321,7 @@ def read_shards(folder: str | os.PathLike, columns: list[str] | None = None, row
         out = {k: v[inverse] for k, v in out.items()}
     for name in columns:
         if name not in out:
-            dtype = {"image_embedding": np.float32, "text_embedding": np.float32, "tokens": np.int32,
+            dtype = {"image_embedding": np.float32, "text_embedding": np.float32, "image_views": np.float32, "tokens": np.int32,
                      "has_text": bool}.get(name, object)
             out[name] = np.empty((0,), dtype=dtype)
     return out
