@@ -1,6 +1,6 @@
 """Model quality against the baselines a reviewer tries first, on the shared fashion and grocery data.
 
-    python benchmarks/model_quality.py [--seeds 3] [--datasets fashion,grocery] [--models ...] [--out DIR]
+    python benchmarks/model_quality.py [--seeds 3] [--datasets grocery,fashion] [--models ...] [--out DIR]
 
 For each data set it extracts the shards once (cached like the accuracy tests' shards, under
 ~/.cache/prodfuse/test-embeddings or $PRODFUSE_CACHE), then runs `prodfuse compare --seeds N`: the default fused
@@ -37,9 +37,10 @@ DEFAULT_MODELS = "image,text,late,gated,lr_image,lr_text,lr_concat,lr_late"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--datasets", default="fashion,grocery")
+    ap.add_argument("--datasets", default="grocery,fashion")
     ap.add_argument("--models", default=DEFAULT_MODELS)
-    ap.add_argument("--epochs", type=int, default=100)
+    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--patience", type=int, default=10)
     ap.add_argument("--out", default=None, help="compare folders (default: a temporary folder)")
     args = ap.parse_args()
 
@@ -61,7 +62,8 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown data set {name!r}; choose fashion and/or grocery")
         ns = build_parser().parse_args(["compare", *flags, "--seeds", str(args.seeds), "--models", args.models,
-                                        "--epochs", str(args.epochs), "--out", str(out / name)])
+                                        "--epochs", str(args.epochs), "--patience", str(args.patience),
+                                        "--out", str(out / name)])
         summary = run_compare(ns)
         figures[name] = {"split": summary["split"], "n": summary["rows"][0]["n"],
                          "repeated_over": summary["repeated_over"], "seconds": round(time.perf_counter() - t0),

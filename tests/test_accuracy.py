@@ -12,8 +12,8 @@ import pytest
 
 from prodfuse import shards
 from prodfuse.cli import build_parser, main
+from prodfuse.compare import run_compare
 from prodfuse.extract import run_extract
-from prodfuse.train import run_train
 
 from conftest import MOBILENET_WEIGHTS, SHARED
 
@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.realdata,
               pytest.mark.skipif(not MOBILENET_WEIGHTS.is_file(), reason="../shared data and models not present")]
 CACHE = Path(os.environ.get("PRODFUSE_CACHE", Path.home() / ".cache" / "prodfuse")) / "test-embeddings"
 MOBILENET = ["--backbone", "mobilenet_v2", "--weights", str(MOBILENET_WEIGHTS)]
-TRAIN = ["--epochs", "40", "--patience", "8", "--quiet"]
+TRAIN_FLAGS = ["--epochs", "40", "--patience", "8"]
 
 
 def extract_cached(name: str, catalog: Path, *flags: str) -> Path:
@@ -47,8 +47,10 @@ def grocery_shards() -> tuple[Path, Path]:
     return train_emb, extract_cached("grocery-val-mnv2-rapidocr", grocery / "val.csv", "--like", str(train_emb))
 
 
-def train(emb: Path, out: Path, *flags: str) -> dict:
-    return run_train(build_parser().parse_args(["train", "--embeddings", str(emb), "--out", str(out), *TRAIN, *flags]))
+def compare(out: Path, *flags: str) -> dict:
+    """`prodfuse compare` on the default models and the linear probes; {model: row of the table}."""
+    args = build_parser().parse_args(["compare", *flags, *TRAIN_FLAGS, "--out", str(out)])
+    return {r["model"]: r for r in run_compare(args)["rows"]}
 
 
 def evaluate(run: str, emb: Path, out: Path) -> dict:
@@ -57,44 +59,52 @@ def evaluate(run: str, emb: Path, out: Path) -> dict:
 
 
 def test_fashion_article_type_fusion(tmp_path):
-    """135 classes, title + image (no OCR: clothes carry little text). Test split of the catalog's split column."""
-    emb = extract_cached("fashion-mnv2-128", SHARED / "data" / "fashion" / "catalog.csv", *MOBILENET,
-                         "--image-size", "128", "--ocr", "none", "--text-cols", "title", "--label-col", "article_type")
+    """135 classes, title + image (no OCR: clothes carry little text). Test split of the catalog's split column.
+    Titles carry most of the signal: fusion must lose nothing against text alone, and each prodfuse model must
+    match the logistic regression on the same features."""
+    emb = fashion_shards()
     m = shards.read_manifest(emb)
     assert m["rows"] == 14999 and m["encoders"]["image"]["dim"] == 1280 and m["encoders"]["text"]["dim"] == 384
-    common = ["--label-col", "article_type", "--batch-size", "128"]  # 12k rows: bigger batches, same result
-    fused = train(emb, tmp_path / "gated", *common, "--fusion", "gated")["metrics"]["test"]["accuracy"]
-    image = train(emb, tmp_path / "image", *common, "--text-branch", "none")["metrics"]["test"]["accuracy"]
-    text = train(emb, tmp_path / "text", *common, "--image-branch", "none")["metrics"]["test"]["accuracy"]
-    print(f"fashion article_type test accuracy: gated {fused:.4f}, image-only {image:.4f}, text-only {text:.4f}")
-    assert fused >= 0.93
-    assert fused >= max(image, text) - 0.005
+    assert m["encoders"]["image"]["views"] == 1  # 15k rows: above the size where --views auto embeds crops
+    r = compare(tmp_path, "--embeddings", str(emb), "--label-col", "article_type", "--batch-size", "128",
+                "--models", "gated,image,text,lr_image,lr_text,lr_concat")
+    acc = {k: v["accuracy"] for k, v in r.items()}
+    print("fashion article_type test accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in acc.items()))
+    assert r["gated"]["n"] == 1484
+    assert acc["gated"] >= 0.96
+    assert acc["gated"] >= max(acc["image"], acc["text"])  # goal 2: the photo costs nothing
+    assert acc["gated"] >= acc["lr_concat"] - 0.004  # goal 1 (not met: ties the linear probe, see README)
+    assert acc["image"] >= acc["lr_image"] + 0.003  # each stream alone at least matches its linear probe
+    assert acc["text"] >= acc["lr_text"] - 0.004
 
 
 def test_grocery_fine_label_fusion_with_ocr(tmp_path):
-    """81 fine classes, image + RapidOCR text. Trained on train.csv (early-stopped on a stratified part of it),
-    scored on val.csv, which training never sees."""
-    grocery = SHARED / "data" / "grocery"
-    train_emb = extract_cached("grocery-train-mnv2-rapidocr", grocery / "train.csv", *MOBILENET, "--ocr", "rapidocr",
-                               "--text-cols", "")
-    val_emb = extract_cached("grocery-val-mnv2-rapidocr", grocery / "val.csv", "--like", str(train_emb))
-    # the extraction integration check: rows, dims, and OCR words on the packaged products' photos
-    val = shards.read_shards(val_emb, ["product_id", "group", "ocr_text", "image_embedding", "text_embedding"])
-    assert len(val["product_id"]) == len(pd.read_csv(grocery / "val.csv")) == 296
+    """81 fine classes, image (6 views: --views auto on 2,640 photos) + RapidOCR text. Trained on train.csv
+    (early-stopped on a stratified tenth of it), scored on val.csv, which training never sees."""
+    train_emb, val_emb = grocery_shards()
+    # the extraction integration check: rows, dims, views, and OCR words on the packaged products' photos
+    val = shards.read_shards(val_emb, ["product_id", "group", "ocr_text", "image_embedding", "image_views",
+                                       "text_embedding"])
+    assert len(val["product_id"]) == len(pd.read_csv(SHARED / "data" / "grocery" / "val.csv")) == 296
     assert val["image_embedding"].shape == (296, 1280) and val["text_embedding"].shape == (296, 384)
+    assert val["image_views"].shape == (296, 5 * 1280)
     packages = val["group"] == "Packages"
     with_words = (pd.Series(val["ocr_text"][packages]).str.len() > 0).mean()
     assert with_words >= 0.80, with_words
 
-    # Staged: the image branch learns first, then the (noisy, often empty) OCR text is fused in at a lower rate;
-    # on this data it is the steadiest of the fusions (README, "Results on real data").
-    fused_run = train(train_emb, tmp_path / "gated", "--fusion", "gated", "--staged")["run"]
-    image_run = train(train_emb, tmp_path / "image", "--text-branch", "none")["run"]
-    fused = evaluate(fused_run, val_emb, tmp_path / "eval-gated")
-    image = evaluate(image_run, val_emb, tmp_path / "eval-image")
-    print(f"grocery val accuracy: gated {fused['accuracy']:.4f} (Packages {fused['per_group']['Packages']['accuracy']:.4f}),"
-          f" image-only {image['accuracy']:.4f} (Packages {image['per_group']['Packages']['accuracy']:.4f}); "
-          f"OCR words on {with_words:.0%} of Packages photos")
-    assert fused["n"] == 296
-    assert fused["accuracy"] >= 0.68
+    r = compare(tmp_path, "--embeddings", str(train_emb), "--test-embeddings", str(val_emb),
+                "--models", "gated,image,lr_image,lr_concat")
+    acc = {k: v["accuracy"] for k, v in r.items()}
+    fused = evaluate(r["gated"]["run"], val_emb, tmp_path / "eval-gated")
+    image = evaluate(r["image"]["run"], val_emb, tmp_path / "eval-image")
+    print("grocery val accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in acc.items())
+          + f"; Packages: gated {fused['per_group']['Packages']['accuracy']:.4f}, image "
+            f"{image['per_group']['Packages']['accuracy']:.4f}; OCR words on {with_words:.0%} of Packages photos")
+    assert fused["n"] == 296 and fused["accuracy"] == pytest.approx(acc["gated"])
+    # Over 3 seeds (benchmarks/model_quality.py, README): gated 0.770 ± 0.031, image 0.757 ± 0.006, logistic
+    # regression on both 0.756 ± 0.008. One seed's figure swings by 3 points, so the floors sit below the mean.
+    assert acc["gated"] >= 0.74
+    assert acc["gated"] >= acc["lr_concat"] - 0.01  # goal 1: at least the linear probe (+1.5 points on average)
+    assert acc["gated"] >= acc["image"] - 0.01  # goal 2: the OCR text costs nothing (+1.3 points on average)
+    assert acc["image"] >= acc["lr_image"] - 0.01
     assert fused["per_group"]["Packages"]["accuracy"] > image["per_group"]["Packages"]["accuracy"]

@@ -126,12 +126,19 @@ def test_default_sizes_match_spec():
     concat = dense_bn(256 + 128, 256) + dense_bn(256, 128)
     head = 128 * 81 + 81
 
-    assert build_model(81, 2048, image_branch="mlp", text_branch="none").count_params() == image + 256 * 81 + 81
-    assert build_model(81, text_dim=384, image_branch="none").count_params() == text + head
+    def wide(width):  # the linear path from the (normalised) embeddings straight to the 81 logits
+        return width * 81 + 81
+
+    assert build_model(81, 2048, image_branch="mlp", text_branch="none").count_params() == \
+        image + 256 * 81 + 81 + wide(2048)
+    assert build_model(81, 2048, image_branch="mlp", text_branch="none", wide=False).count_params() == \
+        image + 256 * 81 + 81
+    assert build_model(81, text_dim=384, image_branch="none").count_params() == text + head + wide(384)
     cnn_model = build_model(81, image_branch="none", text_branch="cnn")
-    assert cnn_model.count_params() == cnn + head
+    assert cnn_model.count_params() == cnn + head  # token ids have no linear path
     assert cnn_model.input["tokens"].shape == (None, SEQ_LEN)
-    assert build_model(81, 2048, 384, fusion="concat").count_params() == image + text + concat + head
+    assert build_model(81, 2048, 384, fusion="concat").count_params() == image + text + concat + head + \
+        wide(2048 + 384)
     gated = build_model(81, 2048, 384, fusion="gated")
     assert gated.get_layer("fusion").count_params() == (256 * 256 + 256) + (128 * 256 + 256) + (384 + 1)
 

@@ -29,7 +29,7 @@ def runs(synth, tmp_path_factory):
     base = tmp_path_factory.mktemp("runs")
     return {name: train(synth, base / name, *flags) for name, flags in {
         "concat": ["--fusion", "concat"], "gated": ["--fusion", "gated"],
-        "gated_deep_only": ["--fusion", "gated", "--no-wide"],
+        "gated_deep_only": ["--fusion", "gated", "--no-wide", "--modality-dropout", "0"],
         "image_only": ["--text-branch", "none"], "text_only": ["--image-branch", "none"]}.items()}
 
 
@@ -42,7 +42,8 @@ def test_fusion_uses_both_streams_and_unimodal_cannot(runs):
 
 
 def test_gate_leans_to_the_stream_that_carries_the_class(runs, synth):
-    # Without the wide path the gate alone decides how much each stream says (with it, the linear path also does).
+    # Without the wide path the gate alone decides how much each stream says (with it, the linear path also does),
+    # and without modality dropout no image-class item is ever seen with its image blanked.
     from prodfuse.shards import read_shards
     run = runs["gated_deep_only"]["run"]
     model = keras.models.load_model(f"{run}/model.keras")
@@ -159,3 +160,18 @@ def test_separate_test_folder_leaves_train_and_val_to_the_main_folder():
     assert {plan["train"][0], plan["val"][0]} == {"main"}
     assert len(plan["val"][1]) == 3 and len(plan["train"][1]) == 27  # 90/10, no test rows taken from main
     assert "separate test folder" in source
+
+
+def test_ensemble_saves_the_mean_of_its_members(synth, tmp_path):
+    from prodfuse.predict import load_run, read_items
+    r = train(synth, tmp_path / "ens", "--fusion", "gated", "--ensemble", "2", "--epochs", "3")
+    run = load_run(r["run"])  # one model.keras, loaded without custom code beyond `import prodfuse`
+    model = run["model"]
+    members = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    assert [m.name for m in members] == ["member_0", "member_1"]
+    x = read_items(synth, run["inputs"], rows=np.arange(20))
+    probs = model.predict(x, verbose=0)
+    np.testing.assert_allclose(probs, np.mean([m.predict(x, verbose=0) for m in members], axis=0), atol=1e-6)
+    assert not np.allclose(members[0].predict(x, verbose=0), members[1].predict(x, verbose=0))  # two seeds
+    with pytest.raises(ValueError, match="--ensemble must be >= 1 and cannot be combined with --staged"):
+        train(synth, tmp_path / "bad", "--ensemble", "2", "--staged")

@@ -218,7 +218,8 @@ def aggregate(per_rep: list[list[dict]]) -> list[dict]:
     out = []
     for i, first in enumerate(per_rep[0]):
         rows = [rep[i] for rep in per_rep]
-        row = {"model": first["model"], "repetitions": len(rows), "n": int(np.mean([r["n"] for r in rows])),
+        row = {"model": first["model"], "run": first["run"], "repetitions": len(rows),
+               "n": int(np.mean([r["n"] for r in rows])),
                "train_seconds": float(np.mean([r["train_seconds"] for r in rows]))}
         for m in METRICS + ("top3_accuracy",):
             values = [r[m] for r in rows if r.get(m) is not None]

@@ -15,26 +15,32 @@ def _sorted(out: dict) -> dict:
     return {k: np.sort(np.asarray(v, dtype=np.int64)) for k, v in out.items()}
 
 
-def stratified_split(labels: np.ndarray, seed: int, fractions=(0.8, 0.1, 0.1)) -> tuple[dict, list]:
-    """Per-class split by `fractions` (train, val, test). Classes with fewer than 3 items cannot be split: they go
-    to train, and are reported. A test fraction of 0 gives no test rows (the test set is elsewhere)."""
+def _per_class(labels: np.ndarray, seed: int, deal) -> tuple[dict, list]:
+    """Shuffle each class's rows by `seed` and let `deal(rows, rng)` return its (train, val, test) rows. Classes with
+    fewer than 3 items cannot be split: they go to train, and are reported."""
     rng = np.random.default_rng(seed)
     out = {"train": [], "val": [], "test": []}
     too_small = []
     for c in sorted(set(labels.tolist())):
         rows = np.flatnonzero(labels == c)
         rng.shuffle(rows)
-        n = len(rows)
-        if n < 3:
+        if len(rows) < 3:
             out["train"] += rows.tolist()
-            too_small.append((c, n))
+            too_small.append((c, len(rows)))
             continue
-        n_val = max(1, int(round(fractions[1] * n)))
-        n_test = max(1, int(round(fractions[2] * n))) if fractions[2] > 0 else 0
-        out["val"] += rows[:n_val].tolist()
-        out["test"] += rows[n_val:n_val + n_test].tolist()
-        out["train"] += rows[n_val + n_test:].tolist()
+        for name, part in zip(("train", "val", "test"), deal(rows, rng)):
+            out[name] += part.tolist()
     return _sorted(out), too_small
+
+
+def stratified_split(labels: np.ndarray, seed: int, fractions=(0.8, 0.1, 0.1)) -> tuple[dict, list]:
+    """Per-class split by `fractions` (train, val, test); a test fraction of 0 gives no test rows (the test set is
+    elsewhere). Classes with fewer than 3 items stay in train and are reported."""
+    def deal(rows, rng):
+        n_val = max(1, int(round(fractions[1] * len(rows))))
+        n_test = max(1, int(round(fractions[2] * len(rows)))) if fractions[2] > 0 else 0
+        return rows[n_val + n_test:], rows[:n_val], rows[n_val:n_val + n_test]
+    return _per_class(labels, seed, deal)
 
 
 def kfold_split(labels: np.ndarray, folds: int, fold: int, seed: int) -> tuple[dict, list]:
@@ -46,21 +52,12 @@ def kfold_split(labels: np.ndarray, folds: int, fold: int, seed: int) -> tuple[d
                          f"got {folds!r}")
     if not 0 <= fold < folds:
         raise ValueError(f"fold must be in 0..{folds - 1}; got {fold!r}")
-    rng = np.random.default_rng(seed)
-    out = {"train": [], "val": [], "test": []}
-    too_small = []
-    for c in sorted(set(labels.tolist())):
-        rows = np.flatnonzero(labels == c)
-        rng.shuffle(rows)
-        if len(rows) < 3:
-            out["train"] += rows.tolist()
-            too_small.append((c, len(rows)))
-            continue
+
+    def deal(rows, rng):
         which = (rng.integers(folds) + np.arange(len(rows))) % folds
-        out["test"] += rows[which == fold].tolist()
-        out["val"] += rows[which == (fold + 1) % folds].tolist()
-        out["train"] += rows[(which != fold) & (which != (fold + 1) % folds)].tolist()
-    return _sorted(out), too_small
+        val = (fold + 1) % folds
+        return rows[(which != fold) & (which != val)], rows[which == val], rows[which == fold]
+    return _per_class(labels, seed, deal)
 
 
 def split_from_column(values: np.ndarray) -> dict:
