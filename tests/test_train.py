@@ -29,7 +29,7 @@ def runs(synth, tmp_path_factory):
     base = tmp_path_factory.mktemp("runs")
     return {name: train(synth, base / name, *flags) for name, flags in {
         "concat": ["--fusion", "concat"], "gated": ["--fusion", "gated"],
-        "gated_deep_only": ["--fusion", "gated", "--no-wide", "--modality-dropout", "0"],
+        "gated_deep_only": ["--fusion", "gated", "--no-wide", "--modality-dropout", "0", "--input-norm", "none"],
         "image_only": ["--text-branch", "none"], "text_only": ["--image-branch", "none"]}.items()}
 
 
@@ -42,8 +42,9 @@ def test_fusion_uses_both_streams_and_unimodal_cannot(runs):
 
 
 def test_gate_leans_to_the_stream_that_carries_the_class(runs, synth):
-    # Without the wide path the gate alone decides how much each stream says (with it, the linear path also does),
-    # and without modality dropout no image-class item is ever seen with its image blanked.
+    # The gate mechanism on its own: without the wide path the gate alone decides how much each stream says (with
+    # it, the linear path also does), without modality dropout no image-class item is seen with its image blanked,
+    # and without the in-model L2 norm the raw image scale reaches the gate as in the GMU paper.
     from prodfuse.shards import read_shards
     run = runs["gated_deep_only"]["run"]
     model = keras.models.load_model(f"{run}/model.keras")
