@@ -79,6 +79,7 @@ class ShardSequence(keras.utils.PyDataset):
         if class_weight:
             self._weights = np.array([class_weight.get(c, 1.0) for c in range(num_classes)], dtype=np.float32)
         self._rng = np.random.default_rng(seed)
+        self._epoch = 0
         self._order = self.rows.copy()
         if training:
             self._rng.shuffle(self._order)
@@ -87,29 +88,33 @@ class ShardSequence(keras.utils.PyDataset):
         return math.ceil(len(self.rows) / self.batch_size)
 
     def on_epoch_end(self) -> None:
+        self._epoch += 1
         if self.training:
             self._rng.shuffle(self._order)
 
     def __getitem__(self, index: int):
         idx = self._order[index * self.batch_size:(index + 1) * self.batch_size]
         x = {name: arr[idx] for name, arr in self.arrays.items()}
+        # A batch's augmentation draws depend on (seed, epoch, batch) alone, not on the order in which Keras asks for
+        # batches (it may ask ahead, or twice): training stays repeatable for a seed.
+        rng = np.random.default_rng((self.seed, self._epoch, index))
         # Training draws one of each photo's views per epoch (augmentation); validation sees the whole photo.
         views = view_count(x)
-        x = with_view(x, self._rng.integers(0, views, size=len(idx)) if self.training and views > 1 else 0)
+        x = with_view(x, rng.integers(0, views, size=len(idx)) if self.training and views > 1 else 0)
         y_int = self.labels[idx]
         y = np.zeros((len(idx), self.num_classes), dtype=np.float32)
         y[np.arange(len(idx)), y_int] = 1.0
         w = self._weights[y_int] if self._weights is not None else np.ones(len(idx), np.float32)
         if self.training and self.mixup > 0 and "image" in x:
-            lam = self._rng.beta(self.mixup, self.mixup, size=(len(idx), 1)).astype(np.float32)
-            perm = self._rng.permutation(len(idx))
+            lam = rng.beta(self.mixup, self.mixup, size=(len(idx), 1)).astype(np.float32)
+            perm = rng.permutation(len(idx))
             x["image"] = lam * x["image"] + (1 - lam) * x["image"][perm]
             y = lam * y + (1 - lam) * y[perm]
             w = lam[:, 0] * w + (1 - lam[:, 0]) * w[perm]
         if self.training and self.modality_dropout > 0 and len(x) > 1:
             streams = [s for s in ("image", "text", "tokens") if s in x]
-            drop = self._rng.random(len(idx)) < self.modality_dropout
-            which = self._rng.integers(0, 2, size=len(idx))  # 0: blank the image, 1: blank the text
+            drop = rng.random(len(idx)) < self.modality_dropout
+            which = rng.integers(0, 2, size=len(idx))  # 0: blank the image, 1: blank the text
             for s in streams:
                 target = drop & (which == (0 if s == "image" else 1))
                 x[s][target] = 0  # x[s] is a fresh copy (fancy indexing), never the stored array
