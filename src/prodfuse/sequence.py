@@ -94,7 +94,8 @@ class ShardSequence(keras.utils.PyDataset):
 
     def __getitem__(self, index: int):
         idx = self._order[index * self.batch_size:(index + 1) * self.batch_size]
-        x = {name: arr[idx] for name, arr in self.arrays.items()}
+        # Validation sees the whole photo only, so it does not gather the augmented views at all.
+        x = {name: arr[idx] for name, arr in self.arrays.items() if self.training or name != "image_views"}
         # A batch's augmentation draws depend on (seed, epoch, batch) alone, not on the order in which Keras asks for
         # batches (it may ask ahead, or twice): training stays repeatable for a seed.
         rng = np.random.default_rng((self.seed, self._epoch, index))
