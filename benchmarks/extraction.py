@@ -96,9 +96,11 @@ def time_extract(catalog: Path, out: Path, args) -> tuple[dict, np.ndarray]:
     passes), `forward` (the compiled forward passes alone), `first_batch` (the first one, which traces the
     model), `trace` (its excess over the later batches' pace; None with a single batch), `text_fit` (fitting the
     text encoder) and `total` (the whole call); `build_cpu`, `total_cpu`: CPU seconds of this process."""
-    from prodfuse import image_encoders, shards, text_encoders
+    from prodfuse.encoders import image as image_encoders
+    from prodfuse.data import shards
+    from prodfuse.encoders import text as text_encoders
     from prodfuse.cli import build_parser
-    from prodfuse.extract import run_extract
+    from prodfuse.extraction.extract import run_extract
 
     ns = build_parser().parse_args([
         "extract", "--catalog", str(catalog), "--out", str(out), "--backbone", args.backbone,
@@ -161,7 +163,7 @@ def time_backbone(model, pixels: np.ndarray) -> tuple[float, float, float, np.nd
     `model` is fresh, so its first batch traces the compiled step as extract's first batch does: wall and CPU
     seconds include that first call, and `first-call s` says how long it took (the ceiling without it is
     wall - first call + the first batch at the later batches' pace)."""
-    from prodfuse import image_encoders
+    from prodfuse.encoders import image as image_encoders
 
     predict = image_encoders._predict_fn(model)  # the compiled step iter_image_embeddings uses
     t, c = time.perf_counter(), time.process_time()
@@ -175,7 +177,7 @@ def time_keras_common(folder: Path, args) -> tuple[float, float, np.ndarray]:
     """(wall s, CPU s, embeddings) of image_dataset_from_directory + model.predict."""
     import keras
 
-    from prodfuse import image_encoders
+    from prodfuse.encoders import image as image_encoders
 
     model = image_encoders.build_backbone(args.backbone, args.weights, args.image_size)
     t, c = time.perf_counter(), time.process_time()
@@ -186,7 +188,7 @@ def time_keras_common(folder: Path, args) -> tuple[float, float, np.ndarray]:
 
 
 def time_ocr(paths: list[str], workers: int, cache_dir: Path) -> float:
-    from prodfuse import ocr
+    from prodfuse.encoders import ocr
 
     t = time.perf_counter()
     res = ocr.ocr_images(paths, engine="rapidocr", workers=workers, cache_dir=cache_dir, progress=False)
@@ -214,7 +216,8 @@ def main() -> None:
         tmp = Path(tmp)
         os.environ["PRODFUSE_CACHE"] = str(tmp / "cache")  # before prodfuse reads it: never the user's cache
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        from prodfuse import image_encoders, ocr
+        from prodfuse.encoders import image as image_encoders
+        from prodfuse.encoders import ocr
 
         rows = read_photos(Path(args.csv), args.images)
         args.images = len(rows)

@@ -45,7 +45,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from prodfuse.cli import build_parser
-    from prodfuse.compare import run_compare
+    from prodfuse.evaluation.compare import run_compare
     from test_accuracy import fashion_shards, grocery_shards
 
     import tempfile

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from prodfuse import shards  # noqa: E402
+from prodfuse.data import shards  # noqa: E402
 
 
 def write_our_shards(folder: Path, img: np.ndarray, txt: np.ndarray, shard_rows: int) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from prodfuse import shards  # noqa: E402
+from prodfuse.data import shards  # noqa: E402
 
 VARIANTS = ("sequence", "numpy")
 NUM_CLASSES = 16
@@ -70,9 +70,9 @@ def run_variant(args: argparse.Namespace) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
-    from prodfuse.model import build_model
-    from prodfuse.sequence import ShardSequence, load_inputs
-    from prodfuse.train import balanced_class_weights
+    from prodfuse.modeling.model import build_model
+    from prodfuse.data.sequence import ShardSequence, load_inputs
+    from prodfuse.modeling.training import balanced_class_weights
 
     keras.utils.set_random_seed(0)
     model = build_model(NUM_CLASSES, args.image_dim, args.text_dim, fusion="gated")

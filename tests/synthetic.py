@@ -1,7 +1,7 @@
 """Synthetic shard folders for training tests: classes separable only by the image or only by the text."""
 import numpy as np
 
-from prodfuse import shards
+from prodfuse.data import shards
 
 HEADER = {"catalog_path": "synthetic", "catalog_sha256": "-", "columns": {"id": "product_id", "split": None},
           "settings": {}, "encoders": {}, "versions": {}}

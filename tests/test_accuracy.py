@@ -10,10 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from prodfuse import shards
+from prodfuse.data import shards
 from prodfuse.cli import build_parser, main
-from prodfuse.compare import run_compare
-from prodfuse.extract import run_extract
+from prodfuse.evaluation.compare import run_compare
+from prodfuse.extraction.extract import run_extract
 
 from conftest import MOBILENET_WEIGHTS, SHARED
 

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from prodfuse.calibration import apply_temperature, fit_temperature, load_temperature, negative_log_likelihood, \
+from prodfuse.inference.calibration import apply_temperature, fit_temperature, load_temperature, negative_log_likelihood, \
     reliability_bins, save_temperature
-from prodfuse.metrics import expected_calibration_error
+from prodfuse.modeling.metrics import expected_calibration_error
 
 
 def _softmax(z):
@@ -82,7 +82,7 @@ def test_temperature_file_round_trip(tmp_path):
 
 
 def test_reliability_plot_writes_a_png(tmp_path):
-    from prodfuse.plots import plot_reliability
+    from prodfuse.evaluation.plots import plot_reliability
     z, y = _calibrated_world(n=300, seed=4)
     p = _softmax(4 * z)
     q = apply_temperature(p, 4.0)

@@ -3,7 +3,7 @@ import json
 import pandas as pd
 import pytest
 
-from prodfuse.catalog import Columns, read_catalog, resolve_image_paths
+from prodfuse.data.catalog import Columns, read_catalog, resolve_image_paths
 
 
 def write_csv(path, text):

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from prodfuse.compare import MODELS, TRAINED, fit_late_weight, parse_models, repetitions, train_namespace
+from prodfuse.evaluation.compare import MODELS, TRAINED, fit_late_weight, parse_models, repetitions, train_namespace
 from synthetic import write_synthetic_shards
 
 

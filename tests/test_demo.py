@@ -2,7 +2,7 @@ import hashlib
 
 import pandas as pd
 
-from prodfuse.demo import CLASSES, PACKAGED, PER_CLASS, write_demo_catalog
+from prodfuse.data.demo import CLASSES, PACKAGED, PER_CLASS, write_demo_catalog
 
 
 def digest(folder):

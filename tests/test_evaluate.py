@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from sklearn.metrics import classification_report, f1_score, top_k_accuracy_score
 
-from prodfuse.evaluate import confusion, gate_per_class, modality_ablation, per_class_report
-from prodfuse.metrics import classification_metrics
-from prodfuse.plots import plot_confusion, top_confusions
+from prodfuse.evaluation.evaluate import confusion, gate_per_class, modality_ablation, per_class_report
+from prodfuse.modeling.metrics import classification_metrics
+from prodfuse.evaluation.plots import plot_confusion, top_confusions
 from synthetic import write_synthetic_shards
 
 
@@ -125,7 +125,7 @@ def test_gate_per_class_means():
 @pytest.fixture(scope="module")
 def gated_run(tmp_path_factory):
     from prodfuse.cli import build_parser
-    from prodfuse.train import run_train
+    from prodfuse.modeling.training import run_train
     root = tmp_path_factory.mktemp("eval")
     # Noisy on purpose: the run must make mistakes, so scoring other rows than its test split would show.
     emb = make_shards(root / "emb", [c for c in "abcd" for _ in range(15)], spread=0.7)

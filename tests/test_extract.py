@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prodfuse import extract, image_encoders, shards
+from prodfuse.extraction import extract
+from prodfuse.encoders import image as image_encoders
+from prodfuse.data import shards
 from prodfuse.cli import build_parser, main
 
 FAST = ["--backbone", "mobilenet_v2", "--weights", "none", "--image-size", "32", "--ocr", "none", "--no-progress"]

@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from prodfuse.fusion import FUSIONS, ConcatFusion, CrossAttentionFusion, GatedFusion, get_fusion
+from prodfuse.modeling.fusion import FUSIONS, ConcatFusion, CrossAttentionFusion, GatedFusion, get_fusion
 
 B, IMG, TXT = 5, 16, 8
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from prodfuse import image_encoders as ie
+from prodfuse.encoders import image as ie
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MOBILENET_H5 = SHARED / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"

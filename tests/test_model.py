@@ -2,8 +2,8 @@ import keras
 import numpy as np
 import pytest
 
-from prodfuse.fusion import ConcatFusion, CrossAttentionFusion, GatedFusion
-from prodfuse.model import SEQ_LEN, VOCAB_SIZE, build_model, gate_model, model_inputs
+from prodfuse.modeling.fusion import ConcatFusion, CrossAttentionFusion, GatedFusion
+from prodfuse.modeling.model import SEQ_LEN, VOCAB_SIZE, build_model, gate_model, model_inputs
 
 IMG, TXT, K = 16, 8, 4
 SMALL = dict(image_units=(12, 8), image_dropout=(0.1, 0.1), text_units=(10, 6), text_dropout=(0.1, 0.1))

@@ -1,4 +1,4 @@
-"""Tests for prodfuse.ocr: filter rules, parsers, languages, cache, error handling, real engines."""
+"""Tests for prodfuse.encoders.ocr: filter rules, parsers, languages, cache, error handling, real engines."""
 
 import importlib.util
 import shutil
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from prodfuse import ocr
-from prodfuse.ocr import (
+from prodfuse.encoders import ocr
+from prodfuse.encoders.ocr import (
     OcrResult,
     filter_words,
     iter_ocr,
@@ -288,7 +288,7 @@ def test_worker_pool_keeps_input_order(tmp_path):
 def test_workers_do_not_import_tensorflow_or_prodfuse():
     pool, mod = ocr._open_pool("none", (), 1)
     with pool:
-        loaded = pool.apply(mod._loaded_modules, (["tensorflow", "keras", "prodfuse", "prodfuse.ocr"],))
+        loaded = pool.apply(mod._loaded_modules, (["tensorflow", "keras", "prodfuse", "prodfuse.encoders.ocr"],))
     assert loaded == []
 
 

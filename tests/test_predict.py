@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from prodfuse import shards
+from prodfuse.data import shards
 from prodfuse.cli import main
-from prodfuse.predict import contributions, prediction_table, zero_stream
+from prodfuse.inference.predict import contributions, prediction_table, zero_stream
 
 FAST = ["--backbone", "mobilenet_v2", "--weights", "none", "--image-size", "32", "--ocr", "none",
         "--text-encoder", "tfidf", "--no-progress"]
@@ -72,7 +72,7 @@ def test_predict_catalog_rejects_bad_image_and_predicts_the_rest(trained, capsys
     assert (pred["prob_1"] >= pred["prob_2"]).all()
     # the default model has a wide path, so each stream's contribution is the drop of the top class's
     # probability when that stream is zeroed (T = 1 here)
-    from prodfuse.predict import contributions, forward, load_run, read_items
+    from prodfuse.inference.predict import contributions, forward, load_run, read_items
     run = load_run(trained / "run")
     out_ = forward(run["model"], read_items(trained / "out" / "pred.embeddings", run["inputs"]), 1.0)
     img_c, txt_c = contributions(out_)
@@ -103,8 +103,8 @@ def test_predict_reproduces_evaluate_probabilities(trained, capsys):
     cols = ["prob_1", "prob_2", "prob_3", "image_contribution", "text_contribution"]
     np.testing.assert_allclose(ev[cols].to_numpy(), pr[cols].to_numpy(), atol=2e-6)
     # both are the model's softmax recalibrated with the temperature evaluate saved in the run folder
-    from prodfuse.calibration import apply_temperature
-    from prodfuse.predict import load_run, predict_arrays, read_items
+    from prodfuse.inference.calibration import apply_temperature
+    from prodfuse.inference.predict import load_run, predict_arrays, read_items
     t = json.loads((trained / "run" / "temperature.json").read_text())["temperature"]
     r = load_run(run)
     raw = predict_arrays(r["model"], {k: v for k, v in read_items(trained / "emb", r["inputs"]).items()})

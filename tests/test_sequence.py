@@ -3,7 +3,7 @@ import platform
 import numpy as np
 import pytest
 
-from prodfuse.sequence import ShardSequence, load_inputs
+from prodfuse.data.sequence import ShardSequence, load_inputs
 from synthetic import write_synthetic_shards
 
 
@@ -103,8 +103,8 @@ def test_freed_heap_is_kept_mapped_on_glibc(monkeypatch):
 
 
 def test_training_draws_views_and_prediction_averages_them():
-    from prodfuse.predict import predict_arrays
-    from prodfuse.sequence import view_count, with_view
+    from prodfuse.inference.predict import predict_arrays
+    from prodfuse.data.sequence import view_count, with_view
     n, d = 6, 4
     image = np.zeros((n, d), np.float32)
     views = np.stack([np.full((n, d), v, np.float32) for v in (1, 2)], axis=1).reshape(n, -1)  # view v == v

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from prodfuse import shards
+from prodfuse.data import shards
 
 
 def header(**settings):

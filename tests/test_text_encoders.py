@@ -4,8 +4,8 @@ import time
 import numpy as np
 import pytest
 
-from prodfuse import text_encoders as te
-from prodfuse.text_encoders import (
+from prodfuse.encoders import text as te
+from prodfuse.encoders.text import (
     VOCAB_SIZE,
     fit_vocabulary,
     join_text,

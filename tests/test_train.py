@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from prodfuse import model as model_lib
+from prodfuse.modeling import model as model_lib
 from prodfuse.cli import build_parser
-from prodfuse.train import balanced_class_weights, run_train, stratified_split
+from prodfuse.modeling.training import balanced_class_weights, run_train, stratified_split
 from synthetic import image_vs_text_classes, write_synthetic_shards
 
 
@@ -45,7 +45,7 @@ def test_gate_leans_to_the_stream_that_carries_the_class(runs, synth):
     # The gate mechanism on its own: without the wide path the gate alone decides how much each stream says (with
     # it, the linear path also does), without modality dropout no image-class item is seen with its image blanked,
     # and without the in-model L2 norm the raw image scale reaches the gate as in the GMU paper.
-    from prodfuse.shards import read_shards
+    from prodfuse.data.shards import read_shards
     run = runs["gated_deep_only"]["run"]
     model = keras.models.load_model(f"{run}/model.keras")
     data = read_shards(synth, ["image_embedding", "text_embedding", "label"])
@@ -83,7 +83,7 @@ def test_early_stopping_restores_best_weights_not_last(synth, tmp_path):
 
 
 def test_saved_model_loads_without_custom_objects(runs, synth):
-    from prodfuse.shards import read_shards
+    from prodfuse.data.shards import read_shards
     data = read_shards(synth, ["image_embedding", "text_embedding"], rows=np.arange(10))
     m = keras.models.load_model(f"{runs['gated']['run']}/model.keras")
     p = m.predict({"image": data["image_embedding"], "text": data["text_embedding"]}, verbose=0)
@@ -120,7 +120,7 @@ def test_missing_demo_shards_message(tmp_path, monkeypatch):
 
 
 def test_branch_rate_adam_scales_only_branch_steps():
-    from prodfuse.train import BranchRateAdam
+    from prodfuse.modeling.training import BranchRateAdam
     inp = keras.Input((1,), name="image")
     h = keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros", name="image_dense_0")(inp)
     out = keras.layers.Dense(1, use_bias=False, kernel_initializer="ones", name="fusion_dense")(h)
@@ -136,7 +136,7 @@ def test_branch_rate_adam_scales_only_branch_steps():
 
 
 def test_kfold_split_partitions_every_class():
-    from prodfuse.splits import kfold_split
+    from prodfuse.data.splits import kfold_split
     labels = np.array(["a"] * 10 + ["b"] * 7 + ["c"] * 2)
     tests = []
     for k in range(5):
@@ -154,7 +154,7 @@ def test_kfold_split_partitions_every_class():
 
 
 def test_separate_test_folder_leaves_train_and_val_to_the_main_folder():
-    from prodfuse.splits import plan_splits
+    from prodfuse.data.splits import plan_splits
     labels = np.array(["a"] * 20 + ["b"] * 10)
     plan, _, source = plan_splits(labels, None, None, 0, n_test_folder=7)
     assert plan["test"][0] == "test" and plan["test"][1].tolist() == list(range(7))
@@ -164,7 +164,7 @@ def test_separate_test_folder_leaves_train_and_val_to_the_main_folder():
 
 
 def test_ensemble_saves_the_mean_of_its_members(synth, tmp_path):
-    from prodfuse.predict import load_run, read_items
+    from prodfuse.inference.predict import load_run, read_items
     r = train(synth, tmp_path / "ens", "--fusion", "gated", "--ensemble", "2", "--epochs", "3")
     run = load_run(r["run"])  # one model.keras, loaded without custom code beyond `import prodfuse`
     model = run["model"]

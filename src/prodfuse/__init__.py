@@ -1,34 +1,51 @@
-"""prodfuse: multimodal product classification (image + title/description + OCR text) on Keras 3."""
+"""prodfuse: multimodal product classification (image + title/description + OCR text) on Keras 3.
 
-__version__ = "0.1.0"
+    import prodfuse
+    summary = prodfuse.extract(prodfuse.ExtractConfig(catalog="catalog.csv", out="embeddings/shop"))
+    run = prodfuse.train(prodfuse.TrainConfig(embeddings="embeddings/shop", out="runs/shop"))
+    predictor = prodfuse.Predictor.from_run("runs/shop")
+    predictor.predict([{"image": "photo.jpg", "title": "oat milk 1 l"}], top_k=5)
 
-import ctypes as _ctypes
-import os as _os
-import sys as _sys
+`import prodfuse` is light (no TensorFlow): each name below is imported when first used. Importing
+`prodfuse.modeling.fusion` registers the fusion layers with Keras, so `keras.models.load_model(".../model.keras")`
+works after it (Run.load and Predictor do it for you).
+"""
 
-# TensorFlow's C++ start-up chatter (no CUDA here, CPU instruction sets...) buries our own messages; a user can
-# still set TF_CPP_MIN_LOG_LEVEL=0 to see it. Must be set before TensorFlow is first imported.
-_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.2.0"
+
+# public name -> module that defines it
+_API = {
+    "ExtractConfig": "prodfuse.extraction.config",
+    "extract": "prodfuse.extraction.extract",
+    "TrainConfig": "prodfuse.modeling.config",
+    "train": "prodfuse.modeling.training",
+    "Run": "prodfuse.modeling.run",
+    "EvaluateConfig": "prodfuse.evaluation.config",
+    "evaluate": "prodfuse.evaluation.evaluate",
+    "CompareConfig": "prodfuse.evaluation.config",
+    "compare": "prodfuse.evaluation.compare",
+    "PredictConfig": "prodfuse.inference.config",
+    "predict": "prodfuse.inference.batch",
+    "Predictor": "prodfuse.inference.predictor",
+    "read_shards": "prodfuse.data.shards",
+    "Columns": "prodfuse.data.catalog",
+    "read_catalog": "prodfuse.data.catalog",
+    "keep_freed_heap_mapped": "prodfuse.allocator",
+}
+__all__ = sorted(_API)
 
 
-def _keep_freed_heap_mapped(pad_bytes: int = 64 << 20) -> bool:
-    """Ask glibc to keep `pad_bytes` of freed heap mapped instead of trimming it back to the system at once.
-
-    Training allocates fresh batch arrays every step (~0.3 MB at batch 32 of 2048 + 384 floats) and frees them a
-    step later. With glibc's defaults each batch's memory was returned and page-faulted in again, which on 2 cores
-    doubled an epoch's CPU time and made the ShardSequence feed 2.5x slower than `fit` on in-memory arrays
-    (benchmarks/training_feed.py). It only helps when set before TensorFlow starts its threads, hence here.
-    Returns False (and changes nothing) where the C library is not glibc.
-    """
-    if not _sys.platform.startswith("linux") or _os.environ.get("PRODFUSE_KEEP_MALLOC_DEFAULTS"):
-        return False
-    try:
-        return bool(_ctypes.CDLL(None).mallopt(-2, pad_bytes))  # -2: M_TOP_PAD
-    except (OSError, AttributeError):
-        return False
+def __getattr__(name: str):
+    if name in _API:
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'prodfuse' has no attribute {name!r}")
 
 
-_keep_freed_heap_mapped()
-
-# Registers the fusion layers with Keras, so `import prodfuse` is all a saved `model.keras` needs to load.
-from . import fusion  # noqa: E402,F401
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -11,7 +11,7 @@ import math
 import keras
 import numpy as np
 
-from . import shards
+from prodfuse.data import shards
 
 # Model input name -> shard column. "image_views" is no model input: it holds the augmented views of extraction's
 # --views, which training draws "image" from and prediction averages over (`with_view`).
@@ -120,3 +120,10 @@ class ShardSequence(keras.utils.PyDataset):
                 target = drop & (which == (0 if s == "image" else 1))
                 x[s][target] = 0  # x[s] is a fresh copy (fancy indexing), never the stored array
         return x, y, w.astype(np.float32)
+
+
+def read_items(folder, inputs: list[str], extra: list[str] = (), rows=None) -> dict[str, np.ndarray]:
+    """Model inputs (keyed by input name) and extra columns (keyed by column name) of the chosen rows."""
+    cols = [INPUT_COLUMNS[i] for i in inputs] + [c for c in dict.fromkeys(extra) if c not in INPUT_COLUMNS.values()]
+    data = shards.read_shards(folder, cols, rows)
+    return {**{i: data[INPUT_COLUMNS[i]] for i in inputs}, **{c: data[c] for c in extra}}

@@ -6,37 +6,32 @@ training made it (same seed / split column); any other shard folder is scored wh
 
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from . import shards
-from .catalog import file_sha256
-from .calibration import apply_temperature, fit_temperature, negative_log_likelihood, reliability_bins, \
-    save_temperature
-from .metrics import classification_metrics, expected_calibration_error
-from .predict import check_compatible, contributions, forward, load_run, predict_arrays, prediction_table, read_items, \
-    shard_columns
+from prodfuse.data import shards
+from prodfuse.data.catalog import file_sha256
+from prodfuse.data.sequence import read_items
+from prodfuse.data.shards import shard_columns
+from prodfuse.evaluation.config import EvaluateConfig
+from prodfuse.inference.calibration import apply_temperature, fit_temperature, negative_log_likelihood, \
+    reliability_bins
+from prodfuse.inference.forward import contributions, forward
+from prodfuse.inference.predict import check_compatible, prediction_table
+from prodfuse.modeling.metrics import classification_metrics, expected_calibration_error
+from prodfuse.modeling.probabilities import predict_arrays
+from prodfuse.modeling.run import Run, save_temperature, train_config_of
 
-SPLITS = ("test", "val", "all")
-
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, help="run folder written by train")
-    p.add_argument("--embeddings", default=None,
-                   help="shard folder to score (default: the run's training shards, held-out rows)")
-    p.add_argument("--split", default=None, choices=SPLITS,
-                   help="rows to score (default: test, or val when the run has no test split, on the run's own "
-                        "shards; all rows of any other folder)")
-    p.add_argument("--group-col", default=None, help="shard column to break the results down by (e.g. group)")
-    p.add_argument("--out", default=None, help="output folder (default <run>/eval-<split>)")
-    p.add_argument("--top-confusions", type=int, default=20, help="confusions listed in the table (default 20)")
-    p.add_argument("--batch-size", type=int, default=1024, help="items per model batch")
+log = logging.getLogger(__name__)
+# Fewer validation items than this and a fitted temperature is noise (5 items gave T = 0.05 and worse ECE): T = 1.
+MIN_CALIBRATION_ITEMS = 30
+# Fewer scored items than this and a few points of accuracy are within the noise: reports say so.
+FEW_ITEMS = 100
 
 
 # ---------------------------------------------------------------------------------------------------- rows
@@ -47,16 +42,17 @@ def run_splits(config: dict) -> dict[str, tuple[Path, np.ndarray]]:
 
     Rows whose label training never saw are kept here (train drops them from val/test); callers report them.
     """
-    from .splits import plan_splits
-    from .train import resolve_split_col
+    from prodfuse.data.splits import plan_splits
+    from prodfuse.modeling.training import resolve_split_col
 
     emb = Path(config["embeddings"])
-    a = config["args"]
+    tc = train_config_of(config)
+    a = {"folds": tc.folds, "fold": tc.fold, "split_col": tc.split_col, "seed": tc.seed} if tc else config["args"]
     manifest = shards.read_manifest(emb)
     if config.get("manifest_sha256") and \
             file_sha256(emb / shards.MANIFEST) != config["manifest_sha256"]:
-        print(f"warning: {emb} changed since the run was trained (manifest differs); the recomputed split may "
-              f"not be the one training used.", file=sys.stderr)
+        log.warning("%s changed since the run was trained (manifest differs); the recomputed split may not be the "
+                    "one training used.", emb)
     folders = {"main": emb}
     sizes = {}
     for where, key in (("val", "val_embeddings"), ("test", "test_embeddings")):
@@ -100,7 +96,7 @@ def select_rows(config: dict, folder: Path, split: str | None) -> tuple[np.ndarr
     if not col:
         raise ValueError(f"--split {split} needs a split column in {str(folder)!r}, which has none; omit --split "
                          f"to score all its rows.")
-    from .train import split_from_column
+    from prodfuse.modeling.training import split_from_column
     rows = split_from_column(np.asarray(shards.read_shards(folder, [col])[col]))[split]
     return rows, split, f"rows of {str(folder)!r} whose {col!r} is {split}"
 
@@ -165,39 +161,54 @@ def _md_table(rows: list[dict], columns: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------------- command
 
 
-def split_probs(run: dict, name: str, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def split_probs(run: Run, name: str, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """(y, softmax probabilities) of a loaded run on one of its own splits, over rows whose label the run knows."""
-    config, classes = run["config"], run["classes"]
+    config, classes = run.config, run.classes
     folder, rows = run_splits(config)[name]
     label_col = config["label_col"]
-    data = read_items(folder, run["inputs"], [label_col], rows)
+    data = read_items(folder, run.inputs, [label_col], rows)
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index.get(str(v), -1) for v in data[label_col]], dtype=np.int64)
     keep = y >= 0
-    probs = predict_arrays(run["model"], {k: data[k][keep] for k in run["inputs"]}, batch_size)
+    probs = predict_arrays(run.model, {k: data[k][keep] for k in run.inputs}, batch_size)
     return y[keep], probs
 
 
-def calibrate_run(run: dict, batch_size: int = 1024, val: tuple | None = None) -> tuple[float, dict]:
+def calibrate_run(run: Run, batch_size: int = 1024, val: tuple | None = None) -> tuple[float, dict]:
     """Fit the temperature on the run's validation split and save it in the run folder; returns (T, details).
 
-    `val`: the (y, probs) of `split_probs(run, "val")` when the caller already has them.
+    T stays 1 (and `info["kept_t1"]` says why) when the split has fewer than MIN_CALIBRATION_ITEMS items or when
+    the fitted T would raise the validation ECE. `val`: the (y, probs) of `split_probs(run, "val")` when the
+    caller already has them.
     """
     y, probs = val if val is not None else split_probs(run, "val", batch_size)
-    t = fit_temperature(y, probs)
-    cal = apply_temperature(probs, t)
     info = {"fitted_on": "val", "n": int(len(y)), "nll_before": negative_log_likelihood(y, probs),
-            "nll_after": negative_log_likelihood(y, cal), "ece_before": expected_calibration_error(y, probs),
-            "ece_after": expected_calibration_error(y, cal)}
-    save_temperature(run["path"], t, info)
+            "ece_before": expected_calibration_error(y, probs)}
+    t, why = 1.0, None
+    if len(y) < MIN_CALIBRATION_ITEMS:
+        why = f"the validation split has {len(y)} items, fewer than {MIN_CALIBRATION_ITEMS}: a fitted T is noise"
+    else:
+        fitted = fit_temperature(y, probs)
+        ece = expected_calibration_error(y, apply_temperature(probs, fitted))
+        if ece > info["ece_before"]:
+            why = f"the fitted T = {fitted:.3g} raised the validation ECE ({info['ece_before']:.4f} -> {ece:.4f})"
+        else:
+            t = fitted
+    cal = apply_temperature(probs, t)
+    info.update({"nll_after": negative_log_likelihood(y, cal), "ece_after": expected_calibration_error(y, cal),
+                 "kept_t1": why})
+    save_temperature(run.path, t, info)
+    run.temperature, run.calibrated = t, True
     return t, info
 
 
-def run_evaluate(args: argparse.Namespace) -> dict:
-    from . import plots
+def evaluate(config: EvaluateConfig) -> dict:
+    """Score a run (see EvaluateConfig) and write the report folder; returns the metrics that metrics.json holds."""
+    from prodfuse.evaluation import plots
 
-    run = load_run(args.run)
-    config, classes, model = run["config"], run["classes"], run["model"]
+    args = config
+    run = Run.load(args.run)
+    config, classes, model = run.config, run.classes, run.model
     k = len(classes)
     folder = Path(args.embeddings or config["embeddings"])
     manifest = shards.read_manifest(folder)
@@ -213,13 +224,13 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     if args.group_col and present and args.group_col not in present:
         raise ValueError(f"--group-col {args.group_col!r} is not a column of {str(folder)!r}; it has "
                          f"{[c for c in present if c not in ('image_embedding', 'text_embedding', 'tokens')]}.")
-    out_dir = Path(args.out or Path(run["path"]) / f"eval-{split}")
+    out_dir = Path(args.out or run.path / f"eval-{split}")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     temperature, cal_info = calibrate_run(run, args.batch_size)
 
     extra = [id_col, label_col] + ([args.group_col] if args.group_col else [])
-    data = read_items(folder, run["inputs"], extra, rows)
+    data = read_items(folder, run.inputs, extra, rows)
     labels = np.asarray(data[label_col]).astype(str)
     index = {c: i for i, c in enumerate(classes)}
     y_all = np.array([index.get(c, -1) for c in labels], dtype=np.int64)
@@ -228,7 +239,7 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     if not known.any():
         raise ValueError(f"None of the {len(labels)} rows selected ({note}) has a label the run knows "
                          f"({classes[:5]}...); check --embeddings and the run's label column {label_col!r}.")
-    arrays = {k_: data[k_] for k_ in run["inputs"]}
+    arrays = {k_: data[k_] for k_ in run.inputs}
     res = forward(model, arrays, temperature, args.batch_size)
 
     # Predictions of every selected row (unknown labels too), in the same format as `prodfuse predict`.
@@ -284,10 +295,12 @@ def run_evaluate(args: argparse.Namespace) -> dict:
               "calibration": {"temperature": temperature, "fitted_on": "the run's validation split",
                               "in_sample": split == "val" and _same_folder(folder, config["embeddings"]),
                               **{f"val_{k_}": v for k_, v in cal_info.items() if k_ != "fitted_on"}},
-              "top_confusions": top, "run": str(run["path"]), "embeddings": str(folder), "model": model.name}
+              "top_confusions": top, "run": str(run.path), "embeddings": str(folder), "model": model.name,
+              "model_sha256": run.fingerprint, "out": str(out_dir),
+              "note": (f"Only {int(known.sum())} items are scored: differences of a few points are noise."
+                       if known.sum() < FEW_ITEMS else None)}
     (out_dir / "metrics.json").write_text(json.dumps(_jsonable(result), indent=1))
     (out_dir / "report.md").write_text(_report(result, classes))
-    print_evaluate_summary(result, out_dir)
     return result
 
 
@@ -317,10 +330,13 @@ def _report(r: dict, classes: list[str]) -> str:
                 f"{r['unknown_labels']}" if r["unknown_label_rows"] else "") + ".", "",
              "## Metrics", "",
              _md_table([r], ["accuracy", "top3_accuracy", "top5_accuracy", "weighted_f1", "macro_f1", "n"]), "",
+             *([r["note"], ""] if r.get("note") else []),
              f"Per class: [per_class.csv](per_class.csv). Per item: [predictions.csv](predictions.csv).", "",
              "## Calibration", "",
              f"Temperature T = {r['temperature']:.4g}, fitted on the run's validation split "
              f"(n = {r['calibration'].get('val_n')}) and saved as `temperature.json` in the run folder"
+             + (f"; T kept at 1 because {r['calibration']['val_kept_t1']}" if r["calibration"].get("val_kept_t1")
+                else "")
              + (" (the scored rows ARE that split, so the calibrated ECE is in-sample)"
                 if r["calibration"]["in_sample"] else "") + ".", "",
              _md_table([{"": "before", "ECE": r["ece"], "NLL": r["nll"]},
@@ -347,22 +363,3 @@ def _report(r: dict, classes: list[str]) -> str:
             if m["top_confusions"]:
                 lines += [_md_table(m["top_confusions"], ["true", "pred", "count", "share_of_true"]), ""]
     return "\n".join(lines)
-
-
-def print_evaluate_summary(r: dict, out_dir: Path) -> None:
-    print(f"\nevaluated {r['model']} on {r['n']} items ({r['rows']})")
-    print(f"  accuracy {r['accuracy']:.4f}  top-3 {r['top3_accuracy']:.4f}  top-5 {r['top5_accuracy']:.4f}  "
-          f"weighted F1 {r['weighted_f1']:.4f}  macro F1 {r['macro_f1']:.4f}")
-    print(f"  ECE {r['ece']:.4f} -> {r['ece_calibrated']:.4f} with temperature {r['temperature']:.4g} "
-          f"(fitted on val, saved in the run folder)")
-    ab = r["ablation"]
-    parts = [f"{name} {ab[key]['accuracy']:.4f}" for name, key in
-             (("both", "both"), ("image zeroed", "no_image"), ("text zeroed", "no_text")) if ab[key]]
-    print("  ablation accuracy: " + ", ".join(parts)
-          + (f"; mean gate {ab['gate_mean']:.3f}" if ab.get("gate_mean") is not None else ""))
-    for g, m in r["per_group"].items():
-        print(f"  {r['group_col']}={g}: accuracy {m['accuracy']:.4f}  weighted F1 {m['weighted_f1']:.4f}  "
-              f"(n={m['n']})")
-    if r["unknown_label_rows"]:
-        print(f"  {r['unknown_label_rows']} rows have labels the run never saw (not scored): {r['unknown_labels']}")
-    print(f"  report: {out_dir / 'report.md'}")

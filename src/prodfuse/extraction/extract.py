@@ -9,11 +9,10 @@ Two stages, both resumable:
 
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import os
 import platform
-import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -22,47 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import shards
-from .catalog import Columns, add_column_args, columns_from_args, file_sha256, present_text_columns, read_catalog, \
-    resolve_image_paths
+from prodfuse.data import shards
+from prodfuse.data.catalog import Columns, file_sha256, present_text_columns, read_catalog, resolve_image_paths
+from prodfuse.extraction.config import AUTO_VIEWS_MAX_ROWS, DEFAULTS, LIKE_KEYS, MAX_VIEWS, ExtractConfig, parse_views
 
+log = logging.getLogger(__name__)
 DEMO_OUT = Path("embeddings") / "demo"
-DEFAULTS = {"backbone": "resnet50", "weights": "imagenet", "image_size": 224, "precision": "float32",
-            "text_encoder": "tfidf", "text_model": None, "ocr": "rapidocr", "ocr_lang": None, "shard_rows": 10_000,
-            "text_cols": "title,description", "views": "auto"}
-# Settings that `--like` copies from another shard folder (everything that changes the numbers).
-LIKE_KEYS = ("backbone", "weights", "image_size", "precision", "text_encoder", "text_model", "ocr", "ocr_lang",
-             "text_cols", "views")
-# --views auto: augmented views for catalogs up to this many rows. Small catalogs are where augmentation pays
-# (grocery, 2,640 photos: +7 points) and where 6x the backbone time is minutes; big ones have data enough.
-AUTO_VIEWS_MAX_ROWS = 5000
-
-
-def add_extract_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--catalog", help="CSV, parquet or JSON Lines catalog; omitted: the built-in demo catalog")
-    p.add_argument("--out", help="shard folder (default embeddings/demo for the demo; required otherwise)")
-    p.add_argument("--backbone", choices=["resnet50", "mobilenet_v2", "efficientnet_b0"],
-                   help="ImageNet image backbone (default resnet50)")
-    p.add_argument("--weights", help="imagenet | none | PATH to a local no-top .h5/.weights.h5 (default imagenet)")
-    p.add_argument("--image-size", type=int, help="square input size of the backbone (default 224)")
-    p.add_argument("--precision", choices=["float32", "mixed_float16"], help="mixed_float16 on a GPU")
-    p.add_argument("--batch-size", type=int, default=None, help="images per backbone batch (default 64 CPU, 256 GPU)")
-    p.add_argument("--views", help=f"image views embedded per photo, 1..6: the whole photo, then crops of 80%% of "
-                                   f"it (training draws one per epoch, prediction averages them). auto (default): "
-                                   f"6 for catalogs of up to {AUTO_VIEWS_MAX_ROWS:,} rows, else 1")
-    p.add_argument("--text-encoder", choices=["minilm", "tfidf", "none"], help="default tfidf (offline)")
-    p.add_argument("--text-model", help="sentence-transformers name or local folder (minilm only)")
-    p.add_argument("--ocr", choices=["rapidocr", "tesseract", "easyocr", "none"], help="default rapidocr")
-    p.add_argument("--ocr-lang", help="comma list of OCR languages (engine default when omitted)")
-    p.add_argument("--ocr-workers", type=int, default=None, help="OCR processes (default: number of cores)")
-    p.add_argument("--ocr-cache", default=None, help="OCR cache folder (default ~/.cache/prodfuse/ocr)")
-    p.add_argument("--shard-rows", type=int, help="rows per parquet shard (default 10000)")
-    p.add_argument("--like", help="copy every setting and the fitted text encoder from this shard folder")
-    p.add_argument("--overwrite", action="store_true", help="replace shards made with other settings")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_column_args(p)
-    # text-cols takes its default from DEFAULTS/--like, so an explicit value can be told apart.
-    p.set_defaults(text_cols=None)
+OCR_ERRORS = "ocr_errors.csv"
 
 
 def _versions() -> dict:
@@ -76,45 +41,31 @@ def _versions() -> dict:
     return out
 
 
-def resolve_settings(args: argparse.Namespace) -> dict:
-    """Explicit flags, else the --like folder's settings, else defaults; a flag that contradicts --like is an error."""
-    like = shards.read_manifest(args.like)["settings"] if args.like else {}
+def resolve_settings(config: ExtractConfig) -> dict:
+    """Explicit settings, else the `like` folder's, else DEFAULTS; a setting that contradicts `like` is an error."""
+    like = shards.read_manifest(config.like)["settings"] if config.like else {}
     out = {}
     for key, default in DEFAULTS.items():
-        given = getattr(args, key, None)
+        given = getattr(config, key, None)
         if key in LIKE_KEYS and like:
-            if given is not None and given != like.get(key):
-                raise ValueError(f"--{key.replace('_', '-')} {given!r} contradicts --like {args.like!r}, which was "
-                                 f"made with {like.get(key)!r}. Drop the flag to embed exactly like that folder.")
-            out[key] = like.get(key, 1 if key == "views" else None)  # shards from before --views had one
+            recorded = like.get(key, 1 if key == "views" else None)  # shards from before views had one
+            if key == "text_cols" and isinstance(recorded, str):  # manifests up to 0.1 stored the flag's text
+                recorded = tuple(c.strip() for c in recorded.split(",") if c.strip())
+            elif key == "text_cols" and recorded is not None:
+                recorded = tuple(recorded)
+            if given is not None and given != recorded:
+                raise ValueError(f"{key} {given!r} contradicts like {config.like!r}, which was made with "
+                                 f"{recorded!r}. Leave it unset to embed exactly like that folder.")
+            out[key] = recorded
         else:
             out[key] = given if given is not None else default
     if out["weights"] not in ("imagenet", "none"):
         out["weights"] = str(Path(out["weights"]).expanduser().resolve())  # the same file from any working dir
-    if out["shard_rows"] < 1:
-        raise ValueError(f"--shard-rows must be >= 1; got {out['shard_rows']}")
-    if out["image_size"] < 32:
-        raise ValueError(f"--image-size must be >= 32; got {out['image_size']}")
     out["views"] = parse_views(out["views"])
     return out
 
 
-def parse_views(value) -> int | str:
-    """"auto" or an int in 1..MAX_VIEWS (flags arrive as text)."""
-    from .image_encoders import MAX_VIEWS
-    if value == "auto":
-        return value
-    try:
-        views = int(value)
-    except (TypeError, ValueError):
-        views = None
-    if views is None or str(views) != str(value).strip() or not 1 <= views <= MAX_VIEWS:
-        raise ValueError(f"--views must be auto or an int in 1..{MAX_VIEWS}; got {value!r}")
-    return views
-
-
 def resolve_views(views: int | str, rows: int) -> int:
-    from .image_encoders import MAX_VIEWS
     if views != "auto":
         return int(views)
     return MAX_VIEWS if rows <= AUTO_VIEWS_MAX_ROWS else 1
@@ -137,66 +88,91 @@ def _load_chunk(path: Path) -> tuple[np.ndarray, np.ndarray, list[dict]]:
 
 
 def _save_text_state(folder: Path, encoder, vocab: list[str]) -> None:
-    from .text_encoders import save_vocabulary
+    from prodfuse.encoders.text import save_vocabulary
     encoder.save(folder)
     save_vocabulary(folder, vocab)
 
 
 def _load_text_state(folder: Path):
-    from .text_encoders import load_text_encoder, load_vocabulary
+    from prodfuse.encoders.text import load_text_encoder, load_vocabulary
     return load_text_encoder(folder), load_vocabulary(folder)
 
 
 def _has_text_state(folder: Path) -> bool:
-    from .text_encoders import ENCODER_SUBDIR, VOCAB_FILE
+    from prodfuse.encoders.text import ENCODER_SUBDIR, VOCAB_FILE
     return (folder / ENCODER_SUBDIR).is_dir() and (folder / VOCAB_FILE).is_file()
+
+
+def _ocr_error_report(out: Path, ids, paths, rows: list[int], errors: dict[int, str]) -> dict:
+    """OCR failures of the rows written this run (an image that fails OCR but embeds keeps its row, with no OCR
+    text): counted by reason (the exception type) and listed in ocr_errors.csv. Rows rejected anyway are in
+    rejects.csv already."""
+    import csv
+    failed = [i for i in rows if i in errors]
+    path = out / OCR_ERRORS
+    if not failed:
+        path.unlink(missing_ok=True)
+        return {"errors": 0, "errors_by_reason": {}}
+    reasons = {i: errors[i].split(":", 1)[0].strip() or "error" for i in failed}
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "path", "reason", "detail"])
+        for i in failed:
+            w.writerow([ids[i], paths[i], reasons[i], errors[i]])
+    return {"errors": len(failed), "errors_by_reason": dict(Counter(reasons.values())), "errors_file": str(path)}
 
 
 def _reject(ids, paths, i, reason, detail="") -> dict:
     return {"id": ids[i], "path": paths[i], "reason": reason, "detail": detail}
 
 
-def run_extract(args: argparse.Namespace) -> dict:
-    from . import image_encoders, ocr, text_encoders
+def extract(config: ExtractConfig) -> dict:
+    """Embed `config.catalog` into the shard folder `config.out` (resuming a complete-settings match there);
+    returns the summary that is also stored in the manifest."""
+    from prodfuse.encoders import image as image_encoders
+    from prodfuse.encoders import ocr
+    from prodfuse.encoders import text as text_encoders
 
-    demo = args.catalog is None
+    catalog, out_arg, views_setting = config.catalog, config.out, config.views
+    demo = catalog is None
     if demo:
-        from .demo import write_demo_catalog
-        args.catalog = str(write_demo_catalog())
-        args.out = args.out or str(DEMO_OUT)
+        from prodfuse.data.demo import write_demo_catalog
+        catalog = str(write_demo_catalog())
+        out_arg = out_arg or str(DEMO_OUT)
         # The demo's random-weight backbone gains nothing from augmented views; one view keeps it about a minute.
-        args.views = args.views or "1"
-        print(f"demo mode: catalog {args.catalog} -> {args.out}", file=sys.stderr)
-    if not args.out:
-        raise ValueError("--out is required with --catalog (e.g. --out embeddings/NAME)")
-    settings = resolve_settings(args)
-    args.text_cols = settings["text_cols"]
-    cols: Columns = columns_from_args(args)
-    progress = not args.no_progress
-    out = Path(args.out)
+        views_setting = views_setting or 1
+        log.info("demo mode: catalog %s -> %s", catalog, out_arg)
+    if not out_arg:
+        raise ValueError("out is required with a catalog (e.g. --out embeddings/NAME)")
+    import dataclasses
+    settings = resolve_settings(dataclasses.replace(config, views=views_setting))
+    cols = Columns(id=config.id_col, image=config.image_col, text=tuple(settings["text_cols"]),
+                   label=config.label_col, split=config.split_col)
+    settings["text_cols"] = list(cols.text)
+    progress = config.progress
+    out = Path(out_arg)
 
-    df = read_catalog(args.catalog, cols, require_label=cols.label is not None)
+    df = read_catalog(catalog, cols, require_label=cols.label is not None, encoding=config.encoding)
     text_cols = present_text_columns(df, cols)
-    if not text_cols and settings["ocr"] == "none" and settings["text_encoder"] != "none" and not args.like:
+    if not text_cols and settings["ocr"] == "none" and settings["text_encoder"] != "none" and not config.like:
         raise ValueError(f"The catalog has none of the text columns {list(cols.text)} and OCR is off, so there is no "
                          f"text to encode. Pass --text-cols with existing columns, turn OCR on, or use "
                          f"--text-encoder none.")
-    paths, path_rejects = resolve_image_paths(df, args.catalog, cols.image)
+    paths, path_rejects = resolve_image_paths(df, catalog, cols.image)
     ids = df[cols.id].tolist()
     n = len(df)
     settings["views"] = views = resolve_views(settings["views"], n)
 
-    # Random weights (--weights none, or the demo's fallback) must be the same random weights on every run, or a
-    # resumed extraction would mix embeddings from two different networks.
-    import keras
-    keras.utils.set_random_seed(0)
+    # Random weights (--weights none, or the demo's fallback) are drawn from a fixed seed inside build_backbone.
     model = image_encoders.build_backbone(settings["backbone"], settings["weights"], settings["image_size"],
                                           settings["precision"], allow_random_fallback=demo)
     image_dim = int(model.output.shape[-1])
-    like_folder = Path(args.like) if args.like else None
+    if model.weights_source == image_encoders.RANDOM_FALLBACK:
+        settings["weights"] = image_encoders.RANDOM_FALLBACK  # record what was used, not what was asked for
+    like_folder = Path(config.like) if config.like else None
     encoder_source = like_folder if like_folder else None
     if encoder_source is not None and not _has_text_state(encoder_source):
-        raise ValueError(f"--like {args.like!r} holds no fitted text encoder/vocabulary; re-extract it first.")
+        raise ValueError(f"--like {config.like!r} holds no fitted text encoder/vocabulary; re-extract it first.")
     text_kind = settings["text_encoder"]
     # Built (not fitted) before the header so its width is known; --like brings the fitted one.
     if encoder_source is not None:
@@ -204,13 +180,13 @@ def run_extract(args: argparse.Namespace) -> dict:
     else:
         encoder, vocab = text_encoders.make_text_encoder(text_kind, model=settings["text_model"]), None
     header = {
-        "catalog_path": str(Path(args.catalog).resolve()),
-        "catalog_sha256": file_sha256(args.catalog),
+        "catalog_path": str(Path(catalog).resolve()),
+        "catalog_sha256": file_sha256(catalog),
         "columns": {"id": cols.id, "image": cols.image, "text": list(text_cols), "label": cols.label,
                     "split": cols.split if cols.split in df.columns else None},
         "settings": {**{k: v for k, v in settings.items() if k != "shard_rows"},
                      "shard_rows": settings["shard_rows"],
-                     "image": image_encoders.image_settings(settings["backbone"], settings["weights"],
+                     "image": image_encoders.image_settings(settings["backbone"], model.weights_source,
                                                             settings["image_size"], settings["precision"]),
                      "ocr_filter": ocr.ocr_settings(settings["ocr"], settings["ocr_lang"]) if settings["ocr"] != "none"
                      else None,
@@ -220,7 +196,7 @@ def run_extract(args: argparse.Namespace) -> dict:
                      "tokens": {"length": text_encoders.SEQUENCE_LENGTH, "vocab_size": text_encoders.VOCAB_SIZE}},
         "versions": _versions(),
     }
-    manifest = shards.open_shards(out, header, overwrite=args.overwrite)
+    manifest = shards.open_shards(out, header, overwrite=config.overwrite)
     start = shards.next_input_row(manifest)
     shard_rows = settings["shard_rows"]
     chunks = [(s, min(s + shard_rows, n)) for s in range(start, n, shard_rows)]
@@ -232,11 +208,12 @@ def run_extract(args: argparse.Namespace) -> dict:
     ocr_rows = [i for i in range(ocr_from, n) if path_rejects[i] is None]
     ocr_texts = [""] * n
     ocr_stats = Counter()
+    ocr_errors: dict[int, str] = {}
     pool = ThreadPoolExecutor(max_workers=1)
     ocr_future = None
     if settings["ocr"] != "none" and ocr_rows:
         ocr_future = pool.submit(ocr.ocr_images, [paths[i] for i in ocr_rows], engine=settings["ocr"],
-                                 langs=settings["ocr_lang"], workers=args.ocr_workers, cache_dir=args.ocr_cache,
+                                 langs=settings["ocr_lang"], workers=config.ocr_workers, cache_dir=config.ocr_cache,
                                  progress=progress)
 
     # Stage A: image embeddings per chunk (skipped for chunks already saved by an interrupted run).
@@ -250,7 +227,7 @@ def run_extract(args: argparse.Namespace) -> dict:
             rejects = [_reject(ids, paths, i, path_rejects[i]) for i in range(s, e) if path_rejects[i] is not None]
             idx_parts, emb_parts = [], []
             for local_idx, emb, bad in image_encoders.iter_image_embeddings(
-                    model, [paths[i] for i in ok_rows], settings["image_size"], batch_size=args.batch_size,
+                    model, [paths[i] for i in ok_rows], settings["image_size"], batch_size=config.batch_size,
                     progress=progress, views=views):
                 idx_parts.append(np.asarray([ok_rows[j] for j in local_idx], dtype=np.int64))
                 emb_parts.append(emb)
@@ -266,7 +243,8 @@ def run_extract(args: argparse.Namespace) -> dict:
                 ocr_texts[i] = r.text
                 ocr_stats["cache_hits"] += bool(r.cached)
                 ocr_stats["with_words"] += bool(r.text)
-                ocr_stats["errors"] += r.error is not None
+                if r.error is not None:
+                    ocr_errors[i] = r.error
     finally:
         pool.shutdown(wait=True)
     image_seconds = time.perf_counter() - t0
@@ -285,7 +263,8 @@ def run_extract(args: argparse.Namespace) -> dict:
         _save_text_state(out, encoder, vocab)
 
     carried = [c for c in df.columns if c not in text_cols]
-    rows_written = 0
+    rows_written, with_text = 0, 0
+    written_rows: list[int] = []
     for s, e in chunks:
         path = _chunk_file(out, s // shard_rows)
         index, emb, rejects = _load_chunk(path)
@@ -309,16 +288,20 @@ def run_extract(args: argparse.Namespace) -> dict:
         shards.write_shard(out, manifest, data, s, e, rejects)
         path.unlink()
         rows_written += len(rows)
+        with_text += sum(bool(t) for t in chunk_texts)
+        written_rows += rows
 
     rejects = shards.all_rejects(manifest)
     total_rows = sum(sh["rows"] for sh in manifest["shards"])
     seconds = time.perf_counter() - t0
     summary = {
-        "input_rows": n, "embedded_rows": total_rows, "rejected_rows": len(rejects),
+        "out": str(out), "input_rows": n, "embedded_rows": total_rows, "rejected_rows": len(rejects),
         "rejected_by_reason": dict(Counter(r["reason"] for r in rejects)),
         "embedded_this_run": rows_written,
-        "with_text_this_run": int(sum(bool(texts[i]) for s, e in chunks for i in range(s, e))),
-        "ocr": {"engine": settings["ocr"], "images": len(ocr_rows), **ocr_stats},
+        "with_text_this_run": int(with_text),
+        "ocr": {"engine": settings["ocr"], "images": len(ocr_rows), **ocr_stats,
+                **_ocr_error_report(out, ids, paths, written_rows, ocr_errors)},
+        "weights": settings["weights"],
         "images_per_s": round(embedded_images / image_seconds, 1) if embedded_images else None,
         "seconds": round(seconds, 1),
     }
@@ -330,17 +313,3 @@ def run_extract(args: argparse.Namespace) -> dict:
         pass
     assert total_rows + len(rejects) == n, (total_rows, len(rejects), n)
     return summary
-
-
-def print_extract_summary(out: str, summary: dict) -> None:
-    rej = ", ".join(f"{k} {v}" for k, v in sorted(summary["rejected_by_reason"].items())) or "none"
-    o = summary["ocr"]
-    print(f"\nextracted {summary['embedded_rows']} of {summary['input_rows']} rows into {out} "
-          f"({summary['embedded_this_run']} this run, {summary['seconds']} s)")
-    print(f"  rejected: {summary['rejected_rows']} ({rej}); see {Path(out) / shards.REJECTS}")
-    print(f"  with text: {summary['with_text_this_run']} of {summary['embedded_this_run']} written this run")
-    if o["engine"] != "none":
-        print(f"  OCR ({o['engine']}): {o['images']} images, {o.get('with_words', 0)} with words, "
-              f"{o.get('cache_hits', 0)} from cache, {o.get('errors', 0)} errors")
-    if summary["images_per_s"]:
-        print(f"  images/s (backbone stage incl. decode): {summary['images_per_s']}")

@@ -7,11 +7,10 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-    return plt
+def _figure(**kwargs):
+    # matplotlib's object API: no pyplot, so no process-wide backend switch or figure registry to clean up.
+    from matplotlib.figure import Figure
+    return Figure(**kwargs)
 
 
 def top_confusions(cm: np.ndarray, classes: list[str], n: int = 20) -> list[dict]:
@@ -36,12 +35,12 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: str | Path, title: 
     The `annotate` largest off-diagonal cells are circled and labelled "true→pred n", so the mistakes that matter
     are named even when the class names on the axes are too small to read.
     """
-    plt = _pyplot()
     k = len(classes)
     support = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, support, out=np.zeros(cm.shape, dtype=float), where=support > 0)
     side = float(np.clip(4 + 0.11 * k, 6, 22))
-    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    fig = _figure(figsize=(side + 1.5, side))
+    ax = fig.subplots()
     from matplotlib.colors import PowerNorm
     # Square-root colour scale: a 5% confusion stays visible next to a 95% diagonal.
     im = ax.imshow(norm, cmap="Blues", norm=PowerNorm(gamma=0.5, vmin=0, vmax=1), interpolation="nearest")
@@ -66,14 +65,13 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: str | Path, title: 
     ax.set_title(title or f"confusion matrix, row-normalised ({k} classes, n={int(cm.sum())})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_reliability(bins_before: dict, bins_after: dict, ece_before: float, ece_after: float,
                      temperature: float, path: str | Path) -> None:
     """Accuracy against confidence per bin, before and after temperature scaling, with bin counts below."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(9, 5.5), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    fig = _figure(figsize=(9, 5.5))
+    axes = fig.subplots(2, 2, gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
     for col, (bins, name, ece) in enumerate(((bins_before, "before", ece_before),
                                               (bins_after, f"after (T={temperature:.3g})", ece_after))):
         edges = bins["edges"]
@@ -95,4 +93,3 @@ def plot_reliability(bins_before: dict, bins_after: dict, ece_before: float, ece
         axes[1, col].set_ylabel("items")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

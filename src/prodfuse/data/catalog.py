@@ -1,8 +1,7 @@
-"""Reading and validating product catalogs (CSV, parquet, JSON Lines) and the column flags every command shares."""
+"""Reading and validating product catalogs (CSV, TSV, parquet, JSON Lines)."""
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 from dataclasses import dataclass
@@ -24,24 +23,6 @@ class Columns:
     split: str | None = "split"
 
 
-def add_column_args(parser: argparse.ArgumentParser) -> None:
-    """The column-mapping flags shared by every command."""
-    g = parser.add_argument_group("catalog columns")
-    g.add_argument("--id-col", default="product_id", help="unique product id column (default: product_id)")
-    g.add_argument("--image-col", default="image_path",
-                   help="image path column; relative paths are relative to the catalog file (default: image_path)")
-    g.add_argument("--text-cols", default="title,description",
-                   help="comma list of text columns, any may be absent; '' for none (default: title,description)")
-    g.add_argument("--label-col", default="label", help="label column; '' for an unlabelled catalog (default: label)")
-    g.add_argument("--split-col", default="split", help="optional train/val/test column (default: split)")
-
-
-def columns_from_args(args: argparse.Namespace) -> Columns:
-    text = tuple(c.strip() for c in (args.text_cols or "").split(",") if c.strip())
-    return Columns(id=args.id_col, image=args.image_col, text=text,
-                   label=args.label_col or None, split=args.split_col or None)
-
-
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -50,7 +31,20 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _read_table(path: Path) -> pd.DataFrame:
+def _decode_error(path: Path, encoding: str) -> ValueError:
+    """Name the line and the byte that failed, and the fix (decodes the file again: parsers report chunk offsets)."""
+    raw = path.read_bytes()
+    try:
+        raw.decode(encoding)
+        where = ""
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        where = f": byte 0x{raw[e.start:e.start + 1].hex()} at offset {e.start} (line {line})"
+    return ValueError(f"Cannot read catalog {str(path)!r} as {encoding}{where} is not valid {encoding}. Pass "
+                      f"--encoding with the file's encoding, e.g. --encoding latin-1 or --encoding cp1252.")
+
+
+def _read_table(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"Cannot read catalog {str(path)!r}: unknown extension {path.suffix!r}. "
@@ -59,12 +53,14 @@ def _read_table(path: Path) -> pd.DataFrame:
         if fmt == "parquet":
             return pd.read_parquet(path)
         if fmt == "jsonl":
-            return pd.read_json(path, lines=True, dtype=False)
+            return pd.read_json(path, lines=True, dtype=False, encoding=encoding)
         # Read everything as text: ids like "00123" must keep their zeros, and labels stay strings.
         return pd.read_csv(path, sep="\t" if fmt == "tsv" else ",", dtype=str, keep_default_na=False,
-                           na_values=[""])
+                           na_values=[""], encoding=encoding)
     except pd.errors.EmptyDataError:
         return pd.DataFrame()
+    except UnicodeDecodeError as e:
+        raise _decode_error(path, encoding) from e
     except Exception as e:  # parser errors differ per format; all mean the same thing to the user
         raise ValueError(f"Cannot read catalog {str(path)!r} as {fmt}: {type(e).__name__}: {e}. "
                          f"Check that the file is a valid {fmt} file.") from e
@@ -76,7 +72,8 @@ def _require(df: pd.DataFrame, col: str, role: str, flag: str, path: Path) -> No
                          f"{list(map(str, df.columns))}. Pass {flag} NAME to map it.")
 
 
-def read_catalog(path: str | os.PathLike, columns: Columns = Columns(), require_label: bool = True) -> pd.DataFrame:
+def read_catalog(path: str | os.PathLike, columns: Columns = Columns(), require_label: bool = True,
+                 encoding: str = "utf-8") -> pd.DataFrame:
     """Read and validate a catalog. Per-row problems (bad images, empty text) are left to extraction.
 
     Returns a DataFrame with ids, labels and splits as strings; text columns that are absent are simply not there.
@@ -85,7 +82,7 @@ def read_catalog(path: str | os.PathLike, columns: Columns = Columns(), require_
     if not path.is_file():
         raise ValueError(f"Catalog {str(path)!r} does not exist or is not a file. Pass --catalog PATH to an existing "
                          f"CSV, parquet or JSON Lines file.")
-    df = _read_table(path)
+    df = _read_table(path, encoding)
     if len(df) == 0:
         raise ValueError(f"Catalog {str(path)!r} is empty (no rows). It needs a header and at least one product.")
     _require(df, columns.id, "id", "--id-col", path)

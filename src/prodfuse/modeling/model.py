@@ -11,7 +11,7 @@ switched off. Inputs are a dict keyed by name, holding only what the branches ne
 
 import keras
 
-from prodfuse.fusion import BN_MOMENTUM, FUSIONS, GatedFusion, get_fusion
+from prodfuse.modeling.fusion import BN_MOMENTUM, FUSIONS, GatedFusion, get_fusion
 
 VOCAB_SIZE = 15001  # 15000 words + padding id 0
 SEQ_LEN = 60

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .catalog import file_sha256
+from prodfuse.data.catalog import file_sha256
 
 MANIFEST = "manifest.json"
 REJECTS = "rejects.csv"
@@ -109,9 +109,15 @@ def open_shards(folder: str | os.PathLike, header: dict, overwrite: bool = False
     if (folder / MANIFEST).is_file():
         old = read_manifest(folder)
         diff = settings_difference(old, header)
+        if diff and not old["shards"]:
+            # No complete shard: nothing made with the old settings is worth keeping (a failed or interrupted
+            # first run), so the corrected rerun starts over instead of being refused.
+            overwrite = True
         if diff and not overwrite:
-            raise ValueError(f"{str(folder)!r} already holds shards made with other settings:\n  "
-                             + "\n  ".join(diff)
+            rows = sum(s["rows"] for s in old["shards"])
+            state = "complete" if old.get("complete") else "interrupted, resumable"
+            raise ValueError(f"{str(folder)!r} already holds {len(old['shards'])} shard(s) ({rows} rows, "
+                             f"{state}) made with other settings:\n  " + "\n  ".join(diff)
                              + "\nPass --overwrite to replace them, or choose another --out folder.")
         if diff:  # and overwrite: start over; same settings resume even with --overwrite
             _clear(folder)
@@ -325,3 +331,9 @@ def read_shards(folder: str | os.PathLike, columns: list[str] | None = None, row
                      "has_text": bool}.get(name, object)
             out[name] = np.empty((0,), dtype=dtype)
     return out
+
+
+def shard_columns(folder: str | os.PathLike) -> list[str]:
+    """Column names of a shard folder (empty when every row was rejected and no shard holds rows)."""
+    paths = shard_paths(folder)
+    return list(pq.read_schema(paths[0]).names) if paths else []

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-TEMPERATURE_FILE = "temperature.json"
 # Probabilities are clipped before the log: float32 softmax gives exact zeros for hopeless classes.
 _EPS = 1e-12
 # Bounds on T for the search: outside them the model is either useless or a one-hot oracle.
-T_BOUNDS = (0.05, 20.0)
+T_BOUNDS = (0.2, 10.0)
 # Image weights tried by late fusion.
 LATE_GRID = np.round(np.linspace(0.0, 1.0, 21), 2)
 
@@ -73,26 +72,6 @@ def reliability_bins(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> d
         confidence = np.bincount(which, weights=conf, minlength=bins) / count
         accuracy = np.bincount(which, weights=correct.astype(float), minlength=bins) / count
     return {"edges": edges, "confidence": confidence, "accuracy": accuracy, "count": count}
-
-
-def save_temperature(run: str | os.PathLike, temperature: float, info: dict | None = None) -> Path:
-    path = Path(run) / TEMPERATURE_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"temperature": float(temperature), **(info or {})}, indent=1))
-    os.replace(tmp, path)
-    return path
-
-
-def load_temperature(run: str | os.PathLike) -> tuple[float, bool]:
-    """(T, fitted): T from the run's temperature.json, or (1.0, False) when `evaluate` has not fitted one yet."""
-    path = Path(run) / TEMPERATURE_FILE
-    if not path.is_file():
-        return 1.0, False
-    t = json.loads(path.read_text()).get("temperature")
-    if not isinstance(t, (int, float)) or not t > 0:
-        raise ValueError(f"{str(path)!r} holds temperature {t!r}, not a positive number; delete it and re-run "
-                         f"`prodfuse evaluate --run {run}` to fit it again.")
-    return float(t), True
 
 
 def fit_late_weight(y: np.ndarray, p_image: np.ndarray, p_text: np.ndarray, objective: str = "logloss",

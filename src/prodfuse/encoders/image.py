@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import hashlib
+import logging
 import os
 import sys
 import warnings
@@ -21,14 +22,15 @@ from pathlib import Path
 import keras
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
-from tqdm import tqdm
+
+from prodfuse.progress import progress_bar
+from prodfuse.encoders.views import CROP_SCALE, MAX_VIEWS  # noqa: F401  (re-exported)
+
+log = logging.getLogger(__name__)
+# Recorded as the weights when the demo could not download ImageNet weights and fell back to random ones.
+RANDOM_FALLBACK = "random (fallback)"
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own Image.MAX_IMAGE_PIXELS default
-# Augmented views of a photo (extraction's --views): view 0 is the whole photo, views 1-5 are crops of CROP_SCALE
-# of each side (top-left, top-right, bottom-left, bottom-right, centre), each resized to the backbone's input.
-# Flips were measured too and added nothing on the grocery photos; these crops added 7 points (README).
-CROP_SCALE = 0.8
-MAX_VIEWS = 6
 
 REJECT_REASONS = (
     "missing_file",
@@ -132,27 +134,38 @@ def _construct(name, weights, image_size):
     )
 
 
+def _seeded_random(backbone, seed: int = 0):
+    """Re-draw every kernel from a local generator (He normal), so random weights are the same on every run
+    without seeding Keras, NumPy and Python process-wide (a resumed extraction must not mix two networks)."""
+    rng = np.random.default_rng(seed)
+    for var in backbone.weights:
+        if "kernel" in var.path:
+            shape = tuple(var.shape)
+            fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+            if "depthwise" in var.path:
+                fan_in = int(np.prod(shape[:2]))
+            var.assign(rng.normal(0.0, np.sqrt(2.0 / max(fan_in, 1)), size=shape).astype("float32"))
+    return backbone
+
+
 def _construct_with_weights(name, weights, image_size, allow_random_fallback):
+    """(backbone, what was actually loaded: "imagenet", "none", RANDOM_FALLBACK or the weights path)."""
     if weights == "imagenet":
         try:
-            return _construct(name, "imagenet", image_size)
+            return _construct(name, "imagenet", image_size), "imagenet"
         except ValueError:
             raise  # Keras' own argument errors (bad input size, ...) are not download failures.
         except Exception as exc:  # keras.utils.get_file raises a bare Exception when offline
             message = f"Could not download ImageNet weights for image backbone {name!r} ({exc})."
             if not allow_random_fallback:
                 raise ValueError(f"{message} {_WEIGHTS_REMEDY}") from exc
-            loud = (
-                f"WARNING: {message} Continuing with RANDOM weights because allow_random_fallback=True "
-                "(demo mode): image embeddings carry no ImageNet knowledge."
-            )
-            warnings.warn(loud, RuntimeWarning, stacklevel=3)
-            print(loud, file=sys.stderr, flush=True)
-            return _construct(name, None, image_size)
+            log.warning("%s Continuing with RANDOM weights because allow_random_fallback=True (demo mode): "
+                        "image embeddings carry no ImageNet knowledge.", message)
+            return _seeded_random(_construct(name, None, image_size)), RANDOM_FALLBACK
     if weights is None:
-        return _construct(name, None, image_size)
+        return _seeded_random(_construct(name, None, image_size)), "none"
     try:
-        return _construct(name, weights, image_size)
+        return _construct(name, weights, image_size), weights
     except Exception as exc:
         raise ValueError(
             f"Weights file {weights!r} does not fit image backbone {name!r} "
@@ -182,7 +195,7 @@ def build_backbone(
         # The applications construct their layers from the global policy; set it only while building.
         keras.config.set_dtype_policy("mixed_float16")
     try:
-        backbone = _construct_with_weights(name, weights, image_size, allow_random_fallback)
+        backbone, used = _construct_with_weights(name, weights, image_size, allow_random_fallback)
     finally:
         keras.config.set_dtype_policy(previous_policy)
 
@@ -193,6 +206,7 @@ def build_backbone(
     if precision == "mixed_float16":
         x = keras.layers.Activation("linear", dtype="float32", name="to_float32")(x)
     model = keras.Model(inputs, x, name=f"{name}_embedder")
+    model.weights_source = used  # what was loaded: the manifest records this, not what was asked for
     if model.output_shape[-1] != dim:
         raise ValueError(f"Backbone {name!r} produced width {model.output_shape[-1]}, expected {dim}.")
     return model
@@ -208,7 +222,7 @@ def _sha256(path):
 
 def image_settings(name, weights, image_size, precision):
     """Manifest record of the image stage; a weights path is recorded with its file's sha256."""
-    normalized = _normalize_weights(weights)
+    normalized = RANDOM_FALLBACK if weights == RANDOM_FALLBACK else _normalize_weights(weights)
     record = {
         "backbone": name,
         "dim": backbone_dim(name),
@@ -219,7 +233,7 @@ def image_settings(name, weights, image_size, precision):
         "preprocess": f"keras.applications.{_backbone_spec(name)[2]}.preprocess_input (inside model)",
         "resize": "whole image, bilinear, no crop",
     }
-    if normalized not in (None, "imagenet"):
+    if normalized not in (None, "imagenet", RANDOM_FALLBACK):
         record["weights"] = str(Path(normalized).resolve())
         record["weights_sha256"] = _sha256(normalized)
     return record
@@ -257,8 +271,8 @@ def load_image(path, image_size, max_pixels=DEFAULT_MAX_PIXELS, views=1):
     image is resized bilinearly (no crop). Headers over `max_pixels` are rejected before decoding;
     PIL itself refuses headers over twice its own MAX_IMAGE_PIXELS, also reported as too_many_pixels.
     """
-    # Truncated files must be rejected, not silently padded with grey (a global PIL switch).
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    # Truncated files are rejected because PIL's global ImageFile.LOAD_TRUNCATED_IMAGES is False by default; a
+    # library must not flip that switch behind its caller, so a process that turned it on gets padded images.
     path = os.fspath(path)
     try:
         size_bytes = os.stat(path).st_size
@@ -404,7 +418,7 @@ def iter_image_embeddings(
         chunk = paths[start : start + batch_size]
         pending.append((start, [executor.submit(_load_or_reject, p, image_size, max_pixels, views) for p in chunk]))
 
-    bar = tqdm(total=len(paths), desc="images", unit="img", disable=not progress)
+    bar = progress_bar(len(paths), "images", "img", enabled=progress)
     try:
         next_start = iter(starts)
         for start in next_start:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .calibration import apply_temperature, fit_late_weight, fit_temperature
-from .metrics import classification_metrics
+from prodfuse.inference.calibration import apply_temperature, fit_late_weight, fit_temperature
+from prodfuse.modeling.metrics import classification_metrics
 
-PROBES = ("lr_image", "lr_text", "lr_concat", "lr_late")
+from prodfuse.evaluation.config import PROBES  # noqa: E402,F401  (the names, defined with the configs)
 PROBE_C = 10.0
 
 
@@ -27,7 +27,7 @@ def l2_rows(x: np.ndarray) -> np.ndarray:
 
 def probe_features(arrays: dict[str, np.ndarray], streams: tuple[str, ...], rows: np.ndarray) -> list[np.ndarray]:
     """The probe's features of `rows`, one array per image view (one in all without views or image stream)."""
-    from .sequence import view_count, with_view
+    from prodfuse.data.sequence import view_count, with_view
     views = view_count(arrays) if "image" in streams else 1
     sub = {k: v[rows] for k, v in arrays.items()}
     return [np.concatenate([l2_rows(with_view(sub, v)[s]) for s in streams], axis=1) for v in range(views)]

@@ -168,7 +168,7 @@ def resolve_langs(engine: str, langs: str | Sequence[str] | None) -> tuple[str, 
         if set(parsed) != set(_RAPIDOCR_LANGS):
             raise ValueError(
                 f"rapidocr reads only its built-in Chinese+English models, got languages {langs!r}; "
-                "omit --ocr-lang (or pass 'ch,en'), or use --ocr-engine tesseract/easyocr for other languages."
+                "omit --ocr-lang (or pass 'ch,en'), or use --ocr tesseract/easyocr for other languages."
             )
         return _RAPIDOCR_LANGS
     return parsed
@@ -302,7 +302,7 @@ def _make_engine(engine: str, langs: tuple[str, ...]) -> Callable[[str], Words]:
         except ImportError as e:
             raise ImportError(
                 "OCR engine 'easyocr' is not installed; install it with `pip install prodfuse[easyocr]` "
-                "or choose --ocr-engine rapidocr."
+                "or choose --ocr rapidocr."
             ) from e
         reader = easyocr.Reader(list(langs), gpu=False, verbose=False)
         return lambda path: parse_easyocr(reader.readtext(np.asarray(_load_rgb(path))))
@@ -336,7 +336,7 @@ def _check_engine(engine: str) -> None:
         if importlib.util.find_spec("easyocr") is None:
             raise ImportError(
                 "OCR engine 'easyocr' is not installed; install it with `pip install prodfuse[easyocr]` "
-                "or choose --ocr-engine rapidocr."
+                "or choose --ocr rapidocr."
             )
 
 
@@ -392,7 +392,7 @@ def _loaded_modules(names: Sequence[str]) -> list[str]:
 
 
 # Workers load this file as a top-level module under this name, not as
-# prodfuse.ocr: importing the prodfuse package would pull in TensorFlow
+# prodfuse.encoders.ocr: importing the prodfuse package would pull in TensorFlow
 # (prodfuse/__init__ registers the Keras layers), costing each worker seconds
 # and hundreds of MB for nothing. This file imports only the stdlib at the top.
 _WORKER_MODULE = "_prodfuse_ocr_worker"
@@ -460,7 +460,7 @@ def iter_ocr(
     spawned processes (default os.cpu_count()); workers <= 1 runs in-process.
     Workers import neither prodfuse nor the caller's ``__main__`` (see _open_pool).
     """
-    from tqdm.auto import tqdm
+    from prodfuse.progress import progress_bar
 
     langs_t = resolve_langs(engine, langs)
     paths = [str(p) for p in paths]
@@ -470,7 +470,7 @@ def iter_ocr(
         raise ValueError(f"ocr workers must be >= 0, got {workers}; use 0 or 1 for in-process OCR.")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
-    bar = tqdm(total=len(paths), desc="OCR", unit="img", disable=not progress)
+    bar = progress_bar(len(paths), "OCR", "img", enabled=progress)
     try:
         if engine == "none":
             for i in range(len(paths)):

@@ -1,0 +1,126 @@
+"""The `prodfuse` command: one module per subcommand, each mapping flags to a config and a config to a call.
+
+Nothing outside this package imports it. Process-wide settings a command needs (logging, TensorFlow's log
+level, the heap setting, op determinism) are made here, at the entry point, never by the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+COMMANDS = ("extract", "train", "evaluate", "predict", "compare")
+HELPS = {"extract": "catalog -> OCR + image/text embeddings -> parquet shards",
+         "train": "shards -> fusion MLP run folder",
+         "evaluate": "metrics, ablation and calibration of a run",
+         "predict": "top-k labels for a new catalog or shards",
+         "compare": "unimodal vs fusion models and linear probes on the same splits"}
+
+
+def _command(name: str):
+    # A command module that fails to import is a broken install: show the real error, not "invalid choice".
+    return importlib.import_module(f"prodfuse.cli.{name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prodfuse", description="Multimodal product classification.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        p = sub.add_parser(name, help=HELPS[name], description=HELPS[name])
+        _command(name).add_args(p)
+        g = p.add_argument_group("output")
+        g.add_argument("--quiet", action="store_true", help="warnings and the final summary only")
+        g.add_argument("--verbose", action="store_true", help="debug messages, and TensorFlow's own log lines")
+    return parser
+
+
+class _Format(logging.Formatter):
+    def format(self, record):
+        msg = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            return f"{record.levelname.lower()}: {msg}"
+        return msg
+
+
+def _setup(args: argparse.Namespace) -> None:
+    if not args.verbose:
+        # TensorFlow's C++ start-up chatter (CUDA, CPU instruction sets, oneDNN) buries our messages; it must be
+        # set before TensorFlow is first imported, which no command has done yet.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from prodfuse.allocator import keep_freed_heap_mapped
+    keep_freed_heap_mapped()  # before TensorFlow starts its threads (see prodfuse.allocator)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Format())
+    root = logging.getLogger("prodfuse")
+    root.handlers[:] = [handler]
+    root.propagate = False
+    root.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+    if not args.verbose:
+        _import_tensorflow_quietly()
+        try:
+            import absl.logging
+            absl.logging.set_verbosity(absl.logging.ERROR)
+        except ImportError:
+            pass
+    # Python warnings (Keras, PIL) go to the same place, once each, without source lines.
+    logging.captureWarnings(True)
+    warn = logging.getLogger("py.warnings")
+    warn.handlers[:] = [handler]
+    warn.propagate = False
+    warn.setLevel(logging.DEBUG if args.verbose else logging.ERROR)
+
+
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow with file descriptor 2 pointed at /dev/null: TensorFlow 2.21 writes its start-up lines
+    (oneDNN, CUDA drivers) from C++ before its log settings apply. An import error is raised as usual."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            try:
+                import tensorflow  # noqa: F401
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.stderr_tty = sys.stderr.isatty()
+    args.progress_ok = getattr(args, "progress", True) and not args.quiet
+    if hasattr(args, "progress"):
+        args.progress = args.progress and not args.quiet
+    module = _command(args.command)
+    from prodfuse.cli.common import ConfigError
+    try:
+        cfg = module.config(args)  # every value is checked here, before any work starts
+    except ConfigError as e:
+        parser.exit(2, f"prodfuse {args.command}: error: {e}\n")
+    _setup(args)
+    try:
+        return module.run(cfg)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted (Ctrl-C). {_resume_hint(args)}", file=sys.stderr)
+        return 130
+    except ValueError as e:
+        # Our errors say what was wrong and how to fix it; a traceback would only bury that.
+        if os.environ.get("PRODFUSE_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    if args.command == "extract":
+        return "Complete shards are kept: run the same command again to resume."
+    return "Nothing was saved for this step; run it again."
+
+
+if __name__ == "__main__":
+    sys.exit(main())

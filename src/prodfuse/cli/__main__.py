@@ -1,0 +1,5 @@
+import sys
+
+from prodfuse.cli import main
+
+sys.exit(main())

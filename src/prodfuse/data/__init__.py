@@ -1,0 +1,1 @@
+"""Catalogs, parquet shards, splits and the Keras feed over them."""

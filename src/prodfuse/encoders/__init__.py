@@ -1,0 +1,1 @@
+"""What turns a photo or a text into numbers: ImageNet backbones, OCR, text encoders."""

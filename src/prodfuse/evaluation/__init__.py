@@ -1,0 +1,1 @@
+"""Scoring runs: metrics reports, modality ablation, compare, linear probes, plots."""

@@ -1,0 +1,1 @@
+"""Catalog -> OCR + image/text embeddings -> parquet shard folder."""

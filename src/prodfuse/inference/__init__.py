@@ -1,0 +1,1 @@
+"""Loading a run and predicting with it: run folders, calibration, the Predictor."""

@@ -1,0 +1,106 @@
+"""`predict` on a whole catalog or shard folder: a loop over a Predictor that writes a predictions CSV."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from prodfuse.data.catalog import Columns, read_catalog, resolve_image_paths
+from prodfuse.inference.config import PredictConfig
+from prodfuse.inference.predict import prediction_table
+from prodfuse.inference.predictor import Predictor
+
+log = logging.getLogger(__name__)
+CATALOG_BATCH = 256  # items per Predictor call: one backbone batch, bounded memory on any catalog size
+
+
+def rejects_path(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + "_rejects.csv")
+
+
+def predict(config: PredictConfig, predictor: Predictor | None = None, on_batch=None) -> dict:
+    """Write top-k predictions of every catalog row (or shard row) to `config.out`; rows that cannot be embedded go
+    to <out stem>_rejects.csv with their reason. `on_batch(done, total)` reports progress. Returns a summary."""
+    out = Path(config.out)
+    if out.is_dir():
+        raise ValueError(f"out {config.out!r} is a folder; pass a CSV file path such as {config.out}/predictions.csv")
+    predictor = predictor or Predictor.from_run(config.run, ocr_workers=config.ocr_workers,
+                                                ocr_cache=config.ocr_cache, batch_size=min(config.batch_size, 256))
+    run = predictor.run
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rejects = []
+    if config.embeddings:
+        table = predictor.predict_shards(config.embeddings, config.top_k)
+        id_col, with_label = table.columns[0], run.label_col in table.columns
+    else:
+        text_cols = config.text_cols if config.text_cols is not None else tuple(predictor.text_cols)
+        if config.text_cols is not None and list(config.text_cols) != predictor.text_cols:
+            raise ValueError(f"text_cols {list(config.text_cols)} differ from the run's {predictor.text_cols}: the "
+                             f"model was trained on those. Leave --text-cols out.")
+        label = config.label_col
+        cols = Columns(id=config.id_col, image=config.image_col, text=tuple(text_cols), label=label,
+                       split=config.split_col)
+        df = read_catalog(config.catalog, cols, require_label=False, encoding=config.encoding)
+        with_label = bool(label) and label in df.columns
+        paths, path_rejects = resolve_image_paths(df, config.catalog, cols.image)
+        id_col = cols.id
+        parts = []
+        n = len(df)
+        for s in range(0, n, CATALOG_BATCH):
+            rows = range(s, min(n, s + CATALOG_BATCH))
+            items = [{"image": paths[i], **{c: df[c].iat[i] for c in text_cols if c in df.columns}}
+                     for i in rows if path_rejects[i] is None]
+            kept = [i for i in rows if path_rejects[i] is None]
+            for i in rows:
+                if path_rejects[i] is not None:
+                    rejects.append({"id": df[id_col].iat[i], "path": paths[i], "reason": path_rejects[i]})
+            results = predictor.predict(items, config.top_k) if items else []
+            for i, r in zip(kept, results):
+                if r["error"]:
+                    reason, _, detail = r["error"].partition(": ")
+                    rejects.append({"id": df[id_col].iat[i], "path": paths[i], "reason": reason, "detail": detail})
+                else:
+                    parts.append((i, r))
+            if on_batch:
+                on_batch(min(n, s + CATALOG_BATCH), n)
+        import numpy as np
+        k = max(1, min(config.top_k, len(run.classes)))
+        probs = np.zeros((len(parts), len(run.classes)))
+        # prediction_table wants full probability rows; only the top k are known here, which is all it writes.
+        index = {c: j for j, c in enumerate(run.classes)}
+        for row, (_, r) in enumerate(parts):
+            for lab, p in zip(r["labels"][:k], r["probs"][:k]):
+                probs[row, index[lab]] = p
+        table = prediction_table([df[id_col].iat[i] for i, _ in parts], probs, run.classes, k,
+                                 [r["image_contribution"] if r["image_contribution"] is not None else np.nan
+                                  for _, r in parts],
+                                 [r["text_contribution"] if r["text_contribution"] is not None else np.nan
+                                  for _, r in parts],
+                                 id_col=id_col, true_labels=[df[label].iat[i] for i, _ in parts] if with_label
+                                 else None, label_col=label or "label")
+        with open(rejects_path(out), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["id", "path", "reason", "detail"])
+            w.writeheader()
+            w.writerows(rejects)
+    tmp = out.with_name(out.name + ".tmp")
+    table.to_csv(tmp, index=False)
+    tmp.replace(out)
+    summary = {"predictions": str(out), "n": len(table), "rejected": len(rejects),
+               "rejected_by_reason": dict(pd.Series([r["reason"] for r in rejects], dtype=object).value_counts())
+               if rejects else {},
+               "temperature": run.temperature, "calibrated": run.calibrated, "run": str(run.path),
+               "model": run.model.name, "rejects": str(rejects_path(out)) if config.catalog else None,
+               "gated": "gate" in [layer.name for layer in getattr(run.model, "layers", [])] or None}
+    label_col = run.label_col if config.embeddings else (config.label_col or "label")
+    if with_label and len(table):
+        known = table[label_col].astype(str).isin(run.classes)
+        if known.any():
+            summary["accuracy_known_labels"] = float((table["label_1"][known] == table[label_col][known].astype(str))
+                                                     .mean())
+            summary["n_known_labels"] = int(known.sum())
+    return summary

@@ -1,0 +1,198 @@
+"""Predictor: a run loaded once, with everything needed to embed a new product exactly as its training data was.
+
+    predictor = Predictor.from_run("runs/grocery")
+    predictor.predict([{"image": "photo.jpg", "title": "oat milk 1 l"}], top_k=5)
+
+Each item goes through the very code extraction runs (image decoding and views, the backbone, OCR with its cache,
+the fitted text encoder and vocabulary), so an item gets the same probabilities here, through `prodfuse predict`
+on a catalog, and through `prodfuse evaluate` on its shards.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from prodfuse.data import shards
+from prodfuse.data.sequence import read_items
+from prodfuse.inference.forward import contributions, forward
+from prodfuse.inference.predict import check_compatible, prediction_table
+from prodfuse.modeling.run import Run
+
+log = logging.getLogger(__name__)
+
+
+def _materialise(image, folder: Path, i: int) -> str:
+    """A file path for an item's image: paths as they are; bytes written unchanged (so the OCR cache, keyed by the
+    file's bytes, hits as for the catalog's file); a PIL image or uint8 array written as PNG (lossless)."""
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image)
+    path = folder / f"item-{i}"
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        path.write_bytes(bytes(image))
+        return str(path)
+    from PIL import Image
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+            raise ValueError(f"an image array must be uint8 [H, W], [H, W, 3] or [H, W, 4]; got {image.dtype} "
+                             f"{list(image.shape)}")
+        image = Image.fromarray(image)
+    if isinstance(image, Image.Image):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        path.write_bytes(buf.getvalue())
+        return str(path)
+    raise ValueError(f"an item's image must be a path, bytes, a PIL.Image or a uint8 array; got "
+                     f"{type(image).__name__}")
+
+
+class Predictor:
+    """A run's model plus its embedding pipeline, loaded once; thread-compatible, not thread-safe."""
+
+    def __init__(self, run: Run, backbone, text_encoder, vocabulary, *, ocr_workers: int | None = 1,
+                 ocr_cache: str | None = None, batch_size: int = 256):
+        self.run = run
+        self.backbone = backbone
+        self.text_encoder = text_encoder
+        self.vocabulary = vocabulary
+        self.ocr_workers = ocr_workers
+        self.ocr_cache = ocr_cache
+        self.batch_size = batch_size
+        settings = run.extraction["settings"]
+        self.image_size = int(settings["image_size"])
+        self.views = int(run.extraction["encoders"]["image"].get("views", 1))
+        self.ocr_engine = settings.get("ocr") or "none"
+        self.ocr_lang = settings.get("ocr_lang")
+        self.text_cols = list(run.extraction["columns"].get("text") or [])
+
+    @classmethod
+    def from_run(cls, path: str | os.PathLike, *, ocr_workers: int | None = 1, ocr_cache: str | None = None,
+                 batch_size: int = 256) -> "Predictor":
+        """Load the run's model, its backbone (backbone, weights and image size from the shard manifest), and its
+        fitted text encoder and vocabulary (from the run's training shard folder, which must still exist)."""
+        from prodfuse.encoders import image as image_encoders
+        from prodfuse.encoders import text as text_encoders
+
+        run = Run.load(path)
+        settings = run.extraction["settings"]
+        emb = Path(run.config["embeddings"])
+        needs_text = any(i in run.inputs for i in ("text", "tokens"))
+        encoder = vocab = None
+        if needs_text:
+            if not (emb / shards.MANIFEST).is_file():
+                raise ValueError(f"The run's training shards {str(emb)!r} (config.json 'embeddings') are gone; the "
+                                 f"Predictor needs their fitted text encoder and vocabulary. Restore the folder, or "
+                                 f"embed new items with `prodfuse extract --like` and use predict_shards.")
+            encoder, vocab = text_encoders.load_text_encoder(emb), text_encoders.load_vocabulary(emb)
+        weights = settings["weights"]
+        if weights == image_encoders.RANDOM_FALLBACK:
+            weights = "none"  # the same seeded random weights extraction fell back to
+        backbone = image_encoders.build_backbone(settings["backbone"], weights, int(settings["image_size"]),
+                                                 settings.get("precision") or "float32")
+        return cls(run, backbone, encoder, vocab, ocr_workers=ocr_workers, ocr_cache=ocr_cache,
+                   batch_size=batch_size)
+
+    # ------------------------------------------------------------------------------------------------ items
+
+    def embed(self, items: list[dict]) -> tuple[dict[str, np.ndarray], list[int], list[dict]]:
+        """(model input arrays of the items that embedded, their positions in `items`, per-item extras: ocr text,
+        joined text and error). A bad image is that item's error, never the batch's."""
+        from prodfuse.encoders import image as image_encoders
+        from prodfuse.encoders import ocr
+        from prodfuse.encoders import text as text_encoders
+
+        extras = [{"ocr_text": "", "text": "", "error": None} for _ in items]
+        with tempfile.TemporaryDirectory(prefix="prodfuse-predict-") as tmp:
+            paths: list[str | None] = []
+            for i, item in enumerate(items):
+                try:
+                    if not isinstance(item, dict):
+                        raise ValueError(f"an item must be a dict with 'image' and/or text columns; got "
+                                         f"{type(item).__name__}")
+                    image = item.get("image")
+                    paths.append(None if image is None else _materialise(image, Path(tmp), i))
+                except ValueError as e:
+                    paths.append(None)
+                    extras[i]["error"] = str(e)
+            with_image = [i for i, p in enumerate(paths) if p is not None]
+            if "image" in self.run.inputs:
+                for i, item in enumerate(items):
+                    if paths[i] is None and extras[i]["error"] is None:
+                        extras[i]["error"] = "no image: this run's model needs one ('image' key)"
+            emb = {}
+            for local, vectors, bad in image_encoders.iter_image_embeddings(
+                    self.backbone, [paths[i] for i in with_image], self.image_size, batch_size=self.batch_size,
+                    progress=False, views=self.views):
+                for j, v in zip(local, vectors):
+                    emb[with_image[j]] = v
+                for j, reason, detail in bad:
+                    extras[with_image[j]]["error"] = f"{reason}: {detail}"
+            if self.ocr_engine != "none":
+                ocr_rows = [i for i in with_image if extras[i]["error"] is None]
+                results = ocr.ocr_images([paths[i] for i in ocr_rows], engine=self.ocr_engine, langs=self.ocr_lang,
+                                         workers=self.ocr_workers, cache_dir=self.ocr_cache, progress=False)
+                for i, r in zip(ocr_rows, results):
+                    extras[i]["ocr_text"] = r.text  # an OCR failure leaves the item without OCR text, as extraction
+        ok = [i for i in range(len(items)) if extras[i]["error"] is None]
+        texts = [text_encoders.join_text([items[i].get(c) for c in self.text_cols] + [extras[i]["ocr_text"]])
+                 for i in ok]
+        for i, t in zip(ok, texts):
+            extras[i]["text"] = t
+        arrays: dict[str, np.ndarray] = {}
+        if "image" in self.run.inputs:
+            stack = np.stack([emb[i] for i in ok]) if ok else np.zeros((0, self.views, 0), np.float32)
+            if self.views > 1:
+                arrays["image"] = stack[:, 0] if ok else np.zeros((0, 0), np.float32)
+                if "image_views" in self.run.inputs:
+                    arrays["image_views"] = stack[:, 1:].reshape(len(ok), -1)
+            else:
+                arrays["image"] = stack
+        if "text" in self.run.inputs:
+            arrays["text"] = self.text_encoder.encode(texts)
+        if "tokens" in self.run.inputs:
+            arrays["tokens"] = text_encoders.tokenize(texts, self.vocabulary)
+        return arrays, ok, extras
+
+    def predict(self, items: list[dict], top_k: int = 5) -> list[dict]:
+        """For each item (a dict with `image`: path, bytes, PIL.Image or uint8 array, and/or the run's text columns
+        by name), in order: {"labels", "probs" (calibrated, top_k of them), "ocr_text", "image_contribution",
+        "text_contribution", "error"}; an item that cannot be embedded has only its "error" set."""
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be an integer >= 1; got {top_k!r}")
+        items = list(items)
+        arrays, ok, extras = self.embed(items)
+        out = [{"labels": [], "probs": [], "ocr_text": e["ocr_text"], "image_contribution": None,
+                "text_contribution": None, "error": e["error"]} for e in extras]
+        if not ok:
+            return out
+        res = forward(self.run.model, arrays, self.run.temperature, self.batch_size)
+        img_c, txt_c = contributions(res)
+        k = min(top_k, len(self.run.classes))
+        order = np.argsort(-res["probs"], axis=1, kind="stable")[:, :k]
+        for j, i in enumerate(ok):
+            out[i].update({"labels": [self.run.classes[c] for c in order[j]],
+                           "probs": [float(res["probs"][j, c]) for c in order[j]],
+                           "image_contribution": None if np.isnan(img_c[j]) else float(img_c[j]),
+                           "text_contribution": None if np.isnan(txt_c[j]) else float(txt_c[j])})
+        return out
+
+    # ------------------------------------------------------------------------------------------------ shards
+
+    def predict_shards(self, folder: str | os.PathLike, top_k: int = 5):
+        """A DataFrame of top-k labels for every row of an already-extracted shard folder (embedded like the run's
+        training data), in the format of `prodfuse predict`: id, [label], label_i, prob_i, contributions."""
+        folder = Path(folder)
+        manifest = shards.read_manifest(folder)
+        check_compatible(self.run.config, manifest, folder)
+        id_col, label_col = manifest["columns"]["id"], self.run.label_col
+        with_label = label_col in shards.shard_columns(folder)
+        data = read_items(folder, self.run.inputs, [id_col] + ([label_col] if with_label else []))
+        res = forward(self.run.model, {k: data[k] for k in self.run.inputs}, self.run.temperature, self.batch_size)
+        img_c, txt_c = contributions(res)
+        return prediction_table(data[id_col], res["probs"], self.run.classes, top_k, img_c, txt_c, id_col=id_col,
+                                true_labels=data[label_col] if with_label else None, label_col=label_col)

@@ -1,0 +1,86 @@
+"""TrainConfig: every setting of a training run, its default and its check, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prodfuse.checks import check_choice, check_range
+
+FUSIONS = ("concat", "gated", "cross_attention")
+TEXT_BRANCHES = ("mlp", "cnn", "none")
+IMAGE_BRANCHES = ("mlp", "none")
+INPUT_NORMS = ("l2", "none")
+LR_SCHEDULES = ("plateau", "cosine")
+CLASS_WEIGHTS = ("balanced", "none")
+PRECISIONS = ("float32", "mixed_float16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run: which shards, which model, how it is fitted, where the run folder goes.
+
+    `label_col=None` takes the label column recorded in the shards' manifest at extraction; `split_col=None` the
+    split column recorded there. `out=None` writes runs/<embeddings name>-<fusion>. An existing run folder is
+    refused unless `overwrite`, which clears it first: a run folder never mixes two runs.
+    """
+
+    embeddings: str | None = None  # None: the demo's embeddings/demo
+    val_embeddings: str | None = None
+    test_embeddings: str | None = None
+    folds: int | None = None
+    fold: int = 0
+    label_col: str | None = None
+    split_col: str | None = None
+    fusion: str = "gated"
+    text_branch: str = "mlp"
+    image_branch: str = "mlp"
+    wide: bool = True  # a linear path from the embeddings to the logits beside the MLP
+    input_norm: str = "l2"
+    epochs: int = 100
+    batch_size: int = 32
+    lr: float = 1e-3
+    lr_schedule: str = "plateau"
+    class_weight: str = "none"
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    modality_dropout: float = 0.5
+    patience: int = 20
+    ensemble: int = 1
+    staged: bool = False
+    precision: str = "float32"
+    seed: int = 42
+    out: str | None = None
+    overwrite: bool = False
+    verbose: int = 2  # Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch
+
+    def __post_init__(self):
+        check_choice("fusion", self.fusion, FUSIONS)
+        check_choice("text_branch", self.text_branch, TEXT_BRANCHES)
+        check_choice("image_branch", self.image_branch, IMAGE_BRANCHES)
+        check_choice("input_norm", self.input_norm, INPUT_NORMS)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("class_weight", self.class_weight, CLASS_WEIGHTS)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("verbose", self.verbose, (0, 1, 2))
+        check_range("epochs", self.epochs, 1, 100_000, integer=True)
+        check_range("batch_size", self.batch_size, 1, 65536, integer=True)
+        check_range("lr", self.lr, 1e-7, 10.0)
+        check_range("label_smoothing", self.label_smoothing, 0.0, 0.99)
+        check_range("mixup", self.mixup, 0.0, 10.0)
+        check_range("modality_dropout", self.modality_dropout, 0.0, 1.0)
+        check_range("patience", self.patience, 1, 100_000, integer=True)
+        check_range("ensemble", self.ensemble, 1, 64, integer=True)
+        check_range("seed", self.seed, 0, 2**31 - 1, integer=True)
+        check_range("folds", self.folds, 3, 100, integer=True, optional=True)
+        if self.folds is not None:
+            check_range("fold", self.fold, 0, self.folds - 1, integer=True)
+        if self.image_branch == "none" and self.text_branch == "none":
+            raise ValueError("image_branch and text_branch are both 'none': the model would have no input")
+        if self.ensemble > 1 and self.staged:
+            raise ValueError(f"ensemble {self.ensemble} cannot be combined with staged training; choose one")
+        if self.label_col == "":
+            object.__setattr__(self, "label_col", None)
+
+    @property
+    def both_streams(self) -> bool:
+        return self.image_branch != "none" and self.text_branch != "none"
