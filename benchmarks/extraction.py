@@ -96,10 +96,10 @@ def time_extract(catalog: Path, out: Path, args) -> tuple[dict, np.ndarray]:
     passes), `forward` (the compiled forward passes alone), `first_batch` (the first one, which traces the
     model), `trace` (its excess over the later batches' pace; None with a single batch), `text_fit` (fitting the
     text encoder) and `total` (the whole call); `build_cpu`, `total_cpu`: CPU seconds of this process."""
-    from prodfuse.encoders import image as image_encoders
-    from prodfuse.data import shards
-    from prodfuse.encoders import text as text_encoders
     from prodfuse.cli import build_parser
+    from prodfuse.data import shards
+    from prodfuse.encoders import image as image_encoders
+    from prodfuse.encoders import text as text_encoders
     from prodfuse.extraction.extract import run_extract
 
     ns = build_parser().parse_args([

@@ -44,11 +44,11 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="compare folders (default: a temporary folder)")
     args = ap.parse_args()
 
+    import tempfile
+
     from prodfuse.cli import build_parser
     from prodfuse.evaluation.compare import run_compare
     from test_accuracy import fashion_shards, grocery_shards
-
-    import tempfile
     out = Path(args.out or tempfile.mkdtemp(prefix="model-quality-"))
     figures = {}
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:

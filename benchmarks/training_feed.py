@@ -70,8 +70,8 @@ def run_variant(args: argparse.Namespace) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
-    from prodfuse.modeling.model import build_model
     from prodfuse.data.sequence import ShardSequence, load_inputs
+    from prodfuse.modeling.model import build_model
     from prodfuse.modeling.training import balanced_class_weights
 
     keras.utils.set_random_seed(0)

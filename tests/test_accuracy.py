@@ -10,47 +10,44 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from prodfuse.data import shards
-from prodfuse.cli import build_parser, main
-from prodfuse.evaluation.compare import run_compare
-from prodfuse.extraction.extract import run_extract
-
+import prodfuse
 from conftest import MOBILENET_WEIGHTS, SHARED
+from prodfuse.cli import main
+from prodfuse.data import shards
 
 pytestmark = [pytest.mark.realdata,
               pytest.mark.skipif(not MOBILENET_WEIGHTS.is_file(), reason="../shared data and models not present")]
 CACHE = Path(os.environ.get("PRODFUSE_CACHE", Path.home() / ".cache" / "prodfuse")) / "test-embeddings"
-MOBILENET = ["--backbone", "mobilenet_v2", "--weights", str(MOBILENET_WEIGHTS)]
-TRAIN_FLAGS = ["--epochs", "40", "--patience", "8"]
+MOBILENET = {"backbone": "mobilenet_v2", "weights": str(MOBILENET_WEIGHTS)}
+TRAIN = {"epochs": 40, "patience": 8}
 
 
-def extract_cached(name: str, catalog: Path, *flags: str) -> Path:
+def extract_cached(name: str, catalog: Path, **settings) -> Path:
     out = CACHE / name
-    args = build_parser().parse_args(["extract", "--catalog", str(catalog), "--out", str(out), "--overwrite",
-                                      "--no-progress", *flags])
-    summary = run_extract(args)
+    summary = prodfuse.extract(prodfuse.ExtractConfig(catalog=str(catalog), out=str(out), overwrite=True,
+                                                      progress=False, **settings))
     assert summary["embedded_rows"] + summary["rejected_rows"] == summary["input_rows"]
     return out
 
 
 def fashion_shards() -> Path:
     """Fashion, 135 article types: titles + MobileNetV2 @ 128 px (the photos are 60x80), no OCR."""
-    return extract_cached("fashion-mnv2-128", SHARED / "data" / "fashion" / "catalog.csv", *MOBILENET,
-                          "--image-size", "128", "--ocr", "none", "--text-cols", "title", "--label-col", "article_type")
+    return extract_cached("fashion-mnv2-128", SHARED / "data" / "fashion" / "catalog.csv", **MOBILENET,
+                          image_size=128, ocr="none", text_cols="title", label_col="article_type")
 
 
 def grocery_shards() -> tuple[Path, Path]:
     """Grocery train.csv and val.csv (embedded --like train): MobileNetV2 @ 224 px, default views, RapidOCR text."""
     grocery = SHARED / "data" / "grocery"
-    train_emb = extract_cached("grocery-train-mnv2-rapidocr", grocery / "train.csv", *MOBILENET, "--ocr", "rapidocr",
-                               "--text-cols", "")
-    return train_emb, extract_cached("grocery-val-mnv2-rapidocr", grocery / "val.csv", "--like", str(train_emb))
+    train_emb = extract_cached("grocery-train-mnv2-rapidocr", grocery / "train.csv", **MOBILENET, ocr="rapidocr",
+                               text_cols="")
+    return train_emb, extract_cached("grocery-val-mnv2-rapidocr", grocery / "val.csv", like=str(train_emb))
 
 
-def compare(out: Path, *flags: str) -> dict:
+def compare(out: Path, **settings) -> dict:
     """`prodfuse compare` on the default models and the linear probes; {model: row of the table}."""
-    args = build_parser().parse_args(["compare", *flags, *TRAIN_FLAGS, "--out", str(out)])
-    return {r["model"]: r for r in run_compare(args)["rows"]}
+    summary = prodfuse.compare(prodfuse.CompareConfig(**settings, **TRAIN, out=str(out)))
+    return {r["model"]: r for r in summary["rows"]}
 
 
 def evaluate(run: str, emb: Path, out: Path) -> dict:
@@ -66,8 +63,8 @@ def test_fashion_article_type_fusion(tmp_path):
     m = shards.read_manifest(emb)
     assert m["rows"] == 14999 and m["encoders"]["image"]["dim"] == 1280 and m["encoders"]["text"]["dim"] == 384
     assert m["encoders"]["image"]["views"] == 1  # 15k rows: above the size where --views auto embeds crops
-    r = compare(tmp_path, "--embeddings", str(emb), "--label-col", "article_type", "--batch-size", "128",
-                "--models", "gated,image,text,lr_image,lr_text,lr_concat")
+    r = compare(tmp_path, embeddings=str(emb), label_col="article_type", batch_size=128,
+                models="gated,image,text,lr_image,lr_text,lr_concat")
     acc = {k: v["accuracy"] for k, v in r.items()}
     print("fashion article_type test accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in acc.items()))
     assert r["gated"]["n"] == 1484
@@ -92,8 +89,8 @@ def test_grocery_fine_label_fusion_with_ocr(tmp_path):
     with_words = (pd.Series(val["ocr_text"][packages]).str.len() > 0).mean()
     assert with_words >= 0.80, with_words
 
-    r = compare(tmp_path, "--embeddings", str(train_emb), "--test-embeddings", str(val_emb),
-                "--models", "gated,image,lr_image,lr_concat")
+    r = compare(tmp_path, embeddings=str(train_emb), test_embeddings=str(val_emb),
+                models="gated,image,lr_image,lr_concat")
     acc = {k: v["accuracy"] for k, v in r.items()}
     fused = evaluate(r["gated"]["run"], val_emb, tmp_path / "eval-gated")
     image = evaluate(r["image"]["run"], val_emb, tmp_path / "eval-image")

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from prodfuse.inference.calibration import apply_temperature, fit_temperature, load_temperature, negative_log_likelihood, \
-    reliability_bins, save_temperature
+from prodfuse.inference.calibration import apply_temperature, fit_temperature, negative_log_likelihood, reliability_bins
 from prodfuse.modeling.metrics import expected_calibration_error
+from prodfuse.modeling.run import load_temperature, save_temperature
 
 
 def _softmax(z):
@@ -72,10 +72,15 @@ def test_reliability_bins_add_up_to_the_ece():
 
 
 def test_temperature_file_round_trip(tmp_path):
+    (tmp_path / "model.keras").write_bytes(b"model one")
     assert load_temperature(tmp_path) == (1.0, False)
     save_temperature(tmp_path, 2.5, {"n": 10})
     assert load_temperature(tmp_path) == (2.5, True)
     assert json.loads((tmp_path / "temperature.json").read_text())["n"] == 10
+    # fitted on another model: ignored, T = 1
+    (tmp_path / "model.keras").write_bytes(b"model two")
+    assert load_temperature(tmp_path) == (1.0, False)
+    (tmp_path / "model.keras").write_bytes(b"model one")
     (tmp_path / "temperature.json").write_text('{"temperature": -1}')
     with pytest.raises(ValueError, match="-1"):
         load_temperature(tmp_path)

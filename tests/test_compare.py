@@ -5,7 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from prodfuse.evaluation.compare import MODELS, TRAINED, fit_late_weight, parse_models, repetitions, train_namespace
+from prodfuse import CompareConfig
+from prodfuse.evaluation.compare import fit_late_weight, repetitions, train_config
+from prodfuse.evaluation.config import MODELS, TRAINED, parse_models
 from synthetic import write_synthetic_shards
 
 
@@ -39,18 +41,17 @@ def test_late_weight_follows_the_informative_stream():
 
 
 def test_parse_models_and_train_arguments(tmp_path):
-    assert parse_models("gated, image,gated") == ["gated", "image"]
+    assert parse_models("gated, image,gated") == ("gated", "image")
     with pytest.raises(ValueError, match="'mlp'"):
         parse_models("image,mlp")
-    import argparse
-    args = argparse.Namespace(embeddings="E", val_embeddings=None, label_col="label", epochs=3, patience=2,
-                              batch_size=16, seed=7, split_col=None)
-    ns = {m: train_namespace(args, m, tmp_path / m, "cnn") for m in TRAINED if m != "late"}
+    cfg = CompareConfig(embeddings="E", label_col="label", epochs=3, patience=2, batch_size=16, seed=7)
+    ns = {m: train_config(cfg, m, tmp_path / m, "cnn", seed=8, fold=0) for m in TRAINED if m != "late"}
     assert (ns["image"].image_branch, ns["image"].text_branch) == ("mlp", "none")
     assert (ns["text"].image_branch, ns["text"].text_branch) == ("none", "cnn")
     for f in ("concat", "gated", "cross_attention"):
         assert (ns[f].fusion, ns[f].image_branch, ns[f].text_branch) == (f, "mlp", "cnn")
-    assert all(n.epochs == 3 and n.seed == 7 and n.patience == 2 and n.quiet for n in ns.values())
+    assert all(n.epochs == 3 and n.seed == 8 and n.patience == 2 and n.batch_size == 16 and n.out == str(tmp_path / m)
+               for m, n in ns.items())
     assert ns["gated"].lr == 1e-3  # everything not set by compare keeps train's default
 
 
@@ -85,7 +86,7 @@ def test_compare_trains_every_model_on_the_same_splits(tmp_path, capsys, eager):
     assert 0 <= late["weight"] <= 1 and set(late["temperatures"]) == {"image", "text"}
     for m in ("image", "text", "concat", "gated", "cross_attention"):
         config = json.loads((out / m / "config.json").read_text())
-        assert config["splits"]["test"] == n_test and config["args"]["seed"] == 42
+        assert config["splits"]["test"] == n_test and config["train"]["seed"] == 42
     assert (out / "image" / "temperature.json").is_file()  # late fusion calibrated the unimodal runs
     md = (out / "compare.md").read_text()
     printed = capsys.readouterr().out
@@ -94,14 +95,13 @@ def test_compare_trains_every_model_on_the_same_splits(tmp_path, capsys, eager):
 
 
 def test_repetitions_by_folds_or_seeds():
-    import argparse
-    a = argparse.Namespace(seed=5, folds=None, seeds=3)
+    a = CompareConfig(embeddings="E", seed=5, seeds=3)
     assert [(r["seed"], r["fold"], r["name"]) for r in repetitions(a)] == \
         [(5, None, "seed5"), (6, None, "seed6"), (7, None, "seed7")]
-    a = argparse.Namespace(seed=5, folds=4, seeds=1)
+    a = CompareConfig(embeddings="E", seed=5, folds=4)
     assert [(r["seed"], r["fold"]) for r in repetitions(a)] == [(5, 0), (5, 1), (5, 2), (5, 3)]
-    with pytest.raises(ValueError, match="--folds 4 and --seeds 2"):
-        repetitions(argparse.Namespace(seed=5, folds=4, seeds=2))
+    with pytest.raises(ValueError, match="folds 4 and seeds 2"):
+        CompareConfig(embeddings="E", seed=5, folds=4, seeds=2)
 
 
 def test_compare_folds_report_mean_and_std(tmp_path, eager):
@@ -115,7 +115,7 @@ def test_compare_folds_report_mean_and_std(tmp_path, eager):
     tests = []
     for k in range(3):
         config = json.loads((out / f"fold{k}" / "image" / "config.json").read_text())
-        assert config["args"]["folds"] == 3 and config["args"]["fold"] == k
+        assert config["train"]["folds"] == 3 and config["train"]["fold"] == k
         assert config["splits"]["test"] == 12  # 4 items per class per fold
         tests.append(config["splits"]["test"])
     row = {r["model"]: r for r in result["rows"]}["lr_concat"]

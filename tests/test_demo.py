@@ -24,7 +24,7 @@ def test_demo_is_deterministic_and_shaped(tmp_path):
     assert (df["title"] == "").mean() > 0.1  # some items have no title at all
     # look-alike boxes: two flavours of a brand share the box, only the printed flavour tells them apart
     boxes = {}
-    for label, (brand, flavour, box, ink) in PACKAGED.items():
+    for label, (_brand, _flavour, box, ink) in PACKAGED.items():
         boxes.setdefault((box, ink), []).append(label)
     assert all(len(v) == 2 for v in boxes.values())
     produce = df[df["group"] == "produce"]

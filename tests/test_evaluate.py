@@ -8,8 +8,8 @@ import pytest
 from sklearn.metrics import classification_report, f1_score, top_k_accuracy_score
 
 from prodfuse.evaluation.evaluate import confusion, gate_per_class, modality_ablation, per_class_report
-from prodfuse.modeling.metrics import classification_metrics
 from prodfuse.evaluation.plots import plot_confusion, top_confusions
+from prodfuse.modeling.metrics import classification_metrics
 from synthetic import write_synthetic_shards
 
 
@@ -124,17 +124,15 @@ def test_gate_per_class_means():
 
 @pytest.fixture(scope="module")
 def gated_run(tmp_path_factory):
-    from prodfuse.cli import build_parser
-    from prodfuse.modeling.training import run_train
+    import prodfuse
     root = tmp_path_factory.mktemp("eval")
     # Noisy on purpose: the run must make mistakes, so scoring other rows than its test split would show.
     emb = make_shards(root / "emb", [c for c in "abcd" for _ in range(15)], spread=0.7)
-    args = build_parser().parse_args(["train", "--embeddings", str(emb), "--out", str(root / "run"),
-                                      "--epochs", "10", "--fusion", "gated", "--quiet"])
+    config = prodfuse.TrainConfig(embeddings=str(emb), out=str(root / "run"), epochs=10, fusion="gated", verbose=0)
     import tensorflow as tf
     tf.config.run_functions_eagerly(True)  # on 60 rows graph tracing would be most of the training time
     try:
-        run_train(args)
+        prodfuse.train(config)
     finally:
         tf.config.run_functions_eagerly(False)
     return root

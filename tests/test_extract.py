@@ -6,17 +6,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prodfuse.extraction import extract
-from prodfuse.encoders import image as image_encoders
-from prodfuse.data import shards
 from prodfuse.cli import build_parser, main
+from prodfuse.cli import extract as extract_cli
+from prodfuse.data import shards
+from prodfuse.encoders import image as image_encoders
+from prodfuse.extraction import extract
 
 FAST = ["--backbone", "mobilenet_v2", "--weights", "none", "--image-size", "32", "--ocr", "none", "--no-progress"]
 
 
+def config(*argv):
+    """The ExtractConfig the command line makes of `prodfuse extract ARGV`."""
+    return extract_cli.config(build_parser().parse_args(["extract", *argv]))
+
+
 def run(catalog, out, *extra):
-    args = build_parser().parse_args(["extract", "--catalog", str(catalog), "--out", str(out), *FAST, *extra])
-    return extract.run_extract(args)
+    return extract.extract(config("--catalog", str(catalog), "--out", str(out), *FAST, *extra))
 
 
 def test_bad_images_are_rejected_with_reasons_and_good_rows_kept(tiny_catalog, tmp_path):
@@ -123,11 +128,10 @@ def test_like_reuses_settings_and_fitted_text_encoder(tiny_catalog, tmp_path):
     new_dir = tmp_path / "new"
     shutil.copytree(tiny_catalog.parent / "img", new_dir / "img")
     lines = tiny_catalog.read_text().splitlines()
-    rows = [",".join(l.split(",")[:4]) for l in [lines[0]] + lines[1:][::-1][:5]]
+    rows = [",".join(line.split(",")[:4]) for line in [lines[0]] + lines[1:][::-1][:5]]
     (new_dir / "c.csv").write_text("\n".join(rows) + "\n")
-    args = build_parser().parse_args(["extract", "--catalog", str(new_dir / "c.csv"), "--out", str(tmp_path / "n"),
-                                      "--like", str(train), "--label-col", "", "--no-progress"])
-    extract.run_extract(args)
+    extract.extract(config("--catalog", str(new_dir / "c.csv"), "--out", str(tmp_path / "n"), "--like", str(train),
+                           "--label-col", "", "--no-progress"))
     a, b = shards.read_shards(train), shards.read_shards(tmp_path / "n")
     pos = {pid: i for i, pid in enumerate(a["product_id"])}
     idx = [pos[p] for p in b["product_id"]]
@@ -140,10 +144,10 @@ def test_like_reuses_settings_and_fitted_text_encoder(tiny_catalog, tmp_path):
 def test_like_contradicting_flag_is_an_error(tiny_catalog, tmp_path):
     train = tmp_path / "train"
     run(tiny_catalog, train)
-    args = build_parser().parse_args(["extract", "--catalog", str(tiny_catalog), "--out", str(tmp_path / "x"),
-                                      "--like", str(train), "--image-size", "64"])
+    cfg = config("--catalog", str(tiny_catalog), "--out", str(tmp_path / "x"), "--like", str(train),
+                 "--image-size", "64")
     with pytest.raises(ValueError, match="--image-size 64 contradicts --like"):
-        extract.run_extract(args)
+        extract.extract(cfg)
 
 
 def test_settings_mismatch_stops_with_the_setting(tiny_catalog, tmp_path, capsys):

@@ -7,9 +7,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from prodfuse.data import shards
+import prodfuse
 from prodfuse.cli import main
-from prodfuse.inference.predict import contributions, prediction_table, zero_stream
+from prodfuse.data import shards
+from prodfuse.data.catalog import Columns, read_catalog
+from prodfuse.inference.forward import contributions
+from prodfuse.inference.predict import prediction_table
+from prodfuse.modeling.probabilities import zero_stream
 
 FAST = ["--backbone", "mobilenet_v2", "--weights", "none", "--image-size", "32", "--ocr", "none",
         "--text-encoder", "tfidf", "--no-progress"]
@@ -70,22 +74,33 @@ def test_predict_catalog_rejects_bad_image_and_predicts_the_rest(trained, capsys
     assert pred["product_id"].tolist() == ["new-0", "new-2", "new-4"]
     assert set(pred["label_1"]) <= set(COLOURS) and (pred["label_1"] != pred["label_2"]).all()
     assert (pred["prob_1"] >= pred["prob_2"]).all()
-    # the default model has a wide path, so each stream's contribution is the drop of the top class's
-    # probability when that stream is zeroed (T = 1 here)
-    from prodfuse.inference.predict import contributions, forward, load_run, read_items
-    run = load_run(trained / "run")
-    out_ = forward(run["model"], read_items(trained / "out" / "pred.embeddings", run["inputs"]), 1.0)
-    img_c, txt_c = contributions(out_)
-    np.testing.assert_allclose(pred["image_contribution"], img_c, atol=1e-5)
-    np.testing.assert_allclose(pred["text_contribution"], txt_c, atol=1e-5)
-    assert np.abs(img_c).max() > 0 and np.abs(txt_c).max() > 0
-    # embedded like the run's data: the fitted tfidf was reused, so equal titles give equal text vectors
-    work = trained / "out" / "pred.embeddings"
-    assert shards.read_manifest(work)["settings"]["like"] == str((trained / "emb").resolve())
-    new_t = shards.read_shards(work, ["text", "text_embedding"])
-    old_t = shards.read_shards(trained / "emb", ["text", "text_embedding"])
-    i, j = list(new_t["text"]).index("blue cotton shirt size 2"), list(old_t["text"]).index("blue cotton shirt size 2")
-    np.testing.assert_allclose(new_t["text_embedding"][i], old_t["text_embedding"][j], atol=1e-6)
+    # The same items through the Predictor (loaded once), and through `extract --like` + `predict --embeddings`:
+    # the same probabilities and contributions (the default model has a wide path, so each stream's contribution
+    # is the drop of the top class's probability when that stream is zeroed).
+    predictor = prodfuse.Predictor.from_run(trained / "run")
+    cat = read_catalog(catalog, Columns(label=None), require_label=False)
+    items = [{"image": str(new / cat.loc[i, "image_path"]), "title": cat.loc[i, "title"],
+              "description": cat.loc[i, "description"]} for i in range(5)]
+    items[3]["image"] = Image.open(new / "img" / "2.png")  # a PIL image instead of a path: same pixels as item 2
+    got = predictor.predict(items, top_k=2)
+    assert got[1]["error"].startswith("not_an_image") and got[1]["labels"] == []
+    assert [g["error"] for g in got if g is not got[1]] == [None] * 4
+    for row, i in zip(pred.itertuples(), (0, 2, 4)):
+        assert got[i]["labels"] == [row.label_1, row.label_2]
+        np.testing.assert_allclose(got[i]["probs"], [row.prob_1, row.prob_2], atol=1e-5)
+        np.testing.assert_allclose([got[i]["image_contribution"], got[i]["text_contribution"]],
+                                   [row.image_contribution, row.text_contribution], atol=1e-5)
+    np.testing.assert_allclose(got[3]["probs"], got[2]["probs"], atol=1e-5)
+    assert np.abs(pred[["image_contribution", "text_contribution"]].to_numpy()).max() > 0
+    emb2 = trained / "out" / "new.emb"
+    assert main(["extract", "--catalog", str(catalog), "--out", str(emb2), "--like", str(trained / "emb"),
+                 "--label-col", "", "--no-progress"]) == 0
+    assert main(["predict", "--run", str(trained / "run"), "--embeddings", str(emb2), "--out",
+                 str(trained / "out" / "via-shards.csv"), "--top-k", "2"]) == 0
+    via = pd.read_csv(trained / "out" / "via-shards.csv").set_index("product_id").loc[pred["product_id"]]
+    cols = ["prob_1", "prob_2", "image_contribution", "text_contribution"]
+    np.testing.assert_allclose(via[cols].to_numpy(), pred[cols].to_numpy(), atol=1e-5)
+    assert via["label_1"].tolist() == pred["label_1"].tolist()
 
 
 def test_predict_reproduces_evaluate_probabilities(trained, capsys):
@@ -103,14 +118,23 @@ def test_predict_reproduces_evaluate_probabilities(trained, capsys):
     cols = ["prob_1", "prob_2", "prob_3", "image_contribution", "text_contribution"]
     np.testing.assert_allclose(ev[cols].to_numpy(), pr[cols].to_numpy(), atol=2e-6)
     # both are the model's softmax recalibrated with the temperature evaluate saved in the run folder
+    from prodfuse.data.sequence import read_items
     from prodfuse.inference.calibration import apply_temperature
-    from prodfuse.inference.predict import load_run, predict_arrays, read_items
+    from prodfuse.modeling.probabilities import predict_arrays
     t = json.loads((trained / "run" / "temperature.json").read_text())["temperature"]
-    r = load_run(run)
-    raw = predict_arrays(r["model"], {k: v for k, v in read_items(trained / "emb", r["inputs"]).items()})
+    r = prodfuse.Run.load(run)
+    assert r.temperature == t and r.calibrated
+    raw = predict_arrays(r.model, {k: v for k, v in read_items(trained / "emb", r.inputs).items()})
     expected = np.sort(apply_temperature(raw, t), axis=1)[:, ::-1]
     all_rows = pd.read_csv(trained / "all.csv")
     np.testing.assert_allclose(all_rows[["prob_1", "prob_2", "prob_3"]].to_numpy(), expected, atol=2e-6)
+    # and the Predictor, from the catalog's files, agrees with evaluate on its shards (issue 11: <= 1e-5)
+    cat = read_catalog(trained / "train" / "catalog.csv").set_index("product_id")
+    items = [{"image": str(trained / "train" / cat.loc[pid, "image_path"]), "title": cat.loc[pid, "title"],
+              "description": cat.loc[pid, "description"]} for pid in ev["product_id"]]
+    got = prodfuse.Predictor.from_run(run).predict(items, top_k=3)
+    assert [g["labels"] for g in got] == ev[["label_1", "label_2", "label_3"]].values.tolist()
+    np.testing.assert_allclose([g["probs"] for g in got], ev[["prob_1", "prob_2", "prob_3"]].to_numpy(), atol=1e-5)
 
 
 def test_predict_refuses_shards_from_another_backbone(trained, tmp_path, capsys):

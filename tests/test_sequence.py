@@ -103,8 +103,8 @@ def test_freed_heap_is_kept_mapped_on_glibc(monkeypatch):
 
 
 def test_training_draws_views_and_prediction_averages_them():
-    from prodfuse.inference.predict import predict_arrays
     from prodfuse.data.sequence import view_count, with_view
+    from prodfuse.inference.predict import predict_arrays
     n, d = 6, 4
     image = np.zeros((n, d), np.float32)
     views = np.stack([np.full((n, d), v, np.float32) for v in (1, 2)], axis=1).reshape(n, -1)  # view v == v

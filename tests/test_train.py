@@ -6,9 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from prodfuse.modeling import model as model_lib
+import prodfuse
 from prodfuse.cli import build_parser
-from prodfuse.modeling.training import balanced_class_weights, run_train, stratified_split
+from prodfuse.cli import train as train_cli
+from prodfuse.data.splits import stratified_split
+from prodfuse.modeling import model as model_lib
+from prodfuse.modeling.training import balanced_class_weights
 from synthetic import image_vs_text_classes, write_synthetic_shards
 
 
@@ -18,10 +21,17 @@ def synth(tmp_path_factory):
     return write_synthetic_shards(tmp_path_factory.mktemp("synth"), img, txt, labels)
 
 
+def train_config(*argv):
+    """The TrainConfig the command line makes of `prodfuse train ARGV` (flags checked as the CLI does)."""
+    args = build_parser().parse_args(["train", *argv])
+    args.stderr_tty = False
+    return train_cli.config(args)
+
+
 def train(emb, out, *extra):
-    args = build_parser().parse_args(["train", "--embeddings", str(emb), "--out", str(out), "--epochs", "25",
-                                      "--patience", "8", "--batch-size", "64", "--quiet", *extra])
-    return run_train(args)
+    run = prodfuse.train(train_config("--embeddings", str(emb), "--out", str(out), "--epochs", "25", "--patience",
+                                      "8", "--batch-size", "64", "--quiet", *extra))
+    return {"run": str(run.path), "metrics": run.metrics, "best_epoch": run.config["best_epoch"], "loaded": run}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +80,8 @@ def test_run_folder_contents_and_early_stopping_restores_best(runs):
     assert metrics["val"]["accuracy"] == pytest.approx(hist["val_accuracy"].max(), abs=1e-6)
     config = json.loads((p / "config.json").read_text())
     assert config["splits"]["train"] + config["splits"]["val"] + config["splits"]["test"] == 600
-    assert len(config["manifest_sha256"]) == 64 and config["args"]["fusion"] == "concat"
+    assert len(config["manifest_sha256"]) == 64 and config["train"]["fusion"] == "concat"
+    assert config["schema_version"] == 2 and config["model_sha256"] == prodfuse.Run.load(p).fingerprint
     assert json.loads((p / "labels.json").read_text()) == ["img_a", "img_b", "txt_c", "txt_d"]
 
 
@@ -116,11 +127,11 @@ def test_stratified_split_reports_small_classes():
 def test_missing_demo_shards_message(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="Run `python extract_embeddings.py` first"):
-        run_train(build_parser().parse_args(["train"]))
+        prodfuse.train(prodfuse.TrainConfig())
 
 
 def test_branch_rate_adam_scales_only_branch_steps():
-    from prodfuse.modeling.training import BranchRateAdam
+    from prodfuse.modeling.optimizer import BranchRateAdam
     inp = keras.Input((1,), name="image")
     h = keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros", name="image_dense_0")(inp)
     out = keras.layers.Dense(1, use_bias=False, kernel_initializer="ones", name="fusion_dense")(h)
@@ -164,15 +175,15 @@ def test_separate_test_folder_leaves_train_and_val_to_the_main_folder():
 
 
 def test_ensemble_saves_the_mean_of_its_members(synth, tmp_path):
-    from prodfuse.inference.predict import load_run, read_items
+    from prodfuse.data.sequence import read_items
     r = train(synth, tmp_path / "ens", "--fusion", "gated", "--ensemble", "2", "--epochs", "3")
-    run = load_run(r["run"])  # one model.keras, loaded without custom code beyond `import prodfuse`
-    model = run["model"]
+    run = prodfuse.Run.load(r["run"])  # one model.keras
+    model = run.model
     members = [layer for layer in model.layers if isinstance(layer, keras.Model)]
     assert [m.name for m in members] == ["member_0", "member_1"]
-    x = read_items(synth, run["inputs"], rows=np.arange(20))
+    x = read_items(synth, run.inputs, rows=np.arange(20))
     probs = model.predict(x, verbose=0)
     np.testing.assert_allclose(probs, np.mean([m.predict(x, verbose=0) for m in members], axis=0), atol=1e-6)
     assert not np.allclose(members[0].predict(x, verbose=0), members[1].predict(x, verbose=0))  # two seeds
-    with pytest.raises(ValueError, match="--ensemble must be >= 1 and cannot be combined with --staged"):
+    with pytest.raises(ValueError, match="--ensemble 2 cannot be combined with staged"):
         train(synth, tmp_path / "bad", "--ensemble", "2", "--staged")

@@ -10,7 +10,9 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 
 COMMANDS = ("extract", "train", "evaluate", "predict", "compare")
 HELPS = {"extract": "catalog -> OCR + image/text embeddings -> parquet shards",
@@ -89,6 +91,15 @@ def _import_tensorflow_quietly() -> None:
         os.close(saved)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as a KeyboardInterrupt so it takes Ctrl-C's path: the library stops
+    its workers and keeps complete work, and main prints the resume hint; main then returns 143, not 130."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -103,17 +114,25 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         parser.exit(2, f"prodfuse {args.command}: error: {e}\n")
     _setup(args)
+    # The entry point (never the library) turns SIGTERM into an exception, only while the command runs and
+    # only from the main thread (signal handlers can be set nowhere else); the previous handler is restored.
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main else None
     try:
         return module.run(cfg)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted (Ctrl-C). {_resume_hint(args)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        how, code = ("SIGTERM", 143) if isinstance(e, _Terminated) else ("Ctrl-C", 130)
+        print(f"\ninterrupted ({how}). {_resume_hint(args)}", file=sys.stderr)
+        return code
     except ValueError as e:
         # Our errors say what was wrong and how to fix it; a traceback would only bury that.
         if os.environ.get("PRODFUSE_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _resume_hint(args: argparse.Namespace) -> str:

@@ -6,8 +6,14 @@ import argparse
 from pathlib import Path
 
 from prodfuse.cli.common import add_column_args, make_config
-from prodfuse.extraction.config import AUTO_VIEWS_MAX_ROWS, BACKBONES, OCR_ENGINES, PRECISIONS, TEXT_ENCODERS, \
-    ExtractConfig
+from prodfuse.extraction.config import (
+    AUTO_VIEWS_MAX_ROWS,
+    BACKBONES,
+    OCR_ENGINES,
+    PRECISIONS,
+    TEXT_ENCODERS,
+    ExtractConfig,
+)
 
 HELP = "catalog -> OCR + image/text embeddings -> parquet shards"
 

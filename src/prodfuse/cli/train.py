@@ -5,8 +5,16 @@ from __future__ import annotations
 import argparse
 
 from prodfuse.cli.common import default, make_config
-from prodfuse.modeling.config import CLASS_WEIGHTS, FUSIONS, IMAGE_BRANCHES, INPUT_NORMS, LR_SCHEDULES, PRECISIONS, \
-    TEXT_BRANCHES, TrainConfig
+from prodfuse.modeling.config import (
+    CLASS_WEIGHTS,
+    FUSIONS,
+    IMAGE_BRANCHES,
+    INPUT_NORMS,
+    LR_SCHEDULES,
+    PRECISIONS,
+    TEXT_BRANCHES,
+    TrainConfig,
+)
 
 HELP = "shards -> fusion MLP run folder"
 

@@ -109,9 +109,10 @@ def open_shards(folder: str | os.PathLike, header: dict, overwrite: bool = False
     if (folder / MANIFEST).is_file():
         old = read_manifest(folder)
         diff = settings_difference(old, header)
-        if diff and not old["shards"]:
-            # No complete shard: nothing made with the old settings is worth keeping (a failed or interrupted
-            # first run), so the corrected rerun starts over instead of being refused.
+        if diff and not any(s["rows"] for s in old["shards"]):
+            # No complete shard holding a row: nothing made with the old settings is worth keeping (an interrupted
+            # first run, or one that rejected every row), so the corrected rerun starts over instead of being
+            # refused.
             overwrite = True
         if diff and not overwrite:
             rows = sum(s["rows"] for s in old["shards"])

@@ -14,17 +14,15 @@ import concurrent.futures
 import hashlib
 import logging
 import os
-import sys
-import warnings
 import weakref
 from pathlib import Path
 
 import keras
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageOps
 
-from prodfuse.progress import progress_bar
 from prodfuse.encoders.views import CROP_SCALE, MAX_VIEWS  # noqa: F401  (re-exported)
+from prodfuse.progress import progress_bar
 
 log = logging.getLogger(__name__)
 # Recorded as the weights when the demo could not download ImageNet weights and fell back to random ones.

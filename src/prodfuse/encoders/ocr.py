@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -54,6 +55,10 @@ _THREAD_ENV = (
 )
 
 Words = list[tuple[str, float]]
+
+
+class OcrStopped(RuntimeError):
+    """``ocr_images`` was asked to stop (its ``stop`` event was set) before every image was read."""
 
 
 class OcrResult(NamedTuple):
@@ -363,8 +368,18 @@ _WORKER_READ: Callable[[str], Words] | None = None
 _WORKER_INIT_ERROR: str | None = None
 
 
+def _worker_exit(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _worker_init(engine: str, langs: tuple[str, ...]) -> None:
     global _WORKER_READ, _WORKER_INIT_ERROR
+    # A terminal's Ctrl-C goes to the whole process group: workers ignore it (no KeyboardInterrupt traceback,
+    # no dead worker that the pool replaces while its image is lost); the parent stops them with terminate().
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGTERM (the parent's terminate(), or one sent to the group) unwinds instead of killing outright: an idle
+    # worker holds the task queue's lock while it waits, and a worker killed holding it hangs Pool.terminate().
+    signal.signal(signal.SIGTERM, _worker_exit)
     for name in _THREAD_ENV:
         os.environ[name] = "1"
     try:
@@ -453,12 +468,16 @@ def iter_ocr(
     workers: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    stop: threading.Event | None = None,
 ) -> Iterator[tuple[int, OcrResult]]:
     """Yield ``(index, OcrResult)`` for every path, cache hits first, then misses as they finish.
 
     Safe to consume from a background thread. Misses run in ``workers``
     spawned processes (default os.cpu_count()); workers <= 1 runs in-process.
     Workers import neither prodfuse nor the caller's ``__main__`` (see _open_pool).
+    Once ``stop`` is set the generator ends early, within a fraction of a second
+    (it checks between images), terminating the worker processes; results cached
+    so far are kept.
     """
     from prodfuse.progress import progress_bar
 
@@ -469,6 +488,9 @@ def iter_ocr(
     if workers < 0:
         raise ValueError(f"ocr workers must be >= 0, got {workers}; use 0 or 1 for in-process OCR.")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+
+    def stopped() -> bool:
+        return stop is not None and stop.is_set()
 
     bar = progress_bar(len(paths), "OCR", "img", enabled=progress)
     try:
@@ -484,6 +506,8 @@ def iter_ocr(
         jobs: list[tuple[int, str]] = []
         shas: dict[str, str] = {}
         for i, path in enumerate(paths):
+            if stopped():
+                return
             try:
                 sha = _file_sha256(path)
             except OSError as e:
@@ -522,13 +546,31 @@ def iter_ocr(
         if n_proc <= 1:
             read = _local_engine(engine, langs_t)
             for i, path in jobs:
+                if stopped():
+                    return
                 yield from finish(i, *_run_one(read, path))
             return
 
+        import multiprocessing as mp
+
         pool, mod = _open_pool(engine, langs_t, n_proc)
-        with pool:
-            for i, text, error in pool.imap_unordered(mod._worker_task, jobs, chunksize=1):
+        try:
+            results = pool.imap_unordered(mod._worker_task, jobs, chunksize=1)
+            for _ in range(len(jobs)):
+                while True:  # wait in short steps so a stop request is seen while workers are busy
+                    if stopped():
+                        return
+                    try:
+                        i, text, error = results.next(timeout=0.2)
+                        break
+                    except mp.TimeoutError:
+                        continue
                 yield from finish(i, text, error)
+        finally:
+            # Done, stopped, interrupted or failed: terminate, never close() + join(), which would first read
+            # every queued image; then join so no worker outlives this call.
+            pool.terminate()
+            pool.join()
     finally:
         bar.close()
 
@@ -541,11 +583,17 @@ def ocr_images(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     on_result: Callable[[int, OcrResult], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> list[OcrResult]:
-    """OCR every image (cached); results in input order. ``on_result(index, result)`` is called as each finishes."""
+    """OCR every image (cached); results in input order. ``on_result(index, result)`` is called as each finishes.
+
+    Setting ``stop`` (from another thread) ends the work early and raises OcrStopped; see iter_ocr.
+    """
     results: list[OcrResult | None] = [None] * len(paths)
-    for i, res in iter_ocr(paths, engine, langs, workers, cache_dir, progress):
+    for i, res in iter_ocr(paths, engine, langs, workers, cache_dir, progress, stop):
         results[i] = res
         if on_result is not None:
             on_result(i, res)
+    if stop is not None and stop.is_set() and any(r is None for r in results):
+        raise OcrStopped(f"OCR stopped after {sum(r is not None for r in results)} of {len(paths)} images")
     return results  # type: ignore[return-value]

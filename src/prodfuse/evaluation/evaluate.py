@@ -19,8 +19,7 @@ from prodfuse.data.catalog import file_sha256
 from prodfuse.data.sequence import read_items
 from prodfuse.data.shards import shard_columns
 from prodfuse.evaluation.config import EvaluateConfig
-from prodfuse.inference.calibration import apply_temperature, fit_temperature, negative_log_likelihood, \
-    reliability_bins
+from prodfuse.inference.calibration import apply_temperature, fit_temperature, negative_log_likelihood, reliability_bins
 from prodfuse.inference.forward import contributions, forward
 from prodfuse.inference.predict import check_compatible, prediction_table
 from prodfuse.modeling.metrics import classification_metrics, expected_calibration_error
@@ -96,7 +95,7 @@ def select_rows(config: dict, folder: Path, split: str | None) -> tuple[np.ndarr
     if not col:
         raise ValueError(f"--split {split} needs a split column in {str(folder)!r}, which has none; omit --split "
                          f"to score all its rows.")
-    from prodfuse.modeling.training import split_from_column
+    from prodfuse.data.splits import split_from_column
     rows = split_from_column(np.asarray(shards.read_shards(folder, [col])[col]))[split]
     return rows, split, f"rows of {str(folder)!r} whose {col!r} is {split}"
 
@@ -331,7 +330,7 @@ def _report(r: dict, classes: list[str]) -> str:
              "## Metrics", "",
              _md_table([r], ["accuracy", "top3_accuracy", "top5_accuracy", "weighted_f1", "macro_f1", "n"]), "",
              *([r["note"], ""] if r.get("note") else []),
-             f"Per class: [per_class.csv](per_class.csv). Per item: [predictions.csv](predictions.csv).", "",
+             "Per class: [per_class.csv](per_class.csv). Per item: [predictions.csv](predictions.csv).", "",
              "## Calibration", "",
              f"Temperature T = {r['temperature']:.4g}, fitted on the run's validation split "
              f"(n = {r['calibration'].get('val_n')}) and saved as `temperature.json` in the run folder"

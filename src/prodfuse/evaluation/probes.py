@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from prodfuse.evaluation.config import PROBES  # noqa: E402,F401  (the names, defined with the configs)
 from prodfuse.inference.calibration import apply_temperature, fit_late_weight, fit_temperature
 from prodfuse.modeling.metrics import classification_metrics
 
-from prodfuse.evaluation.config import PROBES  # noqa: E402,F401  (the names, defined with the configs)
 PROBE_C = 10.0
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import platform
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -54,8 +55,8 @@ def resolve_settings(config: ExtractConfig) -> dict:
             elif key == "text_cols" and recorded is not None:
                 recorded = tuple(recorded)
             if given is not None and given != recorded:
-                raise ValueError(f"{key} {given!r} contradicts like {config.like!r}, which was made with "
-                                 f"{recorded!r}. Leave it unset to embed exactly like that folder.")
+                raise ValueError(f"--{key.replace('_', '-')} {given!r} contradicts --like {config.like!r}, which "
+                                 f"was made with {recorded!r}. Leave it unset to embed exactly like that folder.")
             out[key] = recorded
         else:
             out[key] = given if given is not None else default
@@ -148,7 +149,7 @@ def extract(config: ExtractConfig) -> dict:
     settings = resolve_settings(dataclasses.replace(config, views=views_setting))
     cols = Columns(id=config.id_col, image=config.image_col, text=tuple(settings["text_cols"]),
                    label=config.label_col, split=config.split_col)
-    settings["text_cols"] = list(cols.text)
+    settings["text_cols"] = ",".join(cols.text)  # recorded as 0.1 did, so its shard folders resume unchanged
     progress = config.progress
     out = Path(out_arg)
 
@@ -211,15 +212,16 @@ def extract(config: ExtractConfig) -> dict:
     ocr_errors: dict[int, str] = {}
     pool = ThreadPoolExecutor(max_workers=1)
     ocr_future = None
+    stop_ocr = threading.Event()  # set when stage A fails or is interrupted: the OCR thread then ends at once
     if settings["ocr"] != "none" and ocr_rows:
         ocr_future = pool.submit(ocr.ocr_images, [paths[i] for i in ocr_rows], engine=settings["ocr"],
                                  langs=settings["ocr_lang"], workers=config.ocr_workers, cache_dir=config.ocr_cache,
-                                 progress=progress)
+                                 progress=progress, stop=stop_ocr)
 
     # Stage A: image embeddings per chunk (skipped for chunks already saved by an interrupted run).
     embedded_images = 0
     try:
-        for k, (s, e) in enumerate(chunks):
+        for s, e in chunks:
             path = _chunk_file(out, s // shard_rows)
             if path.is_file():
                 continue
@@ -245,8 +247,15 @@ def extract(config: ExtractConfig) -> dict:
                 ocr_stats["with_words"] += bool(r.text)
                 if r.error is not None:
                     ocr_errors[i] = r.error
+    except BaseException:
+        # Ctrl-C, SIGTERM (the CLI raises it as a KeyboardInterrupt) or an error: stop OCR now instead of
+        # reading every queued image first. Saved chunks (.work/) and OCR cache entries are kept for resume.
+        stop_ocr.set()
+        raise
     finally:
-        pool.shutdown(wait=True)
+        # Waits for the OCR thread, which is quick once stop_ocr is set; it terminates its worker processes,
+        # so none outlives this call.
+        pool.shutdown(wait=True, cancel_futures=True)
     image_seconds = time.perf_counter() - t0
 
     texts = [text_encoders.join_text([df[c].iat[i] for c in text_cols] + [ocr_texts[i]]) for i in range(n)]

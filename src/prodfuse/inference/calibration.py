@@ -6,10 +6,7 @@ softmax(log(p) / T) is therefore exactly temperature scaling of the logits. T > 
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 

@@ -64,8 +64,8 @@ class Predictor:
         self.ocr_cache = ocr_cache
         self.batch_size = batch_size
         settings = run.extraction["settings"]
-        self.image_size = int(settings["image_size"])
-        self.views = int(run.extraction["encoders"]["image"].get("views", 1))
+        self.image_size = int(settings.get("image_size") or 0)
+        self.views = int(run.extraction["encoders"].get("image", {}).get("views", 1))
         self.ocr_engine = settings.get("ocr") or "none"
         self.ocr_lang = settings.get("ocr_lang")
         self.text_cols = list(run.extraction["columns"].get("text") or [])
@@ -73,29 +73,34 @@ class Predictor:
     @classmethod
     def from_run(cls, path: str | os.PathLike, *, ocr_workers: int | None = 1, ocr_cache: str | None = None,
                  batch_size: int = 256) -> "Predictor":
-        """Load the run's model, its backbone (backbone, weights and image size from the shard manifest), and its
-        fitted text encoder and vocabulary (from the run's training shard folder, which must still exist)."""
+        """Load the run's model now; its backbone (backbone, weights and image size from the shard manifest) and
+        fitted text encoder and vocabulary (from the run's training shard folder) on the first `predict` of new
+        items. `predict_shards` needs neither."""
+        return cls(Run.load(path), None, None, None, ocr_workers=ocr_workers, ocr_cache=ocr_cache,
+                   batch_size=batch_size)
+
+    def _load_encoders(self) -> None:
         from prodfuse.encoders import image as image_encoders
         from prodfuse.encoders import text as text_encoders
 
-        run = Run.load(path)
-        settings = run.extraction["settings"]
-        emb = Path(run.config["embeddings"])
-        needs_text = any(i in run.inputs for i in ("text", "tokens"))
-        encoder = vocab = None
-        if needs_text:
+        settings = self.run.extraction["settings"]
+        if self.text_encoder is None and any(i in self.run.inputs for i in ("text", "tokens")):
+            emb = Path(self.run.config["embeddings"])
             if not (emb / shards.MANIFEST).is_file():
-                raise ValueError(f"The run's training shards {str(emb)!r} (config.json 'embeddings') are gone; the "
-                                 f"Predictor needs their fitted text encoder and vocabulary. Restore the folder, or "
-                                 f"embed new items with `prodfuse extract --like` and use predict_shards.")
-            encoder, vocab = text_encoders.load_text_encoder(emb), text_encoders.load_vocabulary(emb)
-        weights = settings["weights"]
-        if weights == image_encoders.RANDOM_FALLBACK:
-            weights = "none"  # the same seeded random weights extraction fell back to
-        backbone = image_encoders.build_backbone(settings["backbone"], weights, int(settings["image_size"]),
-                                                 settings.get("precision") or "float32")
-        return cls(run, backbone, encoder, vocab, ocr_workers=ocr_workers, ocr_cache=ocr_cache,
-                   batch_size=batch_size)
+                raise ValueError(f"The run's training shards {str(emb)!r} (config.json 'embeddings') are gone; new "
+                                 f"items need their fitted text encoder and vocabulary. Restore the folder, or embed "
+                                 f"the items with `prodfuse extract --like` and use predict_shards.")
+            self.text_encoder = text_encoders.load_text_encoder(emb)
+            self.vocabulary = text_encoders.load_vocabulary(emb)
+        if self.backbone is None:
+            if "backbone" not in settings:
+                raise ValueError(f"the run {str(self.run.path)!r} records no extraction settings (shards not made "
+                                 f"by `prodfuse extract`): it can only predict shards")
+            weights = settings["weights"]
+            if weights == image_encoders.RANDOM_FALLBACK:
+                weights = "none"  # the same seeded random weights extraction fell back to
+            self.backbone = image_encoders.build_backbone(settings["backbone"], weights, int(settings["image_size"]),
+                                                          settings.get("precision") or "float32")
 
     # ------------------------------------------------------------------------------------------------ items
 
@@ -106,6 +111,7 @@ class Predictor:
         from prodfuse.encoders import ocr
         from prodfuse.encoders import text as text_encoders
 
+        self._load_encoders()
         extras = [{"ocr_text": "", "text": "", "error": None} for _ in items]
         with tempfile.TemporaryDirectory(prefix="prodfuse-predict-") as tmp:
             paths: list[str | None] = []
@@ -121,7 +127,7 @@ class Predictor:
                     extras[i]["error"] = str(e)
             with_image = [i for i, p in enumerate(paths) if p is not None]
             if "image" in self.run.inputs:
-                for i, item in enumerate(items):
+                for i in range(len(items)):
                     if paths[i] is None and extras[i]["error"] is None:
                         extras[i]["error"] = "no image: this run's model needs one ('image' key)"
             emb = {}
