@@ -90,7 +90,7 @@ def small_shards(tmp_path_factory):
 def test_second_train_into_same_folder_is_refused_and_overwrite_clears_it(small_shards, tmp_path, eager, capsys,
                                                                           caplog):
     from prodfuse.modeling.run import save_temperature
-    a, b = tmp_path / "run_a", tmp_path / "run_b"
+    a = tmp_path / "run_a"
     base = ["train", "--embeddings", str(small_shards), "--epochs", "1", "--quiet"]
     assert main([*base, "--out", str(a)]) == 0
     before = folder_digest(a)
@@ -102,23 +102,12 @@ def test_second_train_into_same_folder_is_refused_and_overwrite_clears_it(small_
     assert folder_digest(a) == before  # the first run is untouched
     assert json.loads((a / "config.json").read_text())["train"]["seed"] == 42
 
-    # a temperature fitted on this very model is used ...
+    # a temperature fitted on this very model is used
     save_temperature(a, 1.7, {"fitted_on": "val"})
-    run_a = prodfuse.Run.load(a)
-    assert run_a.temperature == pytest.approx(1.7) and run_a.calibrated is True
-    # ... one copied from another run's folder is ignored with a warning
-    assert main([*base, "--out", str(b), "--seed", "5"]) == 0
-    shutil.copy(a / "temperature.json", b / "temperature.json")
-    run_log = logging.getLogger("prodfuse.modeling.run")
-    run_log.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.WARNING, logger="prodfuse.modeling.run"):
-            run_b = prodfuse.Run.load(b)
-    finally:
-        run_log.removeHandler(caplog.handler)
-    assert run_b.fingerprint != run_a.fingerprint
-    assert run_b.temperature == 1.0 and run_b.calibrated is False
-    assert any("temperature.json" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    first = prodfuse.Run.load(a)
+    assert first.temperature == pytest.approx(1.7) and first.calibrated is True
+    old_temperature = tmp_path / "old_temperature.json"
+    shutil.copy(a / "temperature.json", old_temperature)
 
     # --overwrite clears the folder first: the old temperature and evaluations are gone
     (a / "eval-test").mkdir()
@@ -126,8 +115,21 @@ def test_second_train_into_same_folder_is_refused_and_overwrite_clears_it(small_
     assert main([*base, "--out", str(a), "--seed", "3", "--overwrite"]) == 0
     assert not (a / "temperature.json").exists() and not (a / "eval-test").exists()
     assert json.loads((a / "config.json").read_text())["train"]["seed"] == 3
-    reloaded = prodfuse.Run.load(a)
-    assert reloaded.temperature == 1.0 and reloaded.calibrated is False
+    second = prodfuse.Run.load(a)
+    assert second.temperature == 1.0 and second.calibrated is False
+    assert second.fingerprint != first.fingerprint
+
+    # a temperature.json copied from another run folder (fitted on another model) is ignored with a warning
+    shutil.copy(old_temperature, a / "temperature.json")
+    run_log = logging.getLogger("prodfuse.modeling.run")
+    run_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="prodfuse.modeling.run"):
+            copied = prodfuse.Run.load(a)
+    finally:
+        run_log.removeHandler(caplog.handler)
+    assert copied.temperature == 1.0 and copied.calibrated is False
+    assert any("temperature.json" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
 
 
 # ------------------------------------------------------------------------------------ 2. flag ranges
@@ -392,21 +394,18 @@ def test_help_is_fast_and_does_not_import_tensorflow(tmp_path):
 
 def test_train_and_extract_subprocesses_print_no_tensorflow_chatter_or_escape_codes(tmp_path, small_shards):
     env = _env_without_tf_log_level()
-    proc = subprocess.run([sys.executable, "-m", "prodfuse.cli", "train", "--embeddings", str(small_shards),
-                           "--out", str(tmp_path / "run"), "--epochs", "1"], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path, env=env)
-    assert proc.returncode == 0, proc.stderr
-    assert "trained" in proc.stdout
-    noisy = [line for line in proc.stderr.splitlines() if any(w in line for w in ("I0000", "cudart", "oneDNN"))]
-    assert not noisy, proc.stderr
-    assert "\r" not in proc.stdout + proc.stderr and "\x1b[" not in proc.stdout + proc.stderr
-
     catalog = write_catalog(tmp_path / "cat", 8)
-    proc = subprocess.run([sys.executable, "-m", "prodfuse.cli", "extract", "--catalog", str(catalog), "--out",
-                           str(tmp_path / "emb"), *FAST[:-1]], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path, env=env)  # progress on, but stderr is a pipe
-    assert proc.returncode == 0, proc.stderr
-    both = proc.stdout + proc.stderr
-    assert "extracted 8 of 8 rows" in proc.stdout
-    assert "\r" not in both and "\x1b[" not in both, repr(both)
-    assert not [line for line in proc.stderr.splitlines() if any(w in line for w in ("I0000", "cudart", "oneDNN"))]
+    commands = {"train": ["train", "--embeddings", str(small_shards), "--out", str(tmp_path / "run"), "--epochs", "1"],
+                # progress stays on (no --no-progress), but stderr is a pipe, not a terminal
+                "extract": ["extract", "--catalog", str(catalog), "--out", str(tmp_path / "emb"), *FAST[:-1]]}
+    procs = {name: subprocess.Popen([sys.executable, "-m", "prodfuse.cli", *argv], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+             for name, argv in commands.items()}  # side by side: most of each is TensorFlow's start-up
+    done = {name: p.communicate(timeout=300) for name, p in procs.items()}
+    for name, (out, err) in done.items():
+        assert procs[name].returncode == 0, err
+        noisy = [line for line in err.splitlines() if any(w in line for w in ("I0000", "cudart", "oneDNN"))]
+        assert not noisy, err
+        assert "\r" not in out + err and "\x1b[" not in out + err, repr(out + err)
+    assert "trained" in done["train"][0]
+    assert "extracted 8 of 8 rows" in done["extract"][0]

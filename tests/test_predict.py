@@ -81,7 +81,7 @@ def test_predict_catalog_rejects_bad_image_and_predicts_the_rest(trained, capsys
     cat = read_catalog(catalog, Columns(label=None), require_label=False)
     items = [{"image": str(new / cat.loc[i, "image_path"]), "title": cat.loc[i, "title"],
               "description": cat.loc[i, "description"]} for i in range(5)]
-    items[3]["image"] = Image.open(new / "img" / "2.png")  # a PIL image instead of a path: same pixels as item 2
+    items[3] = {**items[2], "image": Image.open(new / "img" / "2.png")}  # item 2 as a PIL image: same pixels
     got = predictor.predict(items, top_k=2)
     assert got[1]["error"].startswith("not_an_image") and got[1]["labels"] == []
     assert [g["error"] for g in got if g is not got[1]] == [None] * 4

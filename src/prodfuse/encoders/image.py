@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import hashlib
 import logging
 import os
 import weakref
@@ -21,6 +20,7 @@ import keras
 import numpy as np
 from PIL import Image, ImageOps
 
+from prodfuse.data.catalog import file_sha256
 from prodfuse.encoders.views import CROP_SCALE, MAX_VIEWS  # noqa: F401  (re-exported)
 from prodfuse.progress import progress_bar
 
@@ -210,14 +210,6 @@ def build_backbone(
     return model
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def image_settings(name, weights, image_size, precision):
     """Manifest record of the image stage; a weights path is recorded with its file's sha256."""
     normalized = RANDOM_FALLBACK if weights == RANDOM_FALLBACK else _normalize_weights(weights)
@@ -233,7 +225,7 @@ def image_settings(name, weights, image_size, precision):
     }
     if normalized not in (None, "imagenet", RANDOM_FALLBACK):
         record["weights"] = str(Path(normalized).resolve())
-        record["weights_sha256"] = _sha256(normalized)
+        record["weights_sha256"] = file_sha256(normalized)
     return record
 
 

@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from prodfuse.modeling.metrics import reliability_bins  # noqa: F401  (re-exported: plots and reports)
+
 # Probabilities are clipped before the log: float32 softmax gives exact zeros for hopeless classes.
 _EPS = 1e-12
 # Bounds on T for the search: outside them the model is either useless or a one-hot oracle.
@@ -56,19 +58,6 @@ def fit_temperature(y_true: np.ndarray, probs: np.ndarray, bounds: tuple[float, 
                           options={"xatol": 1e-4})
     # The bounded search never evaluates T = 1 exactly; keep it when it is at least as good (flat losses).
     return 1.0 if nll(0.0) <= res.fun else float(math.exp(res.x))
-
-
-def reliability_bins(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> dict[str, np.ndarray]:
-    """Per equal-width confidence bin: mean confidence, accuracy and item count (the same bins as the ECE)."""
-    conf = np.asarray(probs).max(axis=1)
-    correct = np.asarray(probs).argmax(axis=1) == np.asarray(y_true)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
-    count = np.bincount(which, minlength=bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        confidence = np.bincount(which, weights=conf, minlength=bins) / count
-        accuracy = np.bincount(which, weights=correct.astype(float), minlength=bins) / count
-    return {"edges": edges, "confidence": confidence, "accuracy": accuracy, "count": count}
 
 
 def fit_late_weight(y: np.ndarray, p_image: np.ndarray, p_text: np.ndarray, objective: str = "logloss",

@@ -9,7 +9,8 @@ has been imported.
 import keras
 from keras import ops
 
-FUSIONS = ("concat", "gated", "cross_attention")
+from prodfuse.modeling.config import FUSIONS  # noqa: E402,F401  (one definition, with the configs)
+
 # Keras' default 0.99 leaves BatchNorm's moving statistics far from the data after the few hundred steps a
 # small catalog trains for (the demo: 12 steps an epoch), so validation swings wildly while training looks fine.
 BN_MOMENTUM = 0.9

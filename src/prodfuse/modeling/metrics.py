@@ -30,15 +30,22 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, top_k: tuple[i
     return out
 
 
-def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
-    """ECE with equal-width confidence bins: sum over bins of |accuracy - confidence| weighted by bin size."""
-    conf = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == np.asarray(y_true)
+def reliability_bins(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> dict[str, np.ndarray]:
+    """Per equal-width confidence bin: mean confidence, accuracy and item count (the bins of the ECE)."""
+    conf = np.asarray(probs).max(axis=1)
+    correct = np.asarray(probs).argmax(axis=1) == np.asarray(y_true)
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        m = which == b
-        if m.any():
-            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
-    return float(ece)
+    count = np.bincount(which, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        confidence = np.bincount(which, weights=conf, minlength=bins) / count
+        accuracy = np.bincount(which, weights=correct.astype(float), minlength=bins) / count
+    return {"edges": edges, "confidence": confidence, "accuracy": accuracy, "count": count}
+
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
+    """ECE with equal-width confidence bins: sum over bins of |accuracy - confidence| weighted by bin size."""
+    b = reliability_bins(y_true, probs, bins)
+    ok = b["count"] > 0
+    n = max(int(b["count"].sum()), 1)
+    return float(np.sum(b["count"][ok] / n * np.abs(b["accuracy"][ok] - b["confidence"][ok])))

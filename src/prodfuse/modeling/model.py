@@ -11,10 +11,10 @@ switched off. Inputs are a dict keyed by name, holding only what the branches ne
 
 import keras
 
+from prodfuse.encoders.text import SEQUENCE_LENGTH as SEQ_LEN  # noqa: E402  (one definition)
+from prodfuse.encoders.text import VOCAB_SIZE  # noqa: E402
 from prodfuse.modeling.fusion import BN_MOMENTUM, FUSIONS, GatedFusion, get_fusion
 
-VOCAB_SIZE = 15001  # 15000 words + padding id 0
-SEQ_LEN = 60
 IMAGE_BRANCHES = ("mlp", "none")
 TEXT_BRANCHES = ("mlp", "cnn", "none")
 INPUT_NAMES = ("image", "text", "tokens")
@@ -68,7 +68,7 @@ def build_model(
     *,
     image_branch="mlp",
     text_branch="mlp",
-    fusion="concat",
+    fusion="gated",
     image_units=(512, 256),
     image_dropout=(0.5, 0.4),
     text_units=(256, 128),

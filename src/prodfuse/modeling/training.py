@@ -15,6 +15,7 @@ import numpy as np
 from prodfuse.checks import as_dict
 from prodfuse.data import shards
 from prodfuse.data.catalog import file_sha256
+from prodfuse.encoders.text import VOCAB_SIZE
 from prodfuse.modeling.config import TrainConfig
 from prodfuse.modeling.optimizer import make_optimizer
 from prodfuse.modeling.run import CONFIG_SCHEMA_VERSION, Run, model_fingerprint, prepare_run_folder
@@ -197,6 +198,10 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path) -> Run:
     build = dict(num_classes=len(classes), image_dim=image_dim, text_dim=text_dim, image_branch=args.image_branch,
                  text_branch=args.text_branch, fusion=args.fusion, wide=args.wide,
                  input_norm=args.input_norm)
+    if "tokens" in arrays:  # the token ids' range and length as extraction recorded them
+        tokens = manifest["encoders"].get("tokens", {})
+        build.update(vocab_size=int(tokens.get("vocab_size") or VOCAB_SIZE),
+                     seq_len=int(arrays["tokens"].shape[1]))
     t0 = time.perf_counter()
     both = args.image_branch != "none" and args.text_branch != "none"
     if args.staged and both:
