@@ -27,17 +27,15 @@ COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200)}
 COARSE = {"red": "warm", "green": "cool", "blue": "cool"}
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """main() points the prodfuse logger at the sys.stderr of its call and stops propagation; undo that after
-    each test so caplog and later tests see log records as usual."""
+def test_main_leaves_logging_as_it_found_it(tmp_path):
+    """main() points the prodfuse logger at its stderr while a command runs; called in-process (a notebook, a
+    test), it must put that back, so the caller's logging and pytest's caplog keep working."""
     loggers = [logging.getLogger(n) for n in ("prodfuse", "py.warnings")]
-    saved = [(lg.handlers[:], lg.propagate, lg.level) for lg in loggers]
-    yield
-    for lg, (handlers, propagate, level) in zip(loggers, saved):
-        lg.handlers[:], lg.propagate = handlers, propagate
-        lg.setLevel(level)
-    logging.captureWarnings(False)
+    before = [(lg.handlers[:], lg.propagate, lg.level) for lg in loggers]
+    capturing = logging._warnings_showwarning is not None
+    assert main(["evaluate", "--run", str(tmp_path / "no-such-run")]) == 2  # runs _setup, then fails
+    assert [(lg.handlers[:], lg.propagate, lg.level) for lg in loggers] == before
+    assert (logging._warnings_showwarning is not None) == capturing
 
 
 @pytest.fixture

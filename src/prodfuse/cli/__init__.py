@@ -47,6 +47,20 @@ class _Format(logging.Formatter):
         return msg
 
 
+def _logging_state():
+    """What _setup changes in logging, to put back when main() returns (tests and notebooks call main() in-process)."""
+    saved = [(lg, lg.handlers[:], lg.propagate, lg.level)
+             for lg in (logging.getLogger("prodfuse"), logging.getLogger("py.warnings"))]
+    capturing = logging._warnings_showwarning is not None  # noqa: SLF001  (no public getter)
+
+    def restore():
+        for lg, handlers, propagate, level in saved:
+            lg.handlers[:], lg.propagate = handlers, propagate
+            lg.setLevel(level)
+        logging.captureWarnings(capturing)
+    return restore
+
+
 def _setup(args: argparse.Namespace) -> None:
     if not args.verbose:
         # TensorFlow's C++ start-up chatter (CUDA, CPU instruction sets, oneDNN) buries our messages; it must be
@@ -113,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = module.config(args)  # every value is checked here, before any work starts
     except ConfigError as e:
         parser.exit(2, f"prodfuse {args.command}: error: {e}\n")
+    restore_logging = _logging_state()
     _setup(args)
     # The entry point (never the library) turns SIGTERM into an exception, only while the command runs and
     # only from the main thread (signal handlers can be set nowhere else); the previous handler is restored.
@@ -133,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if on_main:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        restore_logging()
 
 
 def _resume_hint(args: argparse.Namespace) -> str:

@@ -379,6 +379,7 @@ def _worker_init(engine: str, langs: tuple[str, ...]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # SIGTERM (the parent's terminate(), or one sent to the group) unwinds instead of killing outright: an idle
     # worker holds the task queue's lock while it waits, and a worker killed holding it hangs Pool.terminate().
+    # (A worker in the middle of an image exits once the engine returns: Python runs handlers between bytecodes.)
     signal.signal(signal.SIGTERM, _worker_exit)
     for name in _THREAD_ENV:
         os.environ[name] = "1"
@@ -475,9 +476,9 @@ def iter_ocr(
     Safe to consume from a background thread. Misses run in ``workers``
     spawned processes (default os.cpu_count()); workers <= 1 runs in-process.
     Workers import neither prodfuse nor the caller's ``__main__`` (see _open_pool).
-    Once ``stop`` is set the generator ends early, within a fraction of a second
-    (it checks between images), terminating the worker processes; results cached
-    so far are kept.
+    Once ``stop`` is set the generator ends early: it checks between images and
+    every 0.2 s, then terminates the worker processes (each exits after the image
+    it is reading). Results cached so far are kept.
     """
     from prodfuse.progress import progress_bar
 
