@@ -102,10 +102,32 @@ def time_extract(catalog: Path, out: Path, args) -> tuple[dict, np.ndarray]:
     from prodfuse.encoders import text as text_encoders
     from prodfuse.extraction.extract import run_extract
 
-    ns = build_parser().parse_args([
-        "extract", "--catalog", str(catalog), "--out", str(out), "--backbone", args.backbone,
-        "--weights", args.weights, "--image-size", str(args.image_size), "--batch-size", str(BATCH_SIZE),
-        "--ocr", "none", "--text-encoder", "tfidf", "--text-cols", "title", "--views", "1", "--no-progress"])
+    ns = build_parser().parse_args(
+        [
+            "extract",
+            "--catalog",
+            str(catalog),
+            "--out",
+            str(out),
+            "--backbone",
+            args.backbone,
+            "--weights",
+            args.weights,
+            "--image-size",
+            str(args.image_size),
+            "--batch-size",
+            str(BATCH_SIZE),
+            "--ocr",
+            "none",
+            "--text-encoder",
+            "tfidf",
+            "--text-cols",
+            "title",
+            "--views",
+            "1",
+            "--no-progress",
+        ]
+    )
     parts = {"build": 0.0, "images": 0.0, "forward": 0.0, "first_batch": None, "trace": None, "text_fit": 0.0}
     calls = []  # (batch rows, seconds) of every forward pass
 
@@ -118,7 +140,9 @@ def time_extract(catalog: Path, out: Path, args) -> tuple[dict, np.ndarray]:
                 finally:
                     parts[key] += time.perf_counter() - t
                     parts[key + "_cpu"] = parts.get(key + "_cpu", 0.0) + time.process_time() - c
+
             return call
+
         return wrap
 
     def timed_iter(fn):
@@ -126,6 +150,7 @@ def time_extract(catalog: Path, out: Path, args) -> tuple[dict, np.ndarray]:
             t = time.perf_counter()
             yield from fn(*a, **kw)
             parts["images"] += time.perf_counter() - t
+
         return gen
 
     def timed_predict_fn(fn):
@@ -137,13 +162,17 @@ def time_extract(catalog: Path, out: Path, args) -> tuple[dict, np.ndarray]:
                 out = predict(batch)
                 calls.append((len(batch), time.perf_counter() - t))
                 return out
+
             return call
+
         return make
 
-    with patched(image_encoders, "build_backbone", timed("build")), \
-            patched(image_encoders, "iter_image_embeddings", timed_iter), \
-            patched(image_encoders, "_predict_fn", timed_predict_fn), \
-            patched(text_encoders.TfidfTextEncoder, "fit", timed("text_fit")):
+    with (
+        patched(image_encoders, "build_backbone", timed("build")),
+        patched(image_encoders, "iter_image_embeddings", timed_iter),
+        patched(image_encoders, "_predict_fn", timed_predict_fn),
+        patched(text_encoders.TfidfTextEncoder, "fit", timed("text_fit")),
+    ):
         t, c = time.perf_counter(), time.process_time()
         summary = run_extract(ns)
         parts["total"], parts["total_cpu"] = time.perf_counter() - t, time.process_time() - c
@@ -169,7 +198,7 @@ def time_backbone(model, pixels: np.ndarray) -> tuple[float, float, float, np.nd
     t, c = time.perf_counter(), time.process_time()
     emb = [predict(pixels[:BATCH_SIZE])]
     first = time.perf_counter() - t
-    emb += [predict(pixels[s:s + BATCH_SIZE]) for s in range(BATCH_SIZE, len(pixels), BATCH_SIZE)]
+    emb += [predict(pixels[s : s + BATCH_SIZE]) for s in range(BATCH_SIZE, len(pixels), BATCH_SIZE)]
     return time.perf_counter() - t, time.process_time() - c, first, np.concatenate(emb)
 
 
@@ -181,8 +210,9 @@ def time_keras_common(folder: Path, args) -> tuple[float, float, np.ndarray]:
 
     model = image_encoders.build_backbone(args.backbone, args.weights, args.image_size)
     t, c = time.perf_counter(), time.process_time()
-    ds = keras.utils.image_dataset_from_directory(folder, labels=None, image_size=(args.image_size,) * 2,
-                                                  batch_size=BATCH_SIZE, shuffle=False, verbose=False)
+    ds = keras.utils.image_dataset_from_directory(
+        folder, labels=None, image_size=(args.image_size,) * 2, batch_size=BATCH_SIZE, shuffle=False, verbose=False
+    )
     emb = model.predict(ds, verbose=0)
     return time.perf_counter() - t, time.process_time() - c, emb
 
@@ -231,8 +261,14 @@ def main() -> None:
 
         pixels = np.stack([image_encoders.load_image(p, args.image_size) for p in paths])
 
-        runs = {"backbone": [], "backbone_steady": [], "extract": [], "extract_steady": [], "extract_with_build": [],
-                "keras": []}
+        runs = {
+            "backbone": [],
+            "backbone_steady": [],
+            "extract": [],
+            "extract_steady": [],
+            "extract_with_build": [],
+            "keras": [],
+        }
         cpu = {k: [] for k in runs}
         extract_parts, checks = [], {}
         for r in range(args.repeats):
@@ -258,15 +294,24 @@ def main() -> None:
             cpu["keras"].append(c)
             # Same photos, same weights: extract must equal the ceiling; keras decodes/resizes with TF, not PIL,
             # so it is only close (the cosine shows it embedded the same photos in the same order).
-            checks = {"extract_vs_backbone": float(np.abs(emb_a - emb_b).max()),
-                      "keras_min_cosine": float(np.min(np.sum(emb_c * emb_b, 1) / (
-                          np.linalg.norm(emb_c, axis=1) * np.linalg.norm(emb_b, axis=1) + 1e-12)))}
-            print(f"run {r + 1}: backbone {runs['backbone'][-1]:.2f} s, extract {runs['extract'][-1]:.2f} s "
-                  f"(+ build {parts['build']:.2f} s; first-batch tracing ~{parts['trace'] or 0:.2f} s, text fit "
-                  f"{parts['text_fit']:.2f} s), keras {runs['keras'][-1]:.2f} s", file=sys.stderr)
+            checks = {
+                "extract_vs_backbone": float(np.abs(emb_a - emb_b).max()),
+                "keras_min_cosine": float(
+                    np.min(
+                        np.sum(emb_c * emb_b, 1)
+                        / (np.linalg.norm(emb_c, axis=1) * np.linalg.norm(emb_b, axis=1) + 1e-12)
+                    )
+                ),
+            }
+            print(
+                f"run {r + 1}: backbone {runs['backbone'][-1]:.2f} s, extract {runs['extract'][-1]:.2f} s "
+                f"(+ build {parts['build']:.2f} s; first-batch tracing ~{parts['trace'] or 0:.2f} s, text fit "
+                f"{parts['text_fit']:.2f} s), keras {runs['keras'][-1]:.2f} s",
+                file=sys.stderr,
+            )
 
         ocr_runs = {"1": [], "2": [], "warm": []}
-        ocr_paths = paths[:args.ocr_images]
+        ocr_paths = paths[: args.ocr_images]
         for r in range(args.repeats if ocr_paths else 0):
             for workers in (1, 2):
                 ocr._LOCAL_ENGINES.clear()  # cold means the engine is built too, as in a fresh process
@@ -274,56 +319,87 @@ def main() -> None:
                 ocr_runs[str(workers)].append(time_ocr(ocr_paths, workers, cache))
                 if workers == 1:
                     ocr_runs["warm"].append(time_ocr(ocr_paths, workers, cache))
-            print(f"OCR run {r + 1}: 1 worker {ocr_runs['1'][-1]:.1f} s, 2 workers {ocr_runs['2'][-1]:.1f} s, "
-                  f"warm {ocr_runs['warm'][-1]:.3f} s", file=sys.stderr)
+            print(
+                f"OCR run {r + 1}: 1 worker {ocr_runs['1'][-1]:.1f} s, 2 workers {ocr_runs['2'][-1]:.1f} s, "
+                f"warm {ocr_runs['warm'][-1]:.3f} s",
+                file=sys.stderr,
+            )
 
     n, n_ocr = args.images, len(ocr_paths)
     rate = {k: n / statistics.median(v) for k, v in runs.items()}
     ocr_rate = {k: (n_ocr / statistics.median(v) if v else None) for k, v in ocr_runs.items()}
-    print(f"\n{n} photos, {args.backbone} @ {args.image_size}, batch {BATCH_SIZE}, median of {args.repeats} "
-          f"interleaved runs (shared machine: expect noise)")
+    print(
+        f"\n{n} photos, {args.backbone} @ {args.image_size}, batch {BATCH_SIZE}, median of {args.repeats} "
+        f"interleaved runs (shared machine: expect noise)"
+    )
     print(f"{'variant':<44}{'seconds':>9}{'images/s':>10}{'CPU s':>8}")
-    for key, label in (("backbone", "(b) backbone on pre-decoded uint8 (ceiling)"),
-                       ("backbone_steady", "    (b) without its first call's tracing"),
-                       ("extract", "(a) run_extract, OCR off, excl. model build"),
-                       ("extract_steady", "    (a) without its first batch's tracing"),
-                       ("extract_with_build", "    run_extract incl. model build"),
-                       ("keras", "(c) image_dataset_from_directory + predict")):
+    for key, label in (
+        ("backbone", "(b) backbone on pre-decoded uint8 (ceiling)"),
+        ("backbone_steady", "    (b) without its first call's tracing"),
+        ("extract", "(a) run_extract, OCR off, excl. model build"),
+        ("extract_steady", "    (a) without its first batch's tracing"),
+        ("extract_with_build", "    run_extract incl. model build"),
+        ("keras", "(c) image_dataset_from_directory + predict"),
+    ):
         cpu_s = statistics.median(cpu[key])
-        print(f"{label:<44}{statistics.median(runs[key]):>9.2f}{rate[key]:>10.1f}"
-              f"{'' if cpu_s != cpu_s else f'{cpu_s:8.1f}'}")
-    med = {k: statistics.median(p[k] for p in extract_parts) if extract_parts[0][k] is not None else None
-           for k in extract_parts[0]}
+        print(
+            f"{label:<44}{statistics.median(runs[key]):>9.2f}{rate[key]:>10.1f}"
+            f"{'' if cpu_s != cpu_s else f'{cpu_s:8.1f}'}"
+        )
+    med = {
+        k: statistics.median(p[k] for p in extract_parts) if extract_parts[0][k] is not None else None
+        for k in extract_parts[0]
+    }
     trace = "n/a (one batch)" if med["trace"] is None else f"~{med['trace']:.2f} s"
     rest = med["total"] - med["build"] - med["images"] - med["text_fit"]
-    print(f"(a) where the time goes (medians): model build {med['build']:.2f} s (excluded) | image stage "
-          f"{med['images']:.2f} s, of which forward passes {med['forward']:.2f} s, and in the first batch tracing + "
-          f"graph optimisation {trace} | text encoder fit {med['text_fit']:.2f} s | catalog, tokens, "
-          f"shard writing {rest:.2f} s")
-    print(f"checks: max |extract - backbone| {checks['extract_vs_backbone']:.1e}; min cosine keras vs backbone "
-          f"{checks['keras_min_cosine']:.4f}")
-    print(f"ratios: extract/backbone {rate['extract'] / rate['backbone']:.2f} (goal >= 0.9; each pays one trace), "
-          f"without tracing {rate['extract_steady'] / rate['backbone_steady']:.2f}, "
-          f"extract/keras {rate['extract'] / rate['keras']:.2f} (goal >= 1.0)")
+    print(
+        f"(a) where the time goes (medians): model build {med['build']:.2f} s (excluded) | image stage "
+        f"{med['images']:.2f} s, of which forward passes {med['forward']:.2f} s, and in the first batch tracing + "
+        f"graph optimisation {trace} | text encoder fit {med['text_fit']:.2f} s | catalog, tokens, "
+        f"shard writing {rest:.2f} s"
+    )
+    print(
+        f"checks: max |extract - backbone| {checks['extract_vs_backbone']:.1e}; min cosine keras vs backbone "
+        f"{checks['keras_min_cosine']:.4f}"
+    )
+    print(
+        f"ratios: extract/backbone {rate['extract'] / rate['backbone']:.2f} (goal >= 0.9; each pays one trace), "
+        f"without tracing {rate['extract_steady'] / rate['backbone_steady']:.2f}, "
+        f"extract/keras {rate['extract'] / rate['keras']:.2f} (goal >= 1.0)"
+    )
     if n_ocr:
-        print(f"OCR (rapidocr), {n_ocr} photos: cold 1 worker {ocr_rate['1']:.2f} img/s, cold 2 workers "
-              f"{ocr_rate['2']:.2f} img/s, warm cache {ocr_rate['warm']:.0f} img/s")
+        print(
+            f"OCR (rapidocr), {n_ocr} photos: cold 1 worker {ocr_rate['1']:.2f} img/s, cold 2 workers "
+            f"{ocr_rate['2']:.2f} img/s, warm cache {ocr_rate['warm']:.0f} img/s"
+        )
 
     def rnd(x, d=1):
         return None if x is None else round(x, d)
 
-    print(json.dumps({
-        "benchmark": "extraction", "images": n, "extract_img_s": rnd(rate["extract"]),
-        "backbone_img_s": rnd(rate["backbone"]), "keras_common_img_s": rnd(rate["keras"]),
-        "ratio_extract_vs_backbone": rnd(rate["extract"] / rate["backbone"], 3),
-        "ratio_extract_vs_backbone_without_tracing": rnd(rate["extract_steady"] / rate["backbone_steady"], 3),
-        "ratio_extract_vs_keras": rnd(rate["extract"] / rate["keras"], 3),
-        "ocr_img_s_1_worker": rnd(ocr_rate["1"], 2), "ocr_img_s_2_workers": rnd(ocr_rate["2"], 2),
-        "ocr_img_s_warm_cache": rnd(ocr_rate["warm"]),
-        "extract_with_build_img_s": rnd(rate["extract_with_build"]),
-        "extract_first_batch_trace_s": rnd(med["trace"], 2), "extract_text_fit_s": rnd(med["text_fit"], 2),
-        "ocr_images": n_ocr,
-        "repeats": args.repeats, "backbone": args.backbone, "image_size": args.image_size}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "extraction",
+                "images": n,
+                "extract_img_s": rnd(rate["extract"]),
+                "backbone_img_s": rnd(rate["backbone"]),
+                "keras_common_img_s": rnd(rate["keras"]),
+                "ratio_extract_vs_backbone": rnd(rate["extract"] / rate["backbone"], 3),
+                "ratio_extract_vs_backbone_without_tracing": rnd(rate["extract_steady"] / rate["backbone_steady"], 3),
+                "ratio_extract_vs_keras": rnd(rate["extract"] / rate["keras"], 3),
+                "ocr_img_s_1_worker": rnd(ocr_rate["1"], 2),
+                "ocr_img_s_2_workers": rnd(ocr_rate["2"], 2),
+                "ocr_img_s_warm_cache": rnd(ocr_rate["warm"]),
+                "extract_with_build_img_s": rnd(rate["extract_with_build"]),
+                "extract_first_batch_trace_s": rnd(med["trace"], 2),
+                "extract_text_fit_s": rnd(med["text_fit"], 2),
+                "ocr_images": n_ocr,
+                "repeats": args.repeats,
+                "backbone": args.backbone,
+                "image_size": args.image_size,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ def main() -> None:
     from prodfuse.cli import build_parser
     from prodfuse.evaluation.compare import run_compare
     from test_accuracy import fashion_shards, grocery_shards
+
     out = Path(args.out or tempfile.mkdtemp(prefix="model-quality-"))
     figures = {}
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
@@ -61,15 +62,37 @@ def main() -> None:
             flags = ["--embeddings", str(train_emb), "--test-embeddings", str(val_emb)]
         else:
             raise SystemExit(f"unknown data set {name!r}; choose fashion and/or grocery")
-        ns = build_parser().parse_args(["compare", *flags, "--seeds", str(args.seeds), "--models", args.models,
-                                        "--epochs", str(args.epochs), "--patience", str(args.patience),
-                                        "--out", str(out / name)])
+        ns = build_parser().parse_args(
+            [
+                "compare",
+                *flags,
+                "--seeds",
+                str(args.seeds),
+                "--models",
+                args.models,
+                "--epochs",
+                str(args.epochs),
+                "--patience",
+                str(args.patience),
+                "--out",
+                str(out / name),
+            ]
+        )
         summary = run_compare(ns)
-        figures[name] = {"split": summary["split"], "n": summary["rows"][0]["n"],
-                         "repeated_over": summary["repeated_over"], "seconds": round(time.perf_counter() - t0),
-                         "rows": {r["model"]: {"accuracy": round(r["accuracy"], 4),
-                                               "accuracy_std": round(r.get("accuracy_std", 0.0), 4),
-                                               "macro_f1": round(r["macro_f1"], 4)} for r in summary["rows"]}}
+        figures[name] = {
+            "split": summary["split"],
+            "n": summary["rows"][0]["n"],
+            "repeated_over": summary["repeated_over"],
+            "seconds": round(time.perf_counter() - t0),
+            "rows": {
+                r["model"]: {
+                    "accuracy": round(r["accuracy"], 4),
+                    "accuracy_std": round(r.get("accuracy_std", 0.0), 4),
+                    "macro_f1": round(r["macro_f1"], 4),
+                }
+                for r in summary["rows"]
+            },
+        }
         print(flush=True)
     print(json.dumps({"benchmark": "model_quality", "cpu_count": os.cpu_count(), "datasets": figures}))
 

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def _pcts(seconds: list[float]) -> dict:
     import numpy as np
+
     ms = np.asarray(seconds) * 1000
     return {"p50_ms": round(float(np.percentile(ms, 50)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1)}
 
@@ -47,11 +48,12 @@ def main() -> None:
     prodfuse.keep_freed_heap_mapped()
     work = Path(tempfile.mkdtemp(prefix="predict-latency-"))
     train_emb, val_emb = grocery_shards()
-    run = prodfuse.train(prodfuse.TrainConfig(embeddings=str(train_emb), out=str(work / "run"), epochs=15,
-                                              patience=5, verbose=0))
+    run = prodfuse.train(
+        prodfuse.TrainConfig(embeddings=str(train_emb), out=str(work / "run"), epochs=15, patience=5, verbose=0)
+    )
     val = pd.read_csv(SHARED / "data" / "grocery" / "val.csv")
     photos = [str((SHARED / "data" / "grocery" / p).resolve()) for p in val["image_path"]]
-    items = [{"image": p} for p in photos[:args.items]]
+    items = [{"image": p} for p in photos[: args.items]]
 
     def one_at_a_time(predictor, its):
         times = []
@@ -79,29 +81,63 @@ def main() -> None:
     pd.DataFrame({"product_id": ["x"], "image_path": [photos[0]]}).to_csv(one, index=False)
     env = {**os.environ, "PRODFUSE_OCR_CACHE": str(cache)}
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "prodfuse.cli", "predict", "--run", str(run.path), "--catalog", str(one),
-                    "--out", str(work / "one-pred.csv"), "--label-col", "", "--ocr-cache", str(cache), "--quiet"],
-                   check=True, env=env, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prodfuse.cli",
+            "predict",
+            "--run",
+            str(run.path),
+            "--catalog",
+            str(one),
+            "--out",
+            str(work / "one-pred.csv"),
+            "--label-col",
+            "",
+            "--ocr-cache",
+            str(cache),
+            "--quiet",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     figures["b_process_s"] = round(time.perf_counter() - t0, 2)
     figures["b_over_a_ocr_off"] = round(figures["b_process_s"] * 1000 / figures["a_ocr_off"]["p50_ms"], 1)
     # (c) batches through the Predictor (warm OCR cache, as extraction's second run) vs extraction images/s
-    batch = [{"image": ph} for ph in photos][:args.batch]
+    batch = [{"image": ph} for ph in photos][: args.batch]
     p_ocr.predict(batch[:8])
     t0 = time.perf_counter()
     p_ocr.predict(batch, top_k=5)
     figures["c_predictor_items_s"] = round(len(batch) / (time.perf_counter() - t0), 1)
     cat = work / "batch.csv"
-    pd.DataFrame({"product_id": [f"x{i}" for i in range(len(batch))], "image_path": [b["image"] for b in batch]}
-                 ).to_csv(cat, index=False)
-    summary = prodfuse.extract(prodfuse.ExtractConfig(catalog=str(cat), out=str(work / "emb"), like=str(train_emb),
-                                                      label_col=None, progress=False, ocr_cache=str(cache)))
+    pd.DataFrame(
+        {"product_id": [f"x{i}" for i in range(len(batch))], "image_path": [b["image"] for b in batch]}
+    ).to_csv(cat, index=False)
+    summary = prodfuse.extract(
+        prodfuse.ExtractConfig(
+            catalog=str(cat),
+            out=str(work / "emb"),
+            like=str(train_emb),
+            label_col=None,
+            progress=False,
+            ocr_cache=str(cache),
+        )
+    )
     figures["c_extract_images_s"] = round(summary["input_rows"] / summary["seconds"], 1)
     figures["c_ratio"] = round(figures["c_predictor_items_s"] / figures["c_extract_images_s"], 2)
-    print(f"(a) one item at a time, p50/p95 ms: OCR off {figures['a_ocr_off']}, OCR cold {figures['a_ocr_cold']}, "
-          f"OCR warm {figures['a_ocr_warm']}")
-    print(f"(b) `prodfuse predict` on one row: {figures['b_process_s']} s = {figures['b_over_a_ocr_off']}x (a, OCR off)")
-    print(f"(c) Predictor {figures['c_predictor_items_s']} items/s vs extract {figures['c_extract_images_s']} "
-          f"items/s (whole rows, {summary['input_rows']}): {figures['c_ratio']}x")
+    print(
+        f"(a) one item at a time, p50/p95 ms: OCR off {figures['a_ocr_off']}, OCR cold {figures['a_ocr_cold']}, "
+        f"OCR warm {figures['a_ocr_warm']}"
+    )
+    print(
+        f"(b) `prodfuse predict` on one row: {figures['b_process_s']} s = {figures['b_over_a_ocr_off']}x (a, OCR off)"
+    )
+    print(
+        f"(c) Predictor {figures['c_predictor_items_s']} items/s vs extract {figures['c_extract_images_s']} "
+        f"items/s (whole rows, {summary['input_rows']}): {figures['c_ratio']}x"
+    )
     print(json.dumps({"benchmark": "predict_latency", "cpu_count": os.cpu_count(), **figures}))
 
 

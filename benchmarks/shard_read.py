@@ -23,15 +23,29 @@ from prodfuse.data import shards  # noqa: E402
 
 
 def write_our_shards(folder: Path, img: np.ndarray, txt: np.ndarray, shard_rows: int) -> None:
-    header = {"catalog_path": "synthetic", "catalog_sha256": "-", "columns": {}, "settings": {}, "encoders": {},
-              "versions": {}}
+    header = {
+        "catalog_path": "synthetic",
+        "catalog_sha256": "-",
+        "columns": {},
+        "settings": {},
+        "encoders": {},
+        "versions": {},
+    }
     m = shards.open_shards(folder, header, overwrite=True)
     for start in range(0, len(img), shard_rows):
         stop = min(start + shard_rows, len(img))
-        shards.write_shard(folder, m, {
-            "product_id": [str(i) for i in range(start, stop)],
-            "label": [str(i % 16) for i in range(start, stop)],
-            "image_embedding": img[start:stop], "text_embedding": txt[start:stop]}, start, stop)
+        shards.write_shard(
+            folder,
+            m,
+            {
+                "product_id": [str(i) for i in range(start, stop)],
+                "label": [str(i % 16) for i in range(start, stop)],
+                "image_embedding": img[start:stop],
+                "text_embedding": txt[start:stop],
+            },
+            start,
+            stop,
+        )
     shards.finish(folder, m)
 
 
@@ -80,17 +94,28 @@ def main() -> None:
         t_ours = best_of(lambda: shards.read_shards(tmp / "shards", cols), 3)
         got = shards.read_shards(tmp / "shards", cols)
         assert np.array_equal(got["image_embedding"], img) and np.array_equal(got["text_embedding"], txt)
-        write_csv(tmp / "emb.csv", img[:args.csv_rows], txt[:args.csv_rows])
+        write_csv(tmp / "emb.csv", img[: args.csv_rows], txt[: args.csv_rows])
         t_csv = best_of(lambda: read_csv(tmp / "emb.csv"), 1)
     ours = args.rows / t_ours
     csv_rate = args.csv_rows / t_csv
     print(f"parquet shards : {args.rows:>7} rows in {t_ours:7.3f} s = {ours:12,.0f} rows/s")
-    print(f"CSV + literal_eval: {args.csv_rows:>4} rows in {t_csv:7.3f} s = {csv_rate:12,.0f} rows/s "
-          f"(scaled to {args.rows} rows: {args.rows / csv_rate:,.0f} s)")
+    print(
+        f"CSV + literal_eval: {args.csv_rows:>4} rows in {t_csv:7.3f} s = {csv_rate:12,.0f} rows/s "
+        f"(scaled to {args.rows} rows: {args.rows / csv_rate:,.0f} s)"
+    )
     print(f"ratio: {ours / csv_rate:,.0f}x")
-    print(json.dumps({"benchmark": "shard_read", "rows": args.rows, "dims": [args.image_dim, args.text_dim],
-                      "shard_rows_per_s": round(ours), "csv_rows_per_s": round(csv_rate),
-                      "ratio": round(ours / csv_rate, 1)}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "shard_read",
+                "rows": args.rows,
+                "dims": [args.image_dim, args.text_dim],
+                "shard_rows_per_s": round(ours),
+                "csv_rows_per_s": round(csv_rate),
+                "ratio": round(ours / csv_rate, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -38,21 +38,35 @@ VARIANTS = ("sequence", "numpy")
 NUM_CLASSES = 16
 
 
-def write_synthetic_shards(folder: Path, rows: int, image_dim: int, text_dim: int, shard_rows: int,
-                           seed: int = 0) -> None:
+def write_synthetic_shards(
+    folder: Path, rows: int, image_dim: int, text_dim: int, shard_rows: int, seed: int = 0
+) -> None:
     """Shards shaped like extract's output; generated one shard at a time so the parent never holds all rows."""
     rng = np.random.default_rng(seed)
-    header = {"catalog_path": "synthetic", "catalog_sha256": "-", "columns": {"id": "product_id"},
-              "settings": {}, "encoders": {}, "versions": {}}
+    header = {
+        "catalog_path": "synthetic",
+        "catalog_sha256": "-",
+        "columns": {"id": "product_id"},
+        "settings": {},
+        "encoders": {},
+        "versions": {},
+    }
     m = shards.open_shards(folder, header, overwrite=True)
     for start in range(0, rows, shard_rows):
         stop = min(start + shard_rows, rows)
         n = stop - start
-        shards.write_shard(folder, m, {
-            "product_id": [str(i) for i in range(start, stop)],
-            "label": [f"class_{c:02d}" for c in rng.integers(0, NUM_CLASSES, size=n)],
-            "image_embedding": rng.standard_normal((n, image_dim), dtype=np.float32),
-            "text_embedding": rng.standard_normal((n, text_dim), dtype=np.float32)}, start, stop)
+        shards.write_shard(
+            folder,
+            m,
+            {
+                "product_id": [str(i) for i in range(start, stop)],
+                "label": [f"class_{c:02d}" for c in rng.integers(0, NUM_CLASSES, size=n)],
+                "image_embedding": rng.standard_normal((n, image_dim), dtype=np.float32),
+                "text_embedding": rng.standard_normal((n, text_dim), dtype=np.float32),
+            },
+            start,
+            stop,
+        )
     shards.finish(folder, m)
 
 
@@ -76,8 +90,11 @@ def run_variant(args: argparse.Namespace) -> dict:
 
     keras.utils.set_random_seed(0)
     model = build_model(NUM_CLASSES, args.image_dim, args.text_dim, fusion="gated")
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-3, clipnorm=1.0),
-                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=0.1), metrics=["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=1e-3, clipnorm=1.0),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=0.1),
+        metrics=["accuracy"],
+    )
 
     rss_before = current_rss_bytes()
     t0 = time.perf_counter()
@@ -105,8 +122,16 @@ def run_variant(args: argparse.Namespace) -> dict:
     fit_kw = dict(epochs=args.epochs, verbose=0, callbacks=[EpochTimer()])
     if args.variant == "sequence":
         feed_kw = {"workers": args.workers, "use_multiprocessing": args.use_multiprocessing}
-        seq = ShardSequence(data, y, NUM_CLASSES, batch_size=args.batch_size, training=True,
-                            class_weight=balanced_class_weights(y, NUM_CLASSES), seed=0, **feed_kw)
+        seq = ShardSequence(
+            data,
+            y,
+            NUM_CLASSES,
+            batch_size=args.batch_size,
+            training=True,
+            class_weight=balanced_class_weights(y, NUM_CLASSES),
+            seed=0,
+            **feed_kw,
+        )
         steps = len(seq)
         history = model.fit(seq, **fit_kw)
     else:
@@ -114,22 +139,44 @@ def run_variant(args: argparse.Namespace) -> dict:
         weights = balanced_class_weights(y, NUM_CLASSES)
         sample_weight = np.array([weights[c] for c in range(NUM_CLASSES)], np.float32)[y]
         steps = -(-len(y) // args.batch_size)
-        history = model.fit(data, one_hot, sample_weight=sample_weight, batch_size=args.batch_size, shuffle=True,
-                            **fit_kw)
+        history = model.fit(
+            data, one_hot, sample_weight=sample_weight, batch_size=args.batch_size, shuffle=True, **fit_kw
+        )
     peak = peak_rss_bytes()
-    return {"variant": args.variant, "load_s": round(load_s, 3), "epoch_s": [round(t, 3) for t in times],
-            "epoch_cpu_s": [round(t, 3) for t in cpu_times],
-            "steps_per_epoch": steps, "final_loss": round(float(history.history["loss"][-1]), 4),
-            "array_mb": round(array_bytes / 2**20, 1), "rss_before_mb": round(rss_before / 2**20, 1),
-            "rss_loaded_mb": round(rss_loaded / 2**20, 1),
-            "peak_rss_mb": round(peak / 2**20, 1),
-            "peak_mem_ratio": round((peak - rss_before) / array_bytes, 3)}
+    return {
+        "variant": args.variant,
+        "load_s": round(load_s, 3),
+        "epoch_s": [round(t, 3) for t in times],
+        "epoch_cpu_s": [round(t, 3) for t in cpu_times],
+        "steps_per_epoch": steps,
+        "final_loss": round(float(history.history["loss"][-1]), 4),
+        "array_mb": round(array_bytes / 2**20, 1),
+        "rss_before_mb": round(rss_before / 2**20, 1),
+        "rss_loaded_mb": round(rss_loaded / 2**20, 1),
+        "peak_rss_mb": round(peak / 2**20, 1),
+        "peak_mem_ratio": round((peak - rss_before) / array_bytes, 3),
+    }
 
 
 def spawn(variant: str, folder: Path, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--variant", variant, "--shards", str(folder), "--epochs", str(args.epochs),
-           "--batch-size", str(args.batch_size), "--image-dim", str(args.image_dim), "--text-dim", str(args.text_dim),
-           "--workers", str(args.workers)] + (["--use-multiprocessing"] if args.use_multiprocessing else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--variant",
+        variant,
+        "--shards",
+        str(folder),
+        "--epochs",
+        str(args.epochs),
+        "--batch-size",
+        str(args.batch_size),
+        "--image-dim",
+        str(args.image_dim),
+        "--text-dim",
+        str(args.text_dim),
+        "--workers",
+        str(args.workers),
+    ] + (["--use-multiprocessing"] if args.use_multiprocessing else [])
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -142,8 +189,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--epochs", type=int, default=2, help="epochs per run; the last one is timed (default 2)")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="alternating rounds of both variants (default 1: sequence, numpy; 2 adds numpy, sequence)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="alternating rounds of both variants (default 1: sequence, numpy; 2 adds numpy, sequence)",
+    )
     ap.add_argument("--shard-rows", type=int, default=10_000)
     ap.add_argument("--image-dim", type=int, default=2048)
     ap.add_argument("--text-dim", type=int, default=384)
@@ -165,46 +216,89 @@ def main() -> None:
         folder = Path(tmp) / "shards"
         t0 = time.perf_counter()
         write_synthetic_shards(folder, args.rows, args.image_dim, args.text_dim, args.shard_rows)
-        print(f"wrote {args.rows} rows as shards of {args.shard_rows} in {time.perf_counter() - t0:.1f} s",
-              file=sys.stderr)
+        print(
+            f"wrote {args.rows} rows as shards of {args.shard_rows} in {time.perf_counter() - t0:.1f} s",
+            file=sys.stderr,
+        )
         for r in range(args.rounds):
             order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
             for variant in order:
                 res = spawn(variant, folder, args)
                 res["round"] = r + 1
                 runs.append(res)
-                print(f"round {r + 1} {variant:8s}: epoch times {res['epoch_s']} s, load {res['load_s']} s, "
-                      f"peak +{res['peak_mem_ratio']}x arrays", file=sys.stderr)
+                print(
+                    f"round {r + 1} {variant:8s}: epoch times {res['epoch_s']} s, load {res['load_s']} s, "
+                    f"peak +{res['peak_mem_ratio']}x arrays",
+                    file=sys.stderr,
+                )
 
     def best(key: str, pick=min) -> dict:
-        return {v: pick(r[key] if not isinstance(r[key], list) else r[key][-1] for r in runs if r["variant"] == v)
-                for v in VARIANTS}
+        return {
+            v: pick(r[key] if not isinstance(r[key], list) else r[key][-1] for r in runs if r["variant"] == v)
+            for v in VARIANTS
+        }
 
     wall, cpu, mem, load = best("epoch_s"), best("epoch_cpu_s"), best("peak_mem_ratio", max), best("load_s")
     array_mb = runs[0]["array_mb"]
-    print(f"\n{'round':>5} {'variant':8s} {'load s':>7} {'epoch s':>8} {'CPU s':>7} {'ms/step':>8} "
-          f"{'RSS before':>10} {'loaded':>7} {'peak MB':>8} {'peak/arrays':>11}")
+    print(
+        f"\n{'round':>5} {'variant':8s} {'load s':>7} {'epoch s':>8} {'CPU s':>7} {'ms/step':>8} "
+        f"{'RSS before':>10} {'loaded':>7} {'peak MB':>8} {'peak/arrays':>11}"
+    )
     for r in runs:
-        print(f"{r['round']:>5} {r['variant']:8s} {r['load_s']:7.2f} {r['epoch_s'][-1]:8.2f} "
-              f"{r['epoch_cpu_s'][-1]:7.2f} {1000 * r['epoch_s'][-1] / r['steps_per_epoch']:8.2f} "
-              f"{r['rss_before_mb']:10.0f} {r['rss_loaded_mb']:7.0f} {r['peak_rss_mb']:8.0f} "
-              f"{r['peak_mem_ratio']:11.3f}")
+        print(
+            f"{r['round']:>5} {r['variant']:8s} {r['load_s']:7.2f} {r['epoch_s'][-1]:8.2f} "
+            f"{r['epoch_cpu_s'][-1]:7.2f} {1000 * r['epoch_s'][-1] / r['steps_per_epoch']:8.2f} "
+            f"{r['rss_before_mb']:10.0f} {r['rss_loaded_mb']:7.0f} {r['peak_rss_mb']:8.0f} "
+            f"{r['peak_mem_ratio']:11.3f}"
+        )
     ratio, cpu_ratio = wall["sequence"] / wall["numpy"], cpu["sequence"] / cpu["numpy"]
-    print(f"arrays: {array_mb:.0f} MB for {args.rows} rows; epoch {args.epochs} (best of each), sequence/numpy: "
-          f"wall {ratio:.3f}x, CPU {cpu_ratio:.3f}x (goal <= 1.1x); peak memory increase / arrays: "
-          f"sequence {mem['sequence']:.3f}x, numpy {mem['numpy']:.3f}x (goal <= 1.5x)")
-    print(json.dumps({
-        "benchmark": "training_feed", "rows": args.rows, "dims": [args.image_dim, args.text_dim],
-        "batch_size": args.batch_size, "epochs": args.epochs, "rounds": args.rounds, "workers": args.workers,
-        "use_multiprocessing": args.use_multiprocessing,
-        "sequence_epoch_s": round(wall["sequence"], 3), "numpy_epoch_s": round(wall["numpy"], 3),
-        "time_ratio": round(ratio, 3),
-        "sequence_epoch_cpu_s": round(cpu["sequence"], 3), "numpy_epoch_cpu_s": round(cpu["numpy"], 3),
-        "cpu_time_ratio": round(cpu_ratio, 3),
-        "sequence_peak_mem_ratio": mem["sequence"], "numpy_peak_mem_ratio": mem["numpy"],
-        "sequence_load_s": load["sequence"], "numpy_load_s": load["numpy"], "array_mb": array_mb,
-        "runs": [{k: r[k] for k in ("round", "variant", "epoch_s", "epoch_cpu_s", "load_s", "rss_before_mb",
-                                    "rss_loaded_mb", "peak_rss_mb", "peak_mem_ratio")} for r in runs]}))
+    print(
+        f"arrays: {array_mb:.0f} MB for {args.rows} rows; epoch {args.epochs} (best of each), sequence/numpy: "
+        f"wall {ratio:.3f}x, CPU {cpu_ratio:.3f}x (goal <= 1.1x); peak memory increase / arrays: "
+        f"sequence {mem['sequence']:.3f}x, numpy {mem['numpy']:.3f}x (goal <= 1.5x)"
+    )
+    print(
+        json.dumps(
+            {
+                "benchmark": "training_feed",
+                "rows": args.rows,
+                "dims": [args.image_dim, args.text_dim],
+                "batch_size": args.batch_size,
+                "epochs": args.epochs,
+                "rounds": args.rounds,
+                "workers": args.workers,
+                "use_multiprocessing": args.use_multiprocessing,
+                "sequence_epoch_s": round(wall["sequence"], 3),
+                "numpy_epoch_s": round(wall["numpy"], 3),
+                "time_ratio": round(ratio, 3),
+                "sequence_epoch_cpu_s": round(cpu["sequence"], 3),
+                "numpy_epoch_cpu_s": round(cpu["numpy"], 3),
+                "cpu_time_ratio": round(cpu_ratio, 3),
+                "sequence_peak_mem_ratio": mem["sequence"],
+                "numpy_peak_mem_ratio": mem["numpy"],
+                "sequence_load_s": load["sequence"],
+                "numpy_load_s": load["numpy"],
+                "array_mb": array_mb,
+                "runs": [
+                    {
+                        k: r[k]
+                        for k in (
+                            "round",
+                            "variant",
+                            "epoch_s",
+                            "epoch_cpu_s",
+                            "load_s",
+                            "rss_before_mb",
+                            "rss_loaded_mb",
+                            "peak_rss_mb",
+                            "peak_mem_ratio",
+                        )
+                    }
+                    for r in runs
+                ],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

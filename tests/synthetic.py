@@ -1,14 +1,20 @@
 """Synthetic shard folders for training tests: classes separable only by the image or only by the text."""
+
 import numpy as np
 
 from prodfuse.data import shards
 
-HEADER = {"catalog_path": "synthetic", "catalog_sha256": "-", "columns": {"id": "product_id", "split": None},
-          "settings": {}, "encoders": {}, "versions": {}}
+HEADER = {
+    "catalog_path": "synthetic",
+    "catalog_sha256": "-",
+    "columns": {"id": "product_id", "split": None},
+    "settings": {},
+    "encoders": {},
+    "versions": {},
+}
 
 
-def write_synthetic_shards(folder, image, text, labels, tokens=None, split=None, shard_rows=500, extra=None,
-                           ids=None):
+def write_synthetic_shards(folder, image, text, labels, tokens=None, split=None, shard_rows=500, extra=None, ids=None):
     """Write arrays as a complete shard folder; `split` (optional) becomes a split column, `extra` maps more
     column names to per-row values (e.g. a group column)."""
     n = len(labels)
@@ -19,10 +25,16 @@ def write_synthetic_shards(folder, image, text, labels, tokens=None, split=None,
         tokens = np.zeros((n, 60), np.int32)
     for s in range(0, n, shard_rows):
         e = min(n, s + shard_rows)
-        data = {"product_id": ids[s:e], "label": list(labels[s:e]),
-                "image_embedding": image[s:e], "text_embedding": text[s:e],
-                "has_text": np.abs(text[s:e]).sum(1) > 0, "text": [""] * (e - s), "ocr_text": [""] * (e - s),
-                "tokens": tokens[s:e]}
+        data = {
+            "product_id": ids[s:e],
+            "label": list(labels[s:e]),
+            "image_embedding": image[s:e],
+            "text_embedding": text[s:e],
+            "has_text": np.abs(text[s:e]).sum(1) > 0,
+            "text": [""] * (e - s),
+            "ocr_text": [""] * (e - s),
+            "tokens": tokens[s:e],
+        }
         if split is not None:
             data["split"] = list(split[s:e])
         for name, values in (extra or {}).items():
@@ -51,5 +63,8 @@ def image_vs_text_classes(n_per_class=150, image_dim=32, text_dim=16, seed=0):
             texts.append(txt_proto[c - 2] + noise_t)
         labels += [name] * n_per_class
     order = rng.permutation(len(labels))
-    return (np.concatenate(images)[order].astype(np.float32), np.concatenate(texts)[order].astype(np.float32),
-            np.array(labels)[order])
+    return (
+        np.concatenate(images)[order].astype(np.float32),
+        np.concatenate(texts)[order].astype(np.float32),
+        np.array(labels)[order],
+    )

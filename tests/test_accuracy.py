@@ -3,6 +3,7 @@
 Shards are cached outside the clone (~/.cache/prodfuse/test-embeddings, or $PRODFUSE_CACHE), like the OCR cache,
 so a second run only trains: extraction resumes to a no-op when settings and catalog are unchanged.
 """
+
 import json
 import os
 from pathlib import Path
@@ -15,8 +16,10 @@ from conftest import MOBILENET_WEIGHTS, SHARED
 from prodfuse.cli import main
 from prodfuse.data import shards
 
-pytestmark = [pytest.mark.realdata,
-              pytest.mark.skipif(not MOBILENET_WEIGHTS.is_file(), reason="../shared data and models not present")]
+pytestmark = [
+    pytest.mark.realdata,
+    pytest.mark.skipif(not MOBILENET_WEIGHTS.is_file(), reason="../shared data and models not present"),
+]
 CACHE = Path(os.environ.get("PRODFUSE_CACHE", Path.home() / ".cache" / "prodfuse")) / "test-embeddings"
 MOBILENET = {"backbone": "mobilenet_v2", "weights": str(MOBILENET_WEIGHTS)}
 TRAIN = {"epochs": 40, "patience": 8}
@@ -24,23 +27,32 @@ TRAIN = {"epochs": 40, "patience": 8}
 
 def extract_cached(name: str, catalog: Path, **settings) -> Path:
     out = CACHE / name
-    summary = prodfuse.extract(prodfuse.ExtractConfig(catalog=str(catalog), out=str(out), overwrite=True,
-                                                      progress=False, **settings))
+    summary = prodfuse.extract(
+        prodfuse.ExtractConfig(catalog=str(catalog), out=str(out), overwrite=True, progress=False, **settings)
+    )
     assert summary["embedded_rows"] + summary["rejected_rows"] == summary["input_rows"]
     return out
 
 
 def fashion_shards() -> Path:
     """Fashion, 135 article types: titles + MobileNetV2 @ 128 px (the photos are 60x80), no OCR."""
-    return extract_cached("fashion-mnv2-128", SHARED / "data" / "fashion" / "catalog.csv", **MOBILENET,
-                          image_size=128, ocr="none", text_cols="title", label_col="article_type")
+    return extract_cached(
+        "fashion-mnv2-128",
+        SHARED / "data" / "fashion" / "catalog.csv",
+        **MOBILENET,
+        image_size=128,
+        ocr="none",
+        text_cols="title",
+        label_col="article_type",
+    )
 
 
 def grocery_shards() -> tuple[Path, Path]:
     """Grocery train.csv and val.csv (embedded --like train): MobileNetV2 @ 224 px, default views, RapidOCR text."""
     grocery = SHARED / "data" / "grocery"
-    train_emb = extract_cached("grocery-train-mnv2-rapidocr", grocery / "train.csv", **MOBILENET, ocr="rapidocr",
-                               text_cols="")
+    train_emb = extract_cached(
+        "grocery-train-mnv2-rapidocr", grocery / "train.csv", **MOBILENET, ocr="rapidocr", text_cols=""
+    )
     return train_emb, extract_cached("grocery-val-mnv2-rapidocr", grocery / "val.csv", like=str(train_emb))
 
 
@@ -63,8 +75,13 @@ def test_fashion_article_type_fusion(tmp_path):
     m = shards.read_manifest(emb)
     assert m["rows"] == 14999 and m["encoders"]["image"]["dim"] == 1280 and m["encoders"]["text"]["dim"] == 384
     assert m["encoders"]["image"]["views"] == 1  # 15k rows: above the size where --views auto embeds crops
-    r = compare(tmp_path, embeddings=str(emb), label_col="article_type", batch_size=128,
-                models="gated,image,text,lr_image,lr_text,lr_concat")
+    r = compare(
+        tmp_path,
+        embeddings=str(emb),
+        label_col="article_type",
+        batch_size=128,
+        models="gated,image,text,lr_image,lr_text,lr_concat",
+    )
     acc = {k: v["accuracy"] for k, v in r.items()}
     print("fashion article_type test accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in acc.items()))
     assert r["gated"]["n"] == 1484
@@ -80,8 +97,9 @@ def test_grocery_fine_label_fusion_with_ocr(tmp_path):
     (early-stopped on a stratified tenth of it), scored on val.csv, which training never sees."""
     train_emb, val_emb = grocery_shards()
     # the extraction integration check: rows, dims, views, and OCR words on the packaged products' photos
-    val = shards.read_shards(val_emb, ["product_id", "group", "ocr_text", "image_embedding", "image_views",
-                                       "text_embedding"])
+    val = shards.read_shards(
+        val_emb, ["product_id", "group", "ocr_text", "image_embedding", "image_views", "text_embedding"]
+    )
     assert len(val["product_id"]) == len(pd.read_csv(SHARED / "data" / "grocery" / "val.csv")) == 296
     assert val["image_embedding"].shape == (296, 1280) and val["text_embedding"].shape == (296, 384)
     assert val["image_views"].shape == (296, 5 * 1280)
@@ -89,14 +107,18 @@ def test_grocery_fine_label_fusion_with_ocr(tmp_path):
     with_words = (pd.Series(val["ocr_text"][packages]).str.len() > 0).mean()
     assert with_words >= 0.80, with_words
 
-    r = compare(tmp_path, embeddings=str(train_emb), test_embeddings=str(val_emb),
-                models="gated,image,lr_image,lr_concat")
+    r = compare(
+        tmp_path, embeddings=str(train_emb), test_embeddings=str(val_emb), models="gated,image,lr_image,lr_concat"
+    )
     acc = {k: v["accuracy"] for k, v in r.items()}
     fused = evaluate(r["gated"]["run"], val_emb, tmp_path / "eval-gated")
     image = evaluate(r["image"]["run"], val_emb, tmp_path / "eval-image")
-    print("grocery val accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in acc.items())
-          + f"; Packages: gated {fused['per_group']['Packages']['accuracy']:.4f}, image "
-            f"{image['per_group']['Packages']['accuracy']:.4f}; OCR words on {with_words:.0%} of Packages photos")
+    print(
+        "grocery val accuracy: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in acc.items())
+        + f"; Packages: gated {fused['per_group']['Packages']['accuracy']:.4f}, image "
+        f"{image['per_group']['Packages']['accuracy']:.4f}; OCR words on {with_words:.0%} of Packages photos"
+    )
     assert fused["n"] == 296 and fused["accuracy"] == pytest.approx(acc["gated"])
     # Over 3 seeds (benchmarks/model_quality.py, README): gated 0.770 ± 0.031, image 0.757 ± 0.006, logistic
     # regression on both 0.756 ± 0.008. One seed of the fused model lands anywhere in 0.73-0.80 (this one: 0.747,

@@ -88,6 +88,7 @@ def test_temperature_file_round_trip(tmp_path):
 
 def test_reliability_plot_writes_a_png(tmp_path):
     from prodfuse.evaluation.plots import plot_reliability
+
     z, y = _calibrated_world(n=300, seed=4)
     p = _softmax(4 * z)
     q = apply_temperature(p, 4.0)

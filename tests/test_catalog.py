@@ -12,8 +12,14 @@ def write_csv(path, text):
 
 
 def test_reads_csv_parquet_jsonl_alike(tmp_path):
-    df = pd.DataFrame({"product_id": ["007", "8"], "image_path": ["a.jpg", "b.jpg"], "title": ["Milk", None],
-                       "label": ["dairy", "dairy"]})
+    df = pd.DataFrame(
+        {
+            "product_id": ["007", "8"],
+            "image_path": ["a.jpg", "b.jpg"],
+            "title": ["Milk", None],
+            "label": ["dairy", "dairy"],
+        }
+    )
     df.to_csv(tmp_path / "c.csv", index=False)
     df.to_parquet(tmp_path / "c.parquet")
     with open(tmp_path / "c.jsonl", "w") as f:
@@ -26,8 +32,9 @@ def test_reads_csv_parquet_jsonl_alike(tmp_path):
         assert list(got["label"]) == ["dairy", "dairy"]
 
 
-@pytest.mark.parametrize("missing,flag", [("product_id", "--id-col"), ("image_path", "--image-col"),
-                                          ("label", "--label-col")])
+@pytest.mark.parametrize(
+    "missing,flag", [("product_id", "--id-col"), ("image_path", "--image-col"), ("label", "--label-col")]
+)
 def test_missing_required_column_lists_existing(tmp_path, missing, flag):
     cols = [c for c in ("product_id", "image_path", "label", "title") if c != missing]
     p = write_csv(tmp_path / "c.csv", ",".join(cols) + "\n" + ",".join("x" for _ in cols) + "\n")
@@ -80,7 +87,9 @@ def test_empty_label_is_an_error_naming_ids(tmp_path):
 def test_image_paths_relative_to_catalog_and_confined(tmp_path):
     sub = tmp_path / "cat"
     sub.mkdir()
-    p = write_csv(sub / "c.csv", "product_id,image_path,label\n1,img/a.jpg,x\n2,../secret.jpg,x\n3,/abs/b.jpg,x\n4,,x\n")
+    p = write_csv(
+        sub / "c.csv", "product_id,image_path,label\n1,img/a.jpg,x\n2,../secret.jpg,x\n3,/abs/b.jpg,x\n4,,x\n"
+    )
     df = read_catalog(p)
     paths, reasons = resolve_image_paths(df, p, "image_path")
     assert paths[0] == str((sub / "img" / "a.jpg").resolve())

@@ -22,8 +22,9 @@ def _shards(folder, n_per_class=15, image_dim=12, text_dim=6, seed=0):
     n = len(labels)
     img = np.stack([img_centre[c] for c in labels]) + rng.normal(size=(n, image_dim))
     txt = np.stack([txt_centre[c] for c in labels]) + rng.normal(size=(n, text_dim))
-    return write_synthetic_shards(folder, img.astype(np.float32), txt.astype(np.float32), labels,
-                                  tokens=np.ones((n, 60), np.int32))
+    return write_synthetic_shards(
+        folder, img.astype(np.float32), txt.astype(np.float32), labels, tokens=np.ones((n, 60), np.int32)
+    )
 
 
 def test_late_weight_follows_the_informative_stream():
@@ -50,8 +51,10 @@ def test_parse_models_and_train_arguments(tmp_path):
     assert (ns["text"].image_branch, ns["text"].text_branch) == ("none", "cnn")
     for f in ("concat", "gated", "cross_attention"):
         assert (ns[f].fusion, ns[f].image_branch, ns[f].text_branch) == (f, "mlp", "cnn")
-    assert all(n.epochs == 3 and n.seed == 8 and n.patience == 2 and n.batch_size == 16 and n.out == str(tmp_path / m)
-               for m, n in ns.items())
+    assert all(
+        n.epochs == 3 and n.seed == 8 and n.patience == 2 and n.batch_size == 16 and n.out == str(tmp_path / m)
+        for m, n in ns.items()
+    )
     assert ns["gated"].lr == 1e-3  # everything not set by compare keeps train's default
 
 
@@ -59,6 +62,7 @@ def test_parse_models_and_train_arguments(tmp_path):
 def eager():
     """tf.functions run eagerly: on a few dozen rows graph tracing is most of the time (the numbers are the same)."""
     import tensorflow as tf
+
     tf.config.run_functions_eagerly(True)
     try:
         yield
@@ -68,6 +72,7 @@ def eager():
 
 def test_compare_trains_every_model_on_the_same_splits(tmp_path, capsys, eager):
     from prodfuse.cli import main
+
     emb = _shards(tmp_path / "emb")
     out = tmp_path / "cmp"
     assert main(["compare", "--embeddings", str(emb), "--epochs", "2", "--patience", "2", "--out", str(out)]) == 0
@@ -96,8 +101,11 @@ def test_compare_trains_every_model_on_the_same_splits(tmp_path, capsys, eager):
 
 def test_repetitions_by_folds_or_seeds():
     a = CompareConfig(embeddings="E", seed=5, seeds=3)
-    assert [(r["seed"], r["fold"], r["name"]) for r in repetitions(a)] == \
-        [(5, None, "seed5"), (6, None, "seed6"), (7, None, "seed7")]
+    assert [(r["seed"], r["fold"], r["name"]) for r in repetitions(a)] == [
+        (5, None, "seed5"),
+        (6, None, "seed6"),
+        (7, None, "seed7"),
+    ]
     a = CompareConfig(embeddings="E", seed=5, folds=4)
     assert [(r["seed"], r["fold"]) for r in repetitions(a)] == [(5, 0), (5, 1), (5, 2), (5, 3)]
     with pytest.raises(ValueError, match="folds 4 and seeds 2"):
@@ -106,10 +114,29 @@ def test_repetitions_by_folds_or_seeds():
 
 def test_compare_folds_report_mean_and_std(tmp_path, eager):
     from prodfuse.cli import main
+
     emb = _shards(tmp_path / "emb", n_per_class=12)
     out = tmp_path / "cmp"
-    assert main(["compare", "--embeddings", str(emb), "--folds", "3", "--epochs", "2", "--patience", "2",
-                 "--models", "image,lr_image,lr_concat", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--embeddings",
+                str(emb),
+                "--folds",
+                "3",
+                "--epochs",
+                "2",
+                "--patience",
+                "2",
+                "--models",
+                "image,lr_image,lr_concat",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "compare.json").read_text())
     assert result["repeated_over"] == "3 folds" and len(result["per_repetition"]) == 3
     tests = []

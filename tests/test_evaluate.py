@@ -21,9 +21,16 @@ def make_shards(folder, labels, image_dim=16, text_dim=8, seed=0, shard_rows=25,
     n = len(labels)
     img = (rng.normal(size=(len(names), image_dim))[y] * spread + rng.normal(size=(n, image_dim))).astype(np.float32)
     txt = (rng.normal(size=(len(names), text_dim))[y] * spread + rng.normal(size=(n, text_dim))).astype(np.float32)
-    return write_synthetic_shards(folder, img, txt, np.asarray(labels), tokens=np.ones((n, 60), np.int32),
-                                  shard_rows=shard_rows, ids=[f"p{seed}-{i:04d}" for i in range(n)],
-                                  extra={"group": ["even" if c % 2 == 0 else "odd" for c in y]})
+    return write_synthetic_shards(
+        folder,
+        img,
+        txt,
+        np.asarray(labels),
+        tokens=np.ones((n, 60), np.int32),
+        shard_rows=shard_rows,
+        ids=[f"p{seed}-{i:04d}" for i in range(n)],
+        extra={"group": ["even" if c % 2 == 0 else "odd" for c in y]},
+    )
 
 
 # ------------------------------------------------------------------------------------------ pure functions
@@ -58,8 +65,9 @@ def test_per_class_report_matches_classification_report():
     assert list(rep["class"]) == classes
     for _, row in rep.iterrows():
         r = ref[row["class"]]
-        assert (row["precision"], row["recall"], row["f1"], row["support"]) == \
-            pytest.approx((r["precision"], r["recall"], r["f1-score"], r["support"]))
+        assert (row["precision"], row["recall"], row["f1"], row["support"]) == pytest.approx(
+            (r["precision"], r["recall"], r["f1-score"], r["support"])
+        )
     assert rep["predicted"].sum() == len(y) and rep.loc[5, "support"] == 0
 
 
@@ -71,8 +79,9 @@ def test_top_confusions_are_the_largest_off_diagonal_cells(tmp_path):
     top = top_confusions(cm, ["x", "y", "z"], n=10)
     assert top[0] == {"true": "x", "pred": "y", "count": 3, "share_of_true": 0.6}
     assert [(t["true"], t["pred"]) for t in top[1:]] == [("y", "x"), ("y", "z"), ("z", "x")]
-    plot_confusion(np.random.default_rng(0).integers(0, 9, (90, 90)), [f"c{i}" for i in range(90)],
-                   tmp_path / "cm.png")  # 90 classes must not blow up the figure
+    plot_confusion(
+        np.random.default_rng(0).integers(0, 9, (90, 90)), [f"c{i}" for i in range(90)], tmp_path / "cm.png"
+    )  # 90 classes must not blow up the figure
     assert (tmp_path / "cm.png").stat().st_size > 10_000
 
 
@@ -125,11 +134,13 @@ def test_gate_per_class_means():
 @pytest.fixture(scope="module")
 def gated_run(tmp_path_factory):
     import prodfuse
+
     root = tmp_path_factory.mktemp("eval")
     # Noisy on purpose: the run must make mistakes, so scoring other rows than its test split would show.
     emb = make_shards(root / "emb", [c for c in "abcd" for _ in range(15)], spread=0.7)
     config = prodfuse.TrainConfig(embeddings=str(emb), out=str(root / "run"), epochs=10, fusion="gated", verbose=0)
     import tensorflow as tf
+
     tf.config.run_functions_eagerly(True)  # on 60 rows graph tracing would be most of the training time
     try:
         prodfuse.train(config)
@@ -140,6 +151,7 @@ def gated_run(tmp_path_factory):
 
 def test_evaluate_scores_the_runs_own_test_split(gated_run, capsys):
     from prodfuse.cli import main
+
     out = gated_run / "ev"
     assert main(["evaluate", "--run", str(gated_run / "run"), "--group-col", "group", "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
@@ -177,6 +189,7 @@ def test_evaluate_scores_the_runs_own_test_split(gated_run, capsys):
 
 def test_evaluate_other_folder_reports_unknown_labels(gated_run):
     from prodfuse.cli import main
+
     other = make_shards(gated_run / "other", list("abcd") * 2 + ["zz", "zz", "yy"], seed=0)
     out = gated_run / "ev_other"
     assert main(["evaluate", "--run", str(gated_run / "run"), "--embeddings", str(other), "--out", str(out)]) == 0
@@ -189,6 +202,9 @@ def test_evaluate_other_folder_reports_unknown_labels(gated_run):
 
 def test_evaluate_rejects_a_missing_group_column(gated_run, capsys):
     from prodfuse.cli import main
-    assert main(["evaluate", "--run", str(gated_run / "run"), "--group-col", "aisle",
-                 "--out", str(gated_run / "ev_bad")]) == 2
+
+    assert (
+        main(["evaluate", "--run", str(gated_run / "run"), "--group-col", "aisle", "--out", str(gated_run / "ev_bad")])
+        == 2
+    )
     assert "'aisle'" in capsys.readouterr().err

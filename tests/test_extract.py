@@ -1,4 +1,5 @@
 """Extraction end to end on tiny catalogs: rejects, resume after a kill, --like reuse, settings mismatch."""
+
 import csv
 import shutil
 
@@ -45,8 +46,14 @@ def test_bad_images_are_rejected_with_reasons_and_good_rows_kept(tiny_catalog, t
     assert sorted(got["product_id"]) == sorted(f"p{i}" for i in range(12))
     with open(out / "rejects.csv") as f:
         reasons = {r["id"]: r["reason"] for r in csv.DictReader(f)}
-    assert reasons == {"b1": "missing_file", "b2": "empty_file", "b3": "not_an_image", "b4": "truncated_image",
-                       "b5": "outside_catalog_dir", "b6": "missing_path"}
+    assert reasons == {
+        "b1": "missing_file",
+        "b2": "empty_file",
+        "b3": "not_an_image",
+        "b4": "truncated_image",
+        "b5": "outside_catalog_dir",
+        "b6": "missing_path",
+    }
     assert summary["embedded_rows"] + summary["rejected_rows"] == summary["input_rows"] == 18
     assert summary["rejected_by_reason"]["missing_file"] == 1
 
@@ -130,8 +137,19 @@ def test_like_reuses_settings_and_fitted_text_encoder(tiny_catalog, tmp_path):
     lines = tiny_catalog.read_text().splitlines()
     rows = [",".join(line.split(",")[:4]) for line in [lines[0]] + lines[1:][::-1][:5]]
     (new_dir / "c.csv").write_text("\n".join(rows) + "\n")
-    extract.extract(config("--catalog", str(new_dir / "c.csv"), "--out", str(tmp_path / "n"), "--like", str(train),
-                           "--label-col", "", "--no-progress"))
+    extract.extract(
+        config(
+            "--catalog",
+            str(new_dir / "c.csv"),
+            "--out",
+            str(tmp_path / "n"),
+            "--like",
+            str(train),
+            "--label-col",
+            "",
+            "--no-progress",
+        )
+    )
     a, b = shards.read_shards(train), shards.read_shards(tmp_path / "n")
     pos = {pid: i for i, pid in enumerate(a["product_id"])}
     idx = [pos[p] for p in b["product_id"]]
@@ -144,8 +162,9 @@ def test_like_reuses_settings_and_fitted_text_encoder(tiny_catalog, tmp_path):
 def test_like_contradicting_flag_is_an_error(tiny_catalog, tmp_path):
     train = tmp_path / "train"
     run(tiny_catalog, train)
-    cfg = config("--catalog", str(tiny_catalog), "--out", str(tmp_path / "x"), "--like", str(train),
-                 "--image-size", "64")
+    cfg = config(
+        "--catalog", str(tiny_catalog), "--out", str(tmp_path / "x"), "--like", str(train), "--image-size", "64"
+    )
     with pytest.raises(ValueError, match="--image-size 64 contradicts --like"):
         extract.extract(cfg)
 
@@ -153,13 +172,43 @@ def test_like_contradicting_flag_is_an_error(tiny_catalog, tmp_path):
 def test_settings_mismatch_stops_with_the_setting(tiny_catalog, tmp_path, capsys):
     out = tmp_path / "emb"
     run(tiny_catalog, out)
-    code = main(["extract", "--catalog", str(tiny_catalog), "--out", str(out), *FAST[:-3], "--ocr", "none",
-                 "--no-progress", "--image-size", "48"])
+    code = main(
+        [
+            "extract",
+            "--catalog",
+            str(tiny_catalog),
+            "--out",
+            str(out),
+            *FAST[:-3],
+            "--ocr",
+            "none",
+            "--no-progress",
+            "--image-size",
+            "48",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "image_size: existing 32, requested 48" in err and "--overwrite" in err
-    assert main(["extract", "--catalog", str(tiny_catalog), "--out", str(out), *FAST[:4], "--image-size", "48",
-                 "--ocr", "none", "--no-progress", "--overwrite"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--catalog",
+                str(tiny_catalog),
+                "--out",
+                str(out),
+                *FAST[:4],
+                "--image-size",
+                "48",
+                "--ocr",
+                "none",
+                "--no-progress",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert shards.read_manifest(out)["settings"]["image_size"] == 48
 
 

@@ -41,6 +41,7 @@ def test_main_leaves_logging_as_it_found_it(tmp_path):
 @pytest.fixture
 def eager():
     import tensorflow as tf
+
     tf.config.run_functions_eagerly(True)  # a few hundred rows: graph tracing would be most of the time
     try:
         yield
@@ -60,8 +61,13 @@ def write_catalog(folder: Path, n: int, seed: int = 0, missing=(), no_text=None,
         if i not in missing:
             arr = np.clip(np.array(COLOURS[label]) + rng.normal(0, 25, (36, 36, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(arr).save(folder / "img" / f"{i}.png")
-        row = {"product_id": f"p{i}", "image_path": f"img/{i}.png",
-               "title": "" if i in no_text else f"{label} cotton shirt {i}", "description": "", "label": label}
+        row = {
+            "product_id": f"p{i}",
+            "image_path": f"img/{i}.png",
+            "title": "" if i in no_text else f"{label} cotton shirt {i}",
+            "description": "",
+            "label": label,
+        }
         if coarse:
             row["coarse"] = COARSE[label]
         rows.append(row)
@@ -71,8 +77,11 @@ def write_catalog(folder: Path, n: int, seed: int = 0, missing=(), no_text=None,
 
 
 def folder_digest(folder: Path) -> dict:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +94,11 @@ def small_shards(tmp_path_factory):
 # ------------------------------------------------------------------------------------ 1. run folders
 
 
-def test_second_train_into_same_folder_is_refused_and_overwrite_clears_it(small_shards, tmp_path, eager, capsys,
-                                                                          caplog):
+def test_second_train_into_same_folder_is_refused_and_overwrite_clears_it(
+    small_shards, tmp_path, eager, capsys, caplog
+):
     from prodfuse.modeling.run import save_temperature
+
     a = tmp_path / "run_a"
     base = ["train", "--embeddings", str(small_shards), "--epochs", "1", "--quiet"]
     assert main([*base, "--out", str(a)]) == 0
@@ -155,15 +166,21 @@ BAD_FLAGS = [
 @pytest.mark.parametrize("command,flags,flag,value", BAD_FLAGS, ids=[f"{c}{' '.join(f)}" for c, f, _, _ in BAD_FLAGS])
 def test_out_of_range_flag_exits_2_before_any_work(command, flags, flag, value, tmp_path, small_shards):
     out = tmp_path / "out"
-    required = {"train": ["--embeddings", str(small_shards), "--out", str(out)],
-                "extract": ["--catalog", str(tmp_path / "c.csv"), "--out", str(out)],
-                "predict": ["--run", str(tmp_path / "run"), "--embeddings", str(small_shards), "--out",
-                            str(out / "p.csv")],
-                "evaluate": ["--run", str(tmp_path / "run"), "--out", str(out)],
-                "compare": ["--embeddings", str(small_shards), "--out", str(out)]}[command]
+    required = {
+        "train": ["--embeddings", str(small_shards), "--out", str(out)],
+        "extract": ["--catalog", str(tmp_path / "c.csv"), "--out", str(out)],
+        "predict": ["--run", str(tmp_path / "run"), "--embeddings", str(small_shards), "--out", str(out / "p.csv")],
+        "evaluate": ["--run", str(tmp_path / "run"), "--out", str(out)],
+        "compare": ["--embeddings", str(small_shards), "--out", str(out)],
+    }[command]
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "prodfuse.cli", command, *required, *flags], capture_output=True,
-                          text=True, timeout=60, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prodfuse.cli", command, *required, *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     seconds = time.perf_counter() - t0
     assert proc.returncode == 2, proc.stderr
     assert flag in proc.stderr and value in proc.stderr.split(flag, 1)[1], proc.stderr
@@ -172,16 +189,19 @@ def test_out_of_range_flag_exits_2_before_any_work(command, flags, flag, value, 
     assert not out.exists()
 
 
-@pytest.mark.parametrize("make,field,value", [
-    (lambda: prodfuse.TrainConfig(epochs=0), "epochs", "0"),
-    (lambda: prodfuse.TrainConfig(lr=-5.0), "lr", "-5"),
-    (lambda: prodfuse.TrainConfig(modality_dropout=1.5), "modality_dropout", "1.5"),
-    (lambda: prodfuse.ExtractConfig(image_size=8), "image_size", "8"),
-    (lambda: prodfuse.ExtractConfig(views=9), "views", "9"),
-    (lambda: prodfuse.PredictConfig(run="r", out="o.csv", embeddings="e", top_k=0), "top_k", "0"),
-    (lambda: prodfuse.EvaluateConfig(run="r", top_confusions=-1), "top_confusions", "-1"),
-    (lambda: prodfuse.CompareConfig(embeddings="e", folds=2), "folds", "2"),
-])
+@pytest.mark.parametrize(
+    "make,field,value",
+    [
+        (lambda: prodfuse.TrainConfig(epochs=0), "epochs", "0"),
+        (lambda: prodfuse.TrainConfig(lr=-5.0), "lr", "-5"),
+        (lambda: prodfuse.TrainConfig(modality_dropout=1.5), "modality_dropout", "1.5"),
+        (lambda: prodfuse.ExtractConfig(image_size=8), "image_size", "8"),
+        (lambda: prodfuse.ExtractConfig(views=9), "views", "9"),
+        (lambda: prodfuse.PredictConfig(run="r", out="o.csv", embeddings="e", top_k=0), "top_k", "0"),
+        (lambda: prodfuse.EvaluateConfig(run="r", top_confusions=-1), "top_confusions", "-1"),
+        (lambda: prodfuse.CompareConfig(embeddings="e", folds=2), "folds", "2"),
+    ],
+)
 def test_config_objects_check_ranges(make, field, value):
     with pytest.raises(ValueError) as e:
         make()
@@ -197,16 +217,23 @@ def test_calibration_on_small_and_larger_validation_splits(n_val, tmp_path):
     from prodfuse.evaluation.evaluate import MIN_CALIBRATION_ITEMS, split_probs
     from prodfuse.inference.calibration import T_BOUNDS, apply_temperature
     from prodfuse.modeling.metrics import expected_calibration_error
+
     image, text, labels = image_vs_text_classes(n_per_class=80, image_dim=16, text_dim=8, seed=2)
     n_test = 60
     split = np.array(["train"] * len(labels), dtype=object)
     split[:n_val] = "val"
-    split[n_val:n_val + n_test] = "test"
+    split[n_val : n_val + n_test] = "test"
     emb = write_synthetic_shards(tmp_path / "emb", image, text, labels, split=split)
     # label smoothing leaves this easy data under-confident: a fitted T < 1 lowers the ECE a lot
-    run = prodfuse.train(prodfuse.TrainConfig(embeddings=str(emb), out=str(tmp_path / "run"),
-                                              epochs=2 if n_val < MIN_CALIBRATION_ITEMS else 5, batch_size=64,
-                                              verbose=0))
+    run = prodfuse.train(
+        prodfuse.TrainConfig(
+            embeddings=str(emb),
+            out=str(tmp_path / "run"),
+            epochs=2 if n_val < MIN_CALIBRATION_ITEMS else 5,
+            batch_size=64,
+            verbose=0,
+        )
+    )
     assert run.config["splits"]["val"] == n_val and run.config["splits"]["test"] == n_test
     r = prodfuse.evaluate(prodfuse.EvaluateConfig(run=str(run.path)))
     metrics = json.loads((run.path / "eval-test" / "metrics.json").read_text())
@@ -240,7 +267,10 @@ def test_calibration_on_small_and_larger_validation_splits(n_val, tmp_path):
 def test_demo_random_weight_fallback_is_recorded(tmp_path, monkeypatch):
     from prodfuse.data import demo
     from prodfuse.encoders import image as image_encoders
-    if (Path.home() / ".keras" / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5").exists():
+
+    if (
+        Path.home() / ".keras" / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+    ).exists():
         pytest.skip("ImageNet weights for mobilenet_v2 are cached: no fallback happens")
     model = image_encoders.build_backbone("mobilenet_v2", "imagenet", 32, allow_random_fallback=True)
     if model.weights_source == "imagenet":
@@ -259,8 +289,11 @@ def test_demo_random_weight_fallback_is_recorded(tmp_path, monkeypatch):
 
     monkeypatch.setattr(image_encoders, "_construct", offline)
     out = tmp_path / "demo"
-    summary = prodfuse.extract(prodfuse.ExtractConfig(catalog=None, out=str(out), backbone="mobilenet_v2",
-                                                      image_size=32, ocr="none", progress=False))
+    summary = prodfuse.extract(
+        prodfuse.ExtractConfig(
+            catalog=None, out=str(out), backbone="mobilenet_v2", image_size=32, ocr="none", progress=False
+        )
+    )
     m = shards.read_manifest(out)
     assert summary["weights"] == m["settings"]["weights"] == "random (fallback)"
     assert m["settings"]["image"]["weights"] == "random (fallback)"
@@ -269,6 +302,7 @@ def test_demo_random_weight_fallback_is_recorded(tmp_path, monkeypatch):
 
 def test_random_weights_are_the_same_on_two_builds():
     from prodfuse.encoders.image import build_backbone
+
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (2, 32, 32, 3)).astype("float32")
     a = build_backbone("mobilenet_v2", "none", 32)
@@ -338,8 +372,23 @@ def test_failed_extraction_does_not_refuse_a_corrected_rerun(how, tmp_path, monk
 def test_train_defaults_to_the_label_column_recorded_at_extraction(tmp_path, eager):
     catalog = write_catalog(tmp_path / "cat", 30, coarse=True)
     emb, run = tmp_path / "emb", tmp_path / "run"
-    assert main(["extract", "--catalog", str(catalog), "--out", str(emb), *FAST, "--text-encoder", "tfidf",
-                 "--label-col", "coarse"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--catalog",
+                str(catalog),
+                "--out",
+                str(emb),
+                *FAST,
+                "--text-encoder",
+                "tfidf",
+                "--label-col",
+                "coarse",
+            ]
+        )
+        == 0
+    )
     assert shards.read_manifest(emb)["columns"]["label"] == "coarse"
     assert main(["train", "--embeddings", str(emb), "--out", str(run), "--epochs", "1", "--quiet"]) == 0
     assert json.loads((run / "labels.json").read_text()) == ["cool", "warm"]
@@ -353,10 +402,12 @@ def test_latin1_catalog_needs_encoding_flag(tmp_path, capsys):
     (tmp_path / "img").mkdir()
     for i, colour in enumerate(COLOURS.values()):
         Image.new("RGB", (36, 36), colour).save(tmp_path / "img" / f"{i}.png")
-    text = ("product_id,image_path,title,label\n"
-            "a,img/0.png,red shirt,red\n"
-            "b,img/1.png,café au lait mug,green\n"
-            "c,img/2.png,blue shirt,blue\n")
+    text = (
+        "product_id,image_path,title,label\n"
+        "a,img/0.png,red shirt,red\n"
+        "b,img/1.png,café au lait mug,green\n"
+        "c,img/2.png,blue shirt,blue\n"
+    )
     catalog = tmp_path / "catalog.csv"
     catalog.write_bytes(text.encode("latin-1"))
     out = tmp_path / "emb"
@@ -379,12 +430,18 @@ def _env_without_tf_log_level():
 
 def test_help_is_fast_and_does_not_import_tensorflow(tmp_path):
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "prodfuse.cli", "--help"], capture_output=True, text=True,
-                          timeout=60, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prodfuse.cli", "--help"], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
     assert proc.returncode == 0 and "extract" in proc.stdout
     assert time.perf_counter() - t0 < 2
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "prodfuse.cli", "--help"], capture_output=True,
-                          text=True, timeout=60, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "prodfuse.cli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0
     assert "prodfuse" in proc.stderr  # importtime did list the imports
     assert not [line for line in proc.stderr.splitlines() if "tensorflow" in line or "keras" in line]
@@ -393,12 +450,22 @@ def test_help_is_fast_and_does_not_import_tensorflow(tmp_path):
 def test_train_and_extract_subprocesses_print_no_tensorflow_chatter_or_escape_codes(tmp_path, small_shards):
     env = _env_without_tf_log_level()
     catalog = write_catalog(tmp_path / "cat", 8)
-    commands = {"train": ["train", "--embeddings", str(small_shards), "--out", str(tmp_path / "run"), "--epochs", "1"],
-                # progress stays on (no --no-progress), but stderr is a pipe, not a terminal
-                "extract": ["extract", "--catalog", str(catalog), "--out", str(tmp_path / "emb"), *FAST[:-1]]}
-    procs = {name: subprocess.Popen([sys.executable, "-m", "prodfuse.cli", *argv], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
-             for name, argv in commands.items()}  # side by side: most of each is TensorFlow's start-up
+    commands = {
+        "train": ["train", "--embeddings", str(small_shards), "--out", str(tmp_path / "run"), "--epochs", "1"],
+        # progress stays on (no --no-progress), but stderr is a pipe, not a terminal
+        "extract": ["extract", "--catalog", str(catalog), "--out", str(tmp_path / "emb"), *FAST[:-1]],
+    }
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "prodfuse.cli", *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+        )
+        for name, argv in commands.items()
+    }  # side by side: most of each is TensorFlow's start-up
     done = {name: p.communicate(timeout=300) for name, p in procs.items()}
     for name, (out, err) in done.items():
         assert procs[name].returncode == 0, err

@@ -354,6 +354,7 @@ def test_batch_keeps_good_rows_and_labels_every_bad_one(tmp_path, small_model):
 
 def test_all_rejected_batch_and_empty_input(small_model, tmp_path, caplog):
     import logging
+
     caplog.set_level(logging.INFO, logger="prodfuse.progress")
     batches = list(ie.iter_image_embeddings(small_model, [tmp_path / "x.jpg"], SIZE, batch_size=2, progress=True))
     assert len(batches) == 1

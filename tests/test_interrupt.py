@@ -15,10 +15,13 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 pytestmark = [
-    pytest.mark.skipif(importlib.util.find_spec("rapidocr_onnxruntime") is None,
-                       reason="rapidocr_onnxruntime is not installed"),
-    pytest.mark.skipif(not Path("/proc/self/stat").is_file() or not hasattr(os, "killpg"),
-                       reason="needs POSIX process groups and /proc"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("rapidocr_onnxruntime") is None, reason="rapidocr_onnxruntime is not installed"
+    ),
+    pytest.mark.skipif(
+        not Path("/proc/self/stat").is_file() or not hasattr(os, "killpg"),
+        reason="needs POSIX process groups and /proc",
+    ),
 ]
 
 N_ROWS = 300
@@ -52,10 +55,33 @@ def _catalog(root: Path) -> Path:
 
 
 def _command(catalog: Path, out: Path, cache: Path) -> list[str]:
-    return [sys.executable, "-m", "prodfuse.cli", "extract", "--catalog", str(catalog), "--out", str(out),
-            "--backbone", "mobilenet_v2", "--weights", "none", "--image-size", "32", "--views", "1",
-            "--ocr", "rapidocr", "--ocr-workers", "2", "--ocr-cache", str(cache), "--no-progress",
-            "--shard-rows", "50"]
+    return [
+        sys.executable,
+        "-m",
+        "prodfuse.cli",
+        "extract",
+        "--catalog",
+        str(catalog),
+        "--out",
+        str(out),
+        "--backbone",
+        "mobilenet_v2",
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--views",
+        "1",
+        "--ocr",
+        "rapidocr",
+        "--ocr-workers",
+        "2",
+        "--ocr-cache",
+        str(cache),
+        "--no-progress",
+        "--shard-rows",
+        "50",
+    ]
 
 
 def _group_members(pgid: int) -> list[str]:
@@ -66,7 +92,7 @@ def _group_members(pgid: int) -> list[str]:
             continue
         try:
             stat = (d / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
+            fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp ...
             if int(fields[2]) == pgid and fields[0] != "Z":
                 cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                 found.append(f"{d.name} {cmd.strip()}")
@@ -80,8 +106,9 @@ def _interrupt_and_resume(tmp_path: Path, sig: int, expected_rc: int) -> None:
     out, cache = tmp_path / "emb", tmp_path / "ocr-cache"
     cmd = _command(catalog, out, cache)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env=env)  # its own process group, like a terminal job
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env
+    )  # its own process group, like a terminal job
     pgid = proc.pid
     try:
         # Wait until the OCR worker processes are reading images (some results cached), so the signal lands

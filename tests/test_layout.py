@@ -13,8 +13,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "src" / "prodfuse"
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "run_v0_1"
 # Lowest first: a module may import its own layer and the layers below it, never above.
-LAYERS = ["checks", "progress", "allocator", "data", "encoders", "extraction", "modeling", "inference", "evaluation",
-          "cli"]
+LAYERS = [
+    "checks",
+    "progress",
+    "allocator",
+    "data",
+    "encoders",
+    "extraction",
+    "modeling",
+    "inference",
+    "evaluation",
+    "cli",
+]
 
 
 def _layer(module: str) -> str | None:
@@ -34,16 +44,17 @@ def _imports() -> dict[str, set[str]]:
                 found |= {a.name for a in node.names if a.name.startswith("prodfuse")}
             elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("prodfuse"):
                 base = node.module
-                found |= {f"{base}.{a.name}" if f"{base}.{a.name}".replace(".", "/") in _MODULE_PATHS else base
-                          for a in node.names}
+                found |= {
+                    f"{base}.{a.name}" if f"{base}.{a.name}".replace(".", "/") in _MODULE_PATHS else base
+                    for a in node.names
+                }
             elif isinstance(node, ast.ImportFrom) and node.level:
                 raise AssertionError(f"{name}: relative import; use absolute prodfuse.* imports")
         out[name] = found
     return out
 
 
-_MODULE_PATHS = {str(p.relative_to(ROOT.parent).with_suffix("")).replace("/__init__", "")
-                 for p in ROOT.rglob("*.py")}
+_MODULE_PATHS = {str(p.relative_to(ROOT.parent).with_suffix("")).replace("/__init__", "") for p in ROOT.rglob("*.py")}
 
 
 def test_imports_only_go_down_the_pipeline():
@@ -100,14 +111,17 @@ def test_no_library_module_uses_argparse_or_print():
 
 
 def test_import_prodfuse_and_help_do_not_load_tensorflow():
-    code = ("import sys, prodfuse, prodfuse.cli; prodfuse.cli.build_parser(); "
-            "print(sorted(m for m in ('tensorflow', 'keras', 'sklearn') if m in sys.modules))")
+    code = (
+        "import sys, prodfuse, prodfuse.cli; prodfuse.cli.build_parser(); "
+        "print(sorted(m for m in ('tensorflow', 'keras', 'sklearn') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
 def test_public_api_names_resolve():
     import prodfuse
+
     for name in prodfuse.__all__:
         assert getattr(prodfuse, name) is not None, name
 
@@ -118,6 +132,7 @@ def test_run_folder_from_prodfuse_0_1_loads_and_predicts_the_same(tmp_path):
     import prodfuse
     from prodfuse.data.sequence import read_items
     from prodfuse.inference.forward import forward
+
     run = prodfuse.Run.load(FIXTURE / "run")
     assert run.calibrated and run.temperature == pytest.approx(0.7612966293698542)
     assert run.train_config.seed == 1 and run.train_config.fusion == "gated" and run.train_config.epochs == 3
@@ -127,6 +142,7 @@ def test_run_folder_from_prodfuse_0_1_loads_and_predicts_the_same(tmp_path):
     # and through the Predictor and the command
     table = prodfuse.Predictor.from_run(FIXTURE / "run").predict_shards(FIXTURE / "shards", top_k=4)
     order = np.argsort(-probs, axis=1, kind="stable")
-    np.testing.assert_allclose(table[[f"prob_{i}" for i in range(1, 5)]].to_numpy(),
-                               np.take_along_axis(probs, order, 1), atol=1e-5)
+    np.testing.assert_allclose(
+        table[[f"prob_{i}" for i in range(1, 5)]].to_numpy(), np.take_along_axis(probs, order, 1), atol=1e-5
+    )
     assert json.loads((FIXTURE / "run" / "config.json").read_text())["args"]["fusion"] == "gated"

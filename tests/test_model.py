@@ -33,8 +33,16 @@ def _predict(model, data):
 
 def _small_model(fusion="concat", image_branch="mlp", text_branch="mlp", **kw):
     return build_model(
-        K, IMG, TXT, image_branch=image_branch, text_branch=text_branch, fusion=fusion,
-        fusion_kwargs=SMALL_FUSION[fusion], **SMALL, **SMALL_CNN, **kw,
+        K,
+        IMG,
+        TXT,
+        image_branch=image_branch,
+        text_branch=text_branch,
+        fusion=fusion,
+        fusion_kwargs=SMALL_FUSION[fusion],
+        **SMALL,
+        **SMALL_CNN,
+        **kw,
     )
 
 
@@ -99,8 +107,14 @@ def test_save_load_round_trip(tmp_path, fusion, text_branch):
 @pytest.mark.parametrize("text_branch", ["mlp", "cnn"])
 def test_gate_model_range_and_shape(gate_units, text_branch):
     model = build_model(
-        K, IMG, TXT, text_branch=text_branch, fusion="gated",
-        fusion_kwargs={"units": 6, "gate_units": gate_units}, **SMALL, **SMALL_CNN,
+        K,
+        IMG,
+        TXT,
+        text_branch=text_branch,
+        fusion="gated",
+        fusion_kwargs={"units": 6, "gate_units": gate_units},
+        **SMALL,
+        **SMALL_CNN,
     )
     gm = gate_model(model)
     assert model_inputs(gm) == model_inputs(model)
@@ -129,16 +143,18 @@ def test_default_sizes_match_spec():
     def wide(width):  # the linear path from the (normalised) embeddings straight to the 81 logits
         return width * 81 + 81
 
-    assert build_model(81, 2048, image_branch="mlp", text_branch="none").count_params() == \
-        image + 256 * 81 + 81 + wide(2048)
-    assert build_model(81, 2048, image_branch="mlp", text_branch="none", wide=False).count_params() == \
-        image + 256 * 81 + 81
+    assert build_model(81, 2048, image_branch="mlp", text_branch="none").count_params() == image + 256 * 81 + 81 + wide(
+        2048
+    )
+    assert (
+        build_model(81, 2048, image_branch="mlp", text_branch="none", wide=False).count_params()
+        == image + 256 * 81 + 81
+    )
     assert build_model(81, text_dim=384, image_branch="none").count_params() == text + head + wide(384)
     cnn_model = build_model(81, image_branch="none", text_branch="cnn")
     assert cnn_model.count_params() == cnn + head  # token ids have no linear path
     assert cnn_model.input["tokens"].shape == (None, SEQ_LEN)
-    assert build_model(81, 2048, 384, fusion="concat").count_params() == image + text + concat + head + \
-        wide(2048 + 384)
+    assert build_model(81, 2048, 384, fusion="concat").count_params() == image + text + concat + head + wide(2048 + 384)
     gated = build_model(81, 2048, 384, fusion="gated")
     assert gated.get_layer("fusion").count_params() == (256 * 256 + 256) + (128 * 256 + 256) + (384 + 1)
 

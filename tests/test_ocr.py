@@ -119,16 +119,56 @@ def test_parse_tesseract_drops_non_words_and_scales_conf():
 
 # A readtext() result as easyocr 1.7 returns it (numpy ints in boxes, numpy float confidences).
 EASYOCR_READTEXT = [
-    ([[np.int32(52), np.int32(31)], [np.int32(289), np.int32(31)], [np.int32(289), np.int32(97)],
-      [np.int32(52), np.int32(97)]], "ALPRO", np.float64(0.9991637468338013)),
-    ([[np.int32(60), np.int32(110)], [np.int32(270), np.int32(110)], [np.int32(270), np.int32(150)],
-      [np.int32(60), np.int32(150)]], "Soya Original", np.float64(0.8712234305120522)),
-    ([[np.int32(61), np.int32(160)], [np.int32(120), np.int32(160)], [np.int32(120), np.int32(181)],
-      [np.int32(61), np.int32(181)]], "1L", np.float64(0.3120948337436543)),
-    ([[np.int32(200), np.int32(160)], [np.int32(280), np.int32(160)], [np.int32(280), np.int32(181)],
-      [np.int32(200), np.int32(181)]], "alpro.", np.float64(0.6643219871520996)),
-    ([[np.int32(20), np.int32(5)], [np.int32(40), np.int32(5)], [np.int32(40), np.int32(20)],
-      [np.int32(20), np.int32(20)]], "豆奶", np.float64(0.9411764740943909)),
+    (
+        [
+            [np.int32(52), np.int32(31)],
+            [np.int32(289), np.int32(31)],
+            [np.int32(289), np.int32(97)],
+            [np.int32(52), np.int32(97)],
+        ],
+        "ALPRO",
+        np.float64(0.9991637468338013),
+    ),
+    (
+        [
+            [np.int32(60), np.int32(110)],
+            [np.int32(270), np.int32(110)],
+            [np.int32(270), np.int32(150)],
+            [np.int32(60), np.int32(150)],
+        ],
+        "Soya Original",
+        np.float64(0.8712234305120522),
+    ),
+    (
+        [
+            [np.int32(61), np.int32(160)],
+            [np.int32(120), np.int32(160)],
+            [np.int32(120), np.int32(181)],
+            [np.int32(61), np.int32(181)],
+        ],
+        "1L",
+        np.float64(0.3120948337436543),
+    ),
+    (
+        [
+            [np.int32(200), np.int32(160)],
+            [np.int32(280), np.int32(160)],
+            [np.int32(280), np.int32(181)],
+            [np.int32(200), np.int32(181)],
+        ],
+        "alpro.",
+        np.float64(0.6643219871520996),
+    ),
+    (
+        [
+            [np.int32(20), np.int32(5)],
+            [np.int32(40), np.int32(5)],
+            [np.int32(40), np.int32(20)],
+            [np.int32(20), np.int32(20)],
+        ],
+        "豆奶",
+        np.float64(0.9411764740943909),
+    ),
 ]
 
 
@@ -237,8 +277,12 @@ def test_bad_images_give_empty_text_and_error(fake_engine, tmp_path):
     seen = []
 
     res = ocr_images(
-        [missing, str(corrupt), good], engine="tesseract", workers=1, cache_dir=cache,
-        progress=False, on_result=lambda i, r: seen.append(i),
+        [missing, str(corrupt), good],
+        engine="tesseract",
+        workers=1,
+        cache_dir=cache,
+        progress=False,
+        on_result=lambda i, r: seen.append(i),
     )
     assert res[0].text == "" and "missing.jpg" in res[0].error and not res[0].cached
     assert res[1].text == "" and res[1].error and not res[1].cached

@@ -15,8 +15,19 @@ from prodfuse.inference.forward import contributions
 from prodfuse.inference.predict import prediction_table
 from prodfuse.modeling.probabilities import zero_stream
 
-FAST = ["--backbone", "mobilenet_v2", "--weights", "none", "--image-size", "32", "--ocr", "none",
-        "--text-encoder", "tfidf", "--no-progress"]
+FAST = [
+    "--backbone",
+    "mobilenet_v2",
+    "--weights",
+    "none",
+    "--image-size",
+    "32",
+    "--ocr",
+    "none",
+    "--text-encoder",
+    "tfidf",
+    "--no-progress",
+]
 COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200)}
 
 
@@ -28,8 +39,12 @@ def _write_catalog(folder, n, with_label=True, seed=0):
         label = list(COLOURS)[i % 3]
         arr = np.clip(np.array(COLOURS[label]) + rng.normal(0, 25, (36, 36, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(arr).save(folder / "img" / f"{i}.png")
-        row = {"product_id": f"{folder.name}-{i}", "image_path": f"img/{i}.png",
-               "title": "" if i % 5 == 0 else f"{label} cotton shirt size {i % 4}", "description": ""}
+        row = {
+            "product_id": f"{folder.name}-{i}",
+            "image_path": f"img/{i}.png",
+            "title": "" if i % 5 == 0 else f"{label} cotton shirt size {i % 4}",
+            "description": "",
+        }
         if with_label:
             row["label"] = label
         rows.append(row)
@@ -44,10 +59,26 @@ def trained(tmp_path_factory):
     catalog = _write_catalog(root / "train", 30)
     assert main(["extract", "--catalog", str(catalog), "--out", str(root / "emb"), *FAST]) == 0
     import tensorflow as tf
+
     tf.config.run_functions_eagerly(True)  # on 30 rows graph tracing would be most of the training time
     try:
-        assert main(["train", "--embeddings", str(root / "emb"), "--out", str(root / "run"), "--epochs", "2",
-                     "--fusion", "gated", "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--embeddings",
+                    str(root / "emb"),
+                    "--out",
+                    str(root / "run"),
+                    "--epochs",
+                    "2",
+                    "--fusion",
+                    "gated",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
     finally:
         tf.config.run_functions_eagerly(False)
     return root
@@ -62,15 +93,24 @@ def test_predict_catalog_rejects_bad_image_and_predicts_the_rest(trained, capsys
     df.loc[3, "image_path"] = "img/gone.png"
     df.to_csv(catalog, index=False)
     out = trained / "out" / "pred.csv"
-    assert main(["predict", "--run", str(trained / "run"), "--catalog", str(catalog), "--out", str(out),
-                 "--top-k", "2"]) == 0
+    assert (
+        main(["predict", "--run", str(trained / "run"), "--catalog", str(catalog), "--out", str(out), "--top-k", "2"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "rejected (not embeddable): 2" in printed and "NOT calibrated (T=1)" in printed
     rejects = pd.read_csv(trained / "out" / "pred_rejects.csv")
     assert sorted(rejects["id"]) == ["new-1", "new-3"]
     pred = pd.read_csv(out)
-    assert list(pred.columns) == ["product_id", "label_1", "prob_1", "label_2", "prob_2", "image_contribution",
-                                  "text_contribution"]
+    assert list(pred.columns) == [
+        "product_id",
+        "label_1",
+        "prob_1",
+        "label_2",
+        "prob_2",
+        "image_contribution",
+        "text_contribution",
+    ]
     assert pred["product_id"].tolist() == ["new-0", "new-2", "new-4"]
     assert set(pred["label_1"]) <= set(COLOURS) and (pred["label_1"] != pred["label_2"]).all()
     assert (pred["prob_1"] >= pred["prob_2"]).all()
@@ -79,8 +119,14 @@ def test_predict_catalog_rejects_bad_image_and_predicts_the_rest(trained, capsys
     # is the drop of the top class's probability when that stream is zeroed).
     predictor = prodfuse.Predictor.from_run(trained / "run")
     cat = read_catalog(catalog, Columns(label=None), require_label=False)
-    items = [{"image": str(new / cat.loc[i, "image_path"]), "title": cat.loc[i, "title"],
-              "description": cat.loc[i, "description"]} for i in range(5)]
+    items = [
+        {
+            "image": str(new / cat.loc[i, "image_path"]),
+            "title": cat.loc[i, "title"],
+            "description": cat.loc[i, "description"],
+        }
+        for i in range(5)
+    ]
     items[3] = {**items[2], "image": Image.open(new / "img" / "2.png")}  # item 2 as a PIL image: same pixels
     got = predictor.predict(items, top_k=2)
     assert got[1]["error"].startswith("not_an_image") and got[1]["labels"] == []
@@ -88,15 +134,47 @@ def test_predict_catalog_rejects_bad_image_and_predicts_the_rest(trained, capsys
     for row, i in zip(pred.itertuples(), (0, 2, 4)):
         assert got[i]["labels"] == [row.label_1, row.label_2]
         np.testing.assert_allclose(got[i]["probs"], [row.prob_1, row.prob_2], atol=1e-5)
-        np.testing.assert_allclose([got[i]["image_contribution"], got[i]["text_contribution"]],
-                                   [row.image_contribution, row.text_contribution], atol=1e-5)
+        np.testing.assert_allclose(
+            [got[i]["image_contribution"], got[i]["text_contribution"]],
+            [row.image_contribution, row.text_contribution],
+            atol=1e-5,
+        )
     np.testing.assert_allclose(got[3]["probs"], got[2]["probs"], atol=1e-5)
     assert np.abs(pred[["image_contribution", "text_contribution"]].to_numpy()).max() > 0
     emb2 = trained / "out" / "new.emb"
-    assert main(["extract", "--catalog", str(catalog), "--out", str(emb2), "--like", str(trained / "emb"),
-                 "--label-col", "", "--no-progress"]) == 0
-    assert main(["predict", "--run", str(trained / "run"), "--embeddings", str(emb2), "--out",
-                 str(trained / "out" / "via-shards.csv"), "--top-k", "2"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--catalog",
+                str(catalog),
+                "--out",
+                str(emb2),
+                "--like",
+                str(trained / "emb"),
+                "--label-col",
+                "",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(trained / "run"),
+                "--embeddings",
+                str(emb2),
+                "--out",
+                str(trained / "out" / "via-shards.csv"),
+                "--top-k",
+                "2",
+            ]
+        )
+        == 0
+    )
     via = pd.read_csv(trained / "out" / "via-shards.csv").set_index("product_id").loc[pred["product_id"]]
     cols = ["prob_1", "prob_2", "image_contribution", "text_contribution"]
     np.testing.assert_allclose(via[cols].to_numpy(), pred[cols].to_numpy(), atol=1e-5)
@@ -106,8 +184,22 @@ def test_predict_catalog_rejects_bad_image_and_predicts_the_rest(trained, capsys
 def test_predict_reproduces_evaluate_probabilities(trained, capsys):
     run = str(trained / "run")
     assert main(["evaluate", "--run", run, "--out", str(trained / "ev")]) == 0
-    assert main(["predict", "--run", run, "--embeddings", str(trained / "emb"), "--out",
-                 str(trained / "all.csv"), "--top-k", "5"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                run,
+                "--embeddings",
+                str(trained / "emb"),
+                "--out",
+                str(trained / "all.csv"),
+                "--top-k",
+                "5",
+            ]
+        )
+        == 0
+    )
     assert "calibrated with temperature" in capsys.readouterr().out
     ev = pd.read_csv(trained / "ev" / "predictions.csv")
     pr = pd.read_csv(trained / "all.csv").set_index("product_id").loc[ev["product_id"]].reset_index()
@@ -121,6 +213,7 @@ def test_predict_reproduces_evaluate_probabilities(trained, capsys):
     from prodfuse.data.sequence import read_items
     from prodfuse.inference.calibration import apply_temperature
     from prodfuse.modeling.probabilities import predict_arrays
+
     t = json.loads((trained / "run" / "temperature.json").read_text())["temperature"]
     r = prodfuse.Run.load(run)
     assert r.temperature == t and r.calibrated
@@ -130,23 +223,51 @@ def test_predict_reproduces_evaluate_probabilities(trained, capsys):
     np.testing.assert_allclose(all_rows[["prob_1", "prob_2", "prob_3"]].to_numpy(), expected, atol=2e-6)
     # and the Predictor, from the catalog's files, agrees with evaluate on its shards (issue 11: <= 1e-5)
     cat = read_catalog(trained / "train" / "catalog.csv").set_index("product_id")
-    items = [{"image": str(trained / "train" / cat.loc[pid, "image_path"]), "title": cat.loc[pid, "title"],
-              "description": cat.loc[pid, "description"]} for pid in ev["product_id"]]
+    items = [
+        {
+            "image": str(trained / "train" / cat.loc[pid, "image_path"]),
+            "title": cat.loc[pid, "title"],
+            "description": cat.loc[pid, "description"],
+        }
+        for pid in ev["product_id"]
+    ]
     got = prodfuse.Predictor.from_run(run).predict(items, top_k=3)
     assert [g["labels"] for g in got] == ev[["label_1", "label_2", "label_3"]].values.tolist()
     np.testing.assert_allclose([g["probs"] for g in got], ev[["prob_1", "prob_2", "prob_3"]].to_numpy(), atol=1e-5)
 
 
 def test_predict_refuses_shards_from_another_backbone(trained, tmp_path, capsys):
-    header = {"catalog_path": "x", "catalog_sha256": "-", "columns": {"id": "product_id"}, "settings": {},
-              "encoders": {"image": {"backbone": "resnet50", "dim": 2048}, "text": {"kind": "tfidf", "dim": 4}},
-              "versions": {}}
+    header = {
+        "catalog_path": "x",
+        "catalog_sha256": "-",
+        "columns": {"id": "product_id"},
+        "settings": {},
+        "encoders": {"image": {"backbone": "resnet50", "dim": 2048}, "text": {"kind": "tfidf", "dim": 4}},
+        "versions": {},
+    }
     m = shards.open_shards(tmp_path / "s", header)
-    shards.write_shard(tmp_path / "s", m, {"product_id": ["a"], "image_embedding": np.zeros((1, 2048)),
-                                           "text_embedding": np.zeros((1, 4))}, 0, 1)
+    shards.write_shard(
+        tmp_path / "s",
+        m,
+        {"product_id": ["a"], "image_embedding": np.zeros((1, 2048)), "text_embedding": np.zeros((1, 4))},
+        0,
+        1,
+    )
     shards.finish(tmp_path / "s", m)
-    assert main(["predict", "--run", str(trained / "run"), "--embeddings", str(tmp_path / "s"),
-                 "--out", str(tmp_path / "p.csv")]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(trained / "run"),
+                "--embeddings",
+                str(tmp_path / "s"),
+                "--out",
+                str(tmp_path / "p.csv"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "'resnet50'" in err and "--like" in err
 
@@ -158,8 +279,12 @@ def test_zero_stream_and_contributions():
     with pytest.raises(ValueError, match="'audio'"):
         zero_stream(arrays, "audio")
     probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])
-    out = {"probs": probs, "gate": None, "no_image": np.array([[0.4, 0.5, 0.1], [0.1, 0.3, 0.6]]),
-           "no_text": np.array([[0.8, 0.1, 0.1], [0.3, 0.3, 0.4]])}
+    out = {
+        "probs": probs,
+        "gate": None,
+        "no_image": np.array([[0.4, 0.5, 0.1], [0.1, 0.3, 0.6]]),
+        "no_text": np.array([[0.8, 0.1, 0.1], [0.3, 0.3, 0.4]]),
+    }
     img, txt = contributions(out)
     np.testing.assert_allclose(img, [0.3, 0.0])
     np.testing.assert_allclose(txt, [-0.1, 0.2])
@@ -175,8 +300,18 @@ def test_zero_stream_and_contributions():
 def test_prediction_table_orders_labels_by_probability():
     probs = np.array([[0.1, 0.6, 0.3], [0.5, 0.25, 0.25]])
     t = prediction_table(["x", "y"], probs, ["a", "b", "c"], k=5, true_labels=["b", "a"])
-    assert list(t.columns) == ["product_id", "label", "label_1", "prob_1", "label_2", "prob_2", "label_3", "prob_3",
-                               "image_contribution", "text_contribution"]
+    assert list(t.columns) == [
+        "product_id",
+        "label",
+        "label_1",
+        "prob_1",
+        "label_2",
+        "prob_2",
+        "label_3",
+        "prob_3",
+        "image_contribution",
+        "text_contribution",
+    ]
     assert t.loc[0, ["label_1", "label_2", "label_3"]].tolist() == ["b", "c", "a"]
     assert t.loc[1, ["label_1", "label_2", "label_3"]].tolist() == ["a", "b", "c"]  # tie -> lower index first
     assert t["prob_1"].tolist() == [0.6, 0.5]

@@ -1,4 +1,5 @@
 """The README's two fresh-machine commands: CI must run exactly the test command the README shows."""
+
 import re
 from pathlib import Path
 

@@ -9,8 +9,11 @@ from synthetic import write_synthetic_shards
 
 def arrays(n=64, seed=0):
     rng = np.random.default_rng(seed)
-    return {"image": rng.normal(size=(n, 8)).astype(np.float32), "text": rng.normal(size=(n, 4)).astype(np.float32),
-            "tokens": rng.integers(1, 100, size=(n, 60)).astype(np.int32)}, rng.integers(0, 3, size=n)
+    return {
+        "image": rng.normal(size=(n, 8)).astype(np.float32),
+        "text": rng.normal(size=(n, 4)).astype(np.float32),
+        "tokens": rng.integers(1, 100, size=(n, 60)).astype(np.int32),
+    }, rng.integers(0, 3, size=n)
 
 
 def test_batches_cover_rows_once_and_reshuffle():
@@ -65,8 +68,9 @@ def test_mixup_mixes_image_and_labels_never_text():
 
 def test_modality_dropout_blanks_one_stream_per_item():
     a, y = arrays(n=4000)
-    seq = ShardSequence({"image": a["image"], "text": a["text"]}, y, 3, batch_size=4000, training=True,
-                        modality_dropout=0.3, seed=0)
+    seq = ShardSequence(
+        {"image": a["image"], "text": a["text"]}, y, 3, batch_size=4000, training=True, modality_dropout=0.3, seed=0
+    )
     x, _, _ = seq[0]
     img_blank = ~x["image"].any(1)
     txt_blank = ~x["text"].any(1)
@@ -105,6 +109,7 @@ def test_freed_heap_is_kept_mapped_on_glibc(monkeypatch):
 def test_training_draws_views_and_prediction_averages_them():
     from prodfuse.data.sequence import view_count, with_view
     from prodfuse.inference.predict import predict_arrays
+
     n, d = 6, 4
     image = np.zeros((n, d), np.float32)
     views = np.stack([np.full((n, d), v, np.float32) for v in (1, 2)], axis=1).reshape(n, -1)  # view v == v
@@ -130,15 +135,26 @@ def test_training_draws_views_and_prediction_averages_them():
         def predict(self, x, batch_size=None, verbose=0):
             p1 = x["image"][:, :1] / 10
             return np.concatenate([1 - p1, p1], axis=1)
+
     np.testing.assert_allclose(predict_arrays(Echo(), arrays)[:, 1], 0.1)
 
 
 def test_augmentation_draws_do_not_depend_on_call_order():
     n = 40
-    arrays = {"image": np.random.default_rng(0).normal(size=(n, 4)).astype(np.float32),
-              "text": np.ones((n, 3), np.float32)}
-    make = lambda: ShardSequence(arrays, np.zeros(n, int), 2, batch_size=8, training=True, seed=3,  # noqa: E731
-                                 modality_dropout=0.5, mixup=0.4)
+    arrays = {
+        "image": np.random.default_rng(0).normal(size=(n, 4)).astype(np.float32),
+        "text": np.ones((n, 3), np.float32),
+    }
+    make = lambda: ShardSequence(
+        arrays,
+        np.zeros(n, int),
+        2,
+        batch_size=8,
+        training=True,
+        seed=3,  # noqa: E731
+        modality_dropout=0.5,
+        mixup=0.4,
+    )
     a, b = make(), make()
     forward = [a[i][0] for i in range(len(a))]
     backward = [b[i][0] for i in reversed(range(len(b)))][::-1]

@@ -9,18 +9,27 @@ from prodfuse.data import shards
 
 
 def header(**settings):
-    return {"catalog_path": "c.csv", "catalog_sha256": "abc", "columns": {"id": "product_id"},
-            "settings": {"backbone": "mobilenet_v2", "image_size": 224, **settings},
-            "encoders": {"image": {"dim": 8}, "text": {"dim": 4}}, "versions": {"prodfuse": "0"}}
+    return {
+        "catalog_path": "c.csv",
+        "catalog_sha256": "abc",
+        "columns": {"id": "product_id"},
+        "settings": {"backbone": "mobilenet_v2", "image_size": 224, **settings},
+        "encoders": {"image": {"dim": 8}, "text": {"dim": 4}},
+        "versions": {"prodfuse": "0"},
+    }
 
 
 def chunk(start, n, rng):
-    return {"product_id": [f"id{start + i}" for i in range(n)], "label": [f"c{(start + i) % 3}" for i in range(n)],
-            "image_embedding": rng.normal(size=(n, 8)).astype(np.float32),
-            "text_embedding": rng.normal(size=(n, 4)).astype(np.float32),
-            "has_text": np.arange(n) % 2 == 0, "text": [f"t {start + i}" for i in range(n)],
-            "ocr_text": ["" for _ in range(n)],
-            "tokens": rng.integers(0, 15001, size=(n, 60)).astype(np.int32)}
+    return {
+        "product_id": [f"id{start + i}" for i in range(n)],
+        "label": [f"c{(start + i) % 3}" for i in range(n)],
+        "image_embedding": rng.normal(size=(n, 8)).astype(np.float32),
+        "text_embedding": rng.normal(size=(n, 4)).astype(np.float32),
+        "has_text": np.arange(n) % 2 == 0,
+        "text": [f"t {start + i}" for i in range(n)],
+        "ocr_text": ["" for _ in range(n)],
+        "tokens": rng.integers(0, 15001, size=(n, 60)).astype(np.int32),
+    }
 
 
 def write_all(folder, chunks, overwrite=False, stop_after=None):
@@ -31,7 +40,9 @@ def write_all(folder, chunks, overwrite=False, stop_after=None):
             continue
         n = len(c["product_id"])
         first = int(c["product_id"][0][2:])
-        shards.write_shard(folder, m, c, first, first + n, rejects=[{"id": "bad", "path": "p", "reason": "x"}] if k == 1 else [])
+        shards.write_shard(
+            folder, m, c, first, first + n, rejects=[{"id": "bad", "path": "p", "reason": "x"}] if k == 1 else []
+        )
         if stop_after is not None and k + 1 == stop_after:
             return m
     shards.finish(folder, m)
@@ -89,8 +100,9 @@ def test_many_shards_read_in_parallel_keep_catalog_order(tmp_path):
     write_all(tmp_path, chunks)
     got = shards.read_shards(tmp_path, rows=np.arange(26, -1, -2))
     assert list(got["product_id"]) == [f"id{i}" for i in range(26, -1, -2)]
-    np.testing.assert_array_equal(got["image_embedding"],
-                                  np.concatenate([c["image_embedding"] for c in chunks])[26::-2])
+    np.testing.assert_array_equal(
+        got["image_embedding"], np.concatenate([c["image_embedding"] for c in chunks])[26::-2]
+    )
 
 
 def test_reads_shards_with_nullable_columns(tmp_path):
@@ -99,10 +111,12 @@ def test_reads_shards_with_nullable_columns(tmp_path):
     write_all(tmp_path, [chunk(0, 4, rng)])
     path = tmp_path / "part-00000.parquet"
     table = pq.read_table(path)
+
     def nullable(t):
         if pa.types.is_fixed_size_list(t):
             return pa.list_(t.value_type, t.list_size)
         return pa.list_(t.value_type) if pa.types.is_list(t) else t
+
     table = table.cast(pa.schema([pa.field(f.name, nullable(f.type), nullable=True) for f in table.schema]))
     assert pq.read_schema(path).field("tokens").type.value_field.nullable is False
     pq.write_table(table, path)

@@ -177,8 +177,12 @@ def tiny_st_model(tmp_path_factory):
     (root / "vocab.txt").write_text("\n".join(tokens) + "\n")
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=len(tokens), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=37, max_position_embeddings=64,
+        vocab_size=len(tokens),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
     )
     BertModel(config).save_pretrained(root / "hf")
     BertTokenizerFast(vocab_file=str(root / "vocab.txt"), do_lower_case=True).save_pretrained(root / "hf")
@@ -195,8 +199,12 @@ def test_minilm_from_local_folder(tiny_st_model, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(x[[0, 1, 3, 4]], axis=1), 1.0, atol=1e-5)
     assert not x[2].any()
     np.testing.assert_allclose(enc.encode(SMALL), x, atol=1e-6)  # deterministic, batch-independent
-    assert enc.settings() == {"kind": "minilm", "model": str(tiny_st_model.resolve()), "dim": 32,
-                              "normalize_embeddings": True}
+    assert enc.settings() == {
+        "kind": "minilm",
+        "model": str(tiny_st_model.resolve()),
+        "dim": 32,
+        "normalize_embeddings": True,
+    }
     enc.save(tmp_path)
     assert sorted(p.name for p in (tmp_path / "text_encoder").iterdir()) == ["encoder.json"]  # weights not copied
     np.testing.assert_allclose(load_text_encoder(tmp_path).encode(SMALL), x, atol=1e-6)

@@ -1,4 +1,5 @@
 """Training on synthetic shards: fusion must use both streams; the gate must lean to the stream that carries the class."""
+
 import json
 
 import keras
@@ -29,18 +30,38 @@ def train_config(*argv):
 
 
 def train(emb, out, *extra):
-    run = prodfuse.train(train_config("--embeddings", str(emb), "--out", str(out), "--epochs", "25", "--patience",
-                                      "8", "--batch-size", "64", "--quiet", *extra))
+    run = prodfuse.train(
+        train_config(
+            "--embeddings",
+            str(emb),
+            "--out",
+            str(out),
+            "--epochs",
+            "25",
+            "--patience",
+            "8",
+            "--batch-size",
+            "64",
+            "--quiet",
+            *extra,
+        )
+    )
     return {"run": str(run.path), "metrics": run.metrics, "best_epoch": run.config["best_epoch"], "loaded": run}
 
 
 @pytest.fixture(scope="module")
 def runs(synth, tmp_path_factory):
     base = tmp_path_factory.mktemp("runs")
-    return {name: train(synth, base / name, *flags) for name, flags in {
-        "concat": ["--fusion", "concat"], "gated": ["--fusion", "gated"],
-        "gated_deep_only": ["--fusion", "gated", "--no-wide", "--modality-dropout", "0", "--input-norm", "none"],
-        "image_only": ["--text-branch", "none"], "text_only": ["--image-branch", "none"]}.items()}
+    return {
+        name: train(synth, base / name, *flags)
+        for name, flags in {
+            "concat": ["--fusion", "concat"],
+            "gated": ["--fusion", "gated"],
+            "gated_deep_only": ["--fusion", "gated", "--no-wide", "--modality-dropout", "0", "--input-norm", "none"],
+            "image_only": ["--text-branch", "none"],
+            "text_only": ["--image-branch", "none"],
+        }.items()
+    }
 
 
 def test_fusion_uses_both_streams_and_unimodal_cannot(runs):
@@ -56,11 +77,13 @@ def test_gate_leans_to_the_stream_that_carries_the_class(runs, synth):
     # it, the linear path also does), without modality dropout no image-class item is seen with its image blanked,
     # and without the in-model L2 norm the raw image scale reaches the gate as in the GMU paper.
     from prodfuse.data.shards import read_shards
+
     run = runs["gated_deep_only"]["run"]
     model = keras.models.load_model(f"{run}/model.keras")
     data = read_shards(synth, ["image_embedding", "text_embedding", "label"])
-    gates = model_lib.gate_model(model).predict({"image": data["image_embedding"], "text": data["text_embedding"]},
-                                                verbose=0)
+    gates = model_lib.gate_model(model).predict(
+        {"image": data["image_embedding"], "text": data["text_embedding"]}, verbose=0
+    )
     mean = pd.Series(gates.mean(1)).groupby(data["label"]).mean()
     assert mean["img_a"] > 0.5 and mean["img_b"] > 0.5  # no text: the image dominates
     assert mean["txt_c"] < 0.5 and mean["txt_d"] < 0.5  # image uninformative: the text dominates
@@ -69,6 +92,7 @@ def test_gate_leans_to_the_stream_that_carries_the_class(runs, synth):
 def test_run_folder_contents_and_early_stopping_restores_best(runs):
     run = runs["concat"]["run"]
     from pathlib import Path
+
     p = Path(run)
     for f in ("model.keras", "labels.json", "config.json", "history.csv", "metrics.json", "curves.png"):
         assert (p / f).is_file(), f
@@ -95,6 +119,7 @@ def test_early_stopping_restores_best_weights_not_last(synth, tmp_path):
 
 def test_saved_model_loads_without_custom_objects(runs, synth):
     from prodfuse.data.shards import read_shards
+
     data = read_shards(synth, ["image_embedding", "text_embedding"], rows=np.arange(10))
     m = keras.models.load_model(f"{runs['gated']['run']}/model.keras")
     p = m.predict({"image": data["image_embedding"], "text": data["text_embedding"]}, verbose=0)
@@ -132,6 +157,7 @@ def test_missing_demo_shards_message(tmp_path, monkeypatch):
 
 def test_branch_rate_adam_scales_only_branch_steps():
     from prodfuse.modeling.optimizer import BranchRateAdam
+
     inp = keras.Input((1,), name="image")
     h = keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros", name="image_dense_0")(inp)
     out = keras.layers.Dense(1, use_bias=False, kernel_initializer="ones", name="fusion_dense")(h)
@@ -148,6 +174,7 @@ def test_branch_rate_adam_scales_only_branch_steps():
 
 def test_kfold_split_partitions_every_class():
     from prodfuse.data.splits import kfold_split
+
     labels = np.array(["a"] * 10 + ["b"] * 7 + ["c"] * 2)
     tests = []
     for k in range(5):
@@ -166,6 +193,7 @@ def test_kfold_split_partitions_every_class():
 
 def test_separate_test_folder_leaves_train_and_val_to_the_main_folder():
     from prodfuse.data.splits import plan_splits
+
     labels = np.array(["a"] * 20 + ["b"] * 10)
     plan, _, source = plan_splits(labels, None, None, 0, n_test_folder=7)
     assert plan["test"][0] == "test" and plan["test"][1].tolist() == list(range(7))
@@ -176,6 +204,7 @@ def test_separate_test_folder_leaves_train_and_val_to_the_main_folder():
 
 def test_ensemble_saves_the_mean_of_its_members(synth, tmp_path):
     from prodfuse.data.sequence import read_items
+
     r = train(synth, tmp_path / "ens", "--fusion", "gated", "--ensemble", "2", "--epochs", "3")
     run = prodfuse.Run.load(r["run"])  # one model.keras
     model = run.model

@@ -56,5 +56,6 @@ def progress_bar(total: int, desc: str, unit: str = "it", enabled: bool = True):
         return _Off(total, desc, unit)
     if sys.stderr.isatty():
         from tqdm.auto import tqdm
+
         return tqdm(total=total, desc=desc, unit=unit)
     return _Lines(total, desc, unit)

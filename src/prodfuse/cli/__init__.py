@@ -15,11 +15,13 @@ import sys
 import threading
 
 COMMANDS = ("extract", "train", "evaluate", "predict", "compare")
-HELPS = {"extract": "catalog -> OCR + image/text embeddings -> parquet shards",
-         "train": "shards -> fusion MLP run folder",
-         "evaluate": "metrics, ablation and calibration of a run",
-         "predict": "top-k labels for a new catalog or shards",
-         "compare": "unimodal vs fusion models and linear probes on the same splits"}
+HELPS = {
+    "extract": "catalog -> OCR + image/text embeddings -> parquet shards",
+    "train": "shards -> fusion MLP run folder",
+    "evaluate": "metrics, ablation and calibration of a run",
+    "predict": "top-k labels for a new catalog or shards",
+    "compare": "unimodal vs fusion models and linear probes on the same splits",
+}
 
 
 def _command(name: str):
@@ -49,8 +51,10 @@ class _Format(logging.Formatter):
 
 def _logging_state():
     """What _setup changes in logging, to put back when main() returns (tests and notebooks call main() in-process)."""
-    saved = [(lg, lg.handlers[:], lg.propagate, lg.level)
-             for lg in (logging.getLogger("prodfuse"), logging.getLogger("py.warnings"))]
+    saved = [
+        (lg, lg.handlers[:], lg.propagate, lg.level)
+        for lg in (logging.getLogger("prodfuse"), logging.getLogger("py.warnings"))
+    ]
     capturing = logging._warnings_showwarning is not None  # noqa: SLF001  (no public getter)
 
     def restore():
@@ -58,6 +62,7 @@ def _logging_state():
             lg.handlers[:], lg.propagate = handlers, propagate
             lg.setLevel(level)
         logging.captureWarnings(capturing)
+
     return restore
 
 
@@ -67,6 +72,7 @@ def _setup(args: argparse.Namespace) -> None:
         # set before TensorFlow is first imported, which no command has done yet.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from prodfuse.allocator import keep_freed_heap_mapped
+
     keep_freed_heap_mapped()  # before TensorFlow starts its threads (see prodfuse.allocator)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Format())
@@ -78,6 +84,7 @@ def _setup(args: argparse.Namespace) -> None:
         _import_tensorflow_quietly()
         try:
             import absl.logging
+
             absl.logging.set_verbosity(absl.logging.ERROR)
         except ImportError:
             pass
@@ -123,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         args.progress = args.progress and not args.quiet
     module = _command(args.command)
     from prodfuse.cli.common import ConfigError
+
     try:
         cfg = module.config(args)  # every value is checked here, before any work starts
     except ConfigError as e:

@@ -14,17 +14,34 @@ HELP = "unimodal vs fusion models and linear probes on the same splits"
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embeddings", required=True, help="shard folder (as for train)")
     add_shared_args(p)
-    p.add_argument("--folds", type=int, default=None,
-                   help="stratified K-fold cross-validation (K >= 3): fold k test, fold k+1 val, K runs (mean ± std)")
-    p.add_argument("--seeds", type=int, default=1,
-                   help="repeat with N seeds (model init and, without a split column, the split); mean ± std")
-    p.add_argument("--text-branch", default="auto", choices=["auto", "mlp", "cnn"],
-                   help="text branch of the text and fusion models (auto: mlp when the shards hold text "
-                        "embeddings, else the token CNN)")
-    p.add_argument("--late-objective", default="logloss", choices=["logloss", "accuracy"],
-                   help="what the late-fusion weight minimises/maximises on validation (default logloss)")
-    p.add_argument("--models", default=",".join(MODELS),
-                   help=f"comma list of models to compare (default {','.join(MODELS)})")
+    p.add_argument(
+        "--folds",
+        type=int,
+        default=None,
+        help="stratified K-fold cross-validation (K >= 3): fold k test, fold k+1 val, K runs (mean ± std)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="repeat with N seeds (model init and, without a split column, the split); mean ± std",
+    )
+    p.add_argument(
+        "--text-branch",
+        default="auto",
+        choices=["auto", "mlp", "cnn"],
+        help="text branch of the text and fusion models (auto: mlp when the shards hold text "
+        "embeddings, else the token CNN)",
+    )
+    p.add_argument(
+        "--late-objective",
+        default="logloss",
+        choices=["logloss", "accuracy"],
+        help="what the late-fusion weight minimises/maximises on validation (default logloss)",
+    )
+    p.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma list of models to compare (default {','.join(MODELS)})"
+    )
     p.add_argument("--out", default=None, help="output folder (default runs/compare-<embeddings name>)")
 
 
@@ -36,6 +53,7 @@ def run(cfg: CompareConfig) -> int:
     import tensorflow as tf
 
     from prodfuse.evaluation.compare import compare
+
     tf.config.experimental.enable_op_determinism()  # see cli.train
     s = compare(cfg)
     for n in s["notes"]:

@@ -13,17 +13,27 @@ HELP = "metrics, ablation and calibration of a run"
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run folder written by train")
-    p.add_argument("--embeddings", default=None,
-                   help="shard folder to score (default: the run's training shards, held-out rows)")
-    p.add_argument("--split", default=None, choices=SPLITS,
-                   help="rows to score (default: test, or val when the run has no test split, on the run's own "
-                        "shards; all rows of any other folder)")
+    p.add_argument(
+        "--embeddings", default=None, help="shard folder to score (default: the run's training shards, held-out rows)"
+    )
+    p.add_argument(
+        "--split",
+        default=None,
+        choices=SPLITS,
+        help="rows to score (default: test, or val when the run has no test split, on the run's own "
+        "shards; all rows of any other folder)",
+    )
     p.add_argument("--group-col", default=None, help="shard column to break the results down by (e.g. group)")
     p.add_argument("--out", default=None, help="output folder (default <run>/eval-<split>)")
-    p.add_argument("--top-confusions", type=int, default=default(EvaluateConfig, "top_confusions"),
-                   help="confusions listed in the table, 0..10000 (default 20)")
-    p.add_argument("--batch-size", type=int, default=default(EvaluateConfig, "batch_size"),
-                   help="items per model batch")
+    p.add_argument(
+        "--top-confusions",
+        type=int,
+        default=default(EvaluateConfig, "top_confusions"),
+        help="confusions listed in the table, 0..10000 (default 20)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=default(EvaluateConfig, "batch_size"), help="items per model batch"
+    )
 
 
 def config(args: argparse.Namespace) -> EvaluateConfig:
@@ -32,6 +42,7 @@ def config(args: argparse.Namespace) -> EvaluateConfig:
 
 def run(cfg: EvaluateConfig) -> int:
     from prodfuse.evaluation.evaluate import evaluate
+
     print_summary(evaluate(cfg))
     return 0
 
@@ -39,22 +50,31 @@ def run(cfg: EvaluateConfig) -> int:
 def print_summary(r: dict) -> None:
     out_dir = Path(r["out"])
     print(f"\nevaluated {r['model']} on {r['n']} items ({r['rows']})")
-    print(f"  accuracy {r['accuracy']:.4f}  top-3 {r['top3_accuracy']:.4f}  top-5 {r['top5_accuracy']:.4f}  "
-          f"weighted F1 {r['weighted_f1']:.4f}  macro F1 {r['macro_f1']:.4f}")
+    print(
+        f"  accuracy {r['accuracy']:.4f}  top-3 {r['top3_accuracy']:.4f}  top-5 {r['top5_accuracy']:.4f}  "
+        f"weighted F1 {r['weighted_f1']:.4f}  macro F1 {r['macro_f1']:.4f}"
+    )
     kept = r["calibration"].get("val_kept_t1")
     if kept:
         print(f"  ECE {r['ece']:.4f}; temperature kept at 1: {kept}")
     else:
-        print(f"  ECE {r['ece']:.4f} -> {r['ece_calibrated']:.4f} with temperature {r['temperature']:.4g} "
-              f"(fitted on val, saved in the run folder)")
+        print(
+            f"  ECE {r['ece']:.4f} -> {r['ece_calibrated']:.4f} with temperature {r['temperature']:.4g} "
+            f"(fitted on val, saved in the run folder)"
+        )
     ab = r["ablation"]
-    parts = [f"{name} {ab[key]['accuracy']:.4f}" for name, key in
-             (("both", "both"), ("image zeroed", "no_image"), ("text zeroed", "no_text")) if ab[key]]
-    print("  ablation accuracy: " + ", ".join(parts)
-          + (f"; mean gate {ab['gate_mean']:.3f}" if ab.get("gate_mean") is not None else ""))
+    parts = [
+        f"{name} {ab[key]['accuracy']:.4f}"
+        for name, key in (("both", "both"), ("image zeroed", "no_image"), ("text zeroed", "no_text"))
+        if ab[key]
+    ]
+    print(
+        "  ablation accuracy: "
+        + ", ".join(parts)
+        + (f"; mean gate {ab['gate_mean']:.3f}" if ab.get("gate_mean") is not None else "")
+    )
     for g, m in r["per_group"].items():
-        print(f"  {r['group_col']}={g}: accuracy {m['accuracy']:.4f}  weighted F1 {m['weighted_f1']:.4f}  "
-              f"(n={m['n']})")
+        print(f"  {r['group_col']}={g}: accuracy {m['accuracy']:.4f}  weighted F1 {m['weighted_f1']:.4f}  (n={m['n']})")
     if r["unknown_label_rows"]:
         print(f"  {r['unknown_label_rows']} rows have labels the run never saw (not scored): {r['unknown_labels']}")
     if r.get("note"):

@@ -26,16 +26,22 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, help="square input size of the backbone, 32..2048 (default 224)")
     p.add_argument("--precision", choices=PRECISIONS, help="mixed_float16 on a GPU")
     p.add_argument("--batch-size", type=int, default=None, help="images per backbone batch (default 64 CPU, 256 GPU)")
-    p.add_argument("--views", help=f"image views embedded per photo, 1..6: the whole photo, then crops of 80%% of "
-                                   f"it (training draws one per epoch, prediction averages them). auto (default): "
-                                   f"6 for catalogs of up to {AUTO_VIEWS_MAX_ROWS:,} rows, else 1")
+    p.add_argument(
+        "--views",
+        help=f"image views embedded per photo, 1..6: the whole photo, then crops of 80%% of "
+        f"it (training draws one per epoch, prediction averages them). auto (default): "
+        f"6 for catalogs of up to {AUTO_VIEWS_MAX_ROWS:,} rows, else 1",
+    )
     p.add_argument("--text-encoder", choices=TEXT_ENCODERS, help="default tfidf (offline)")
     p.add_argument("--text-model", help="sentence-transformers name or local folder (minilm only)")
     p.add_argument("--ocr", choices=OCR_ENGINES, help="default rapidocr")
     p.add_argument("--ocr-lang", help="comma list of OCR languages (engine default when omitted)")
     p.add_argument("--ocr-workers", type=int, default=None, help="OCR processes (default: number of cores)")
-    p.add_argument("--ocr-cache", default=None,
-                   help="OCR cache folder (default ~/.cache/prodfuse/ocr, shared by every clone and catalog)")
+    p.add_argument(
+        "--ocr-cache",
+        default=None,
+        help="OCR cache folder (default ~/.cache/prodfuse/ocr, shared by every clone and catalog)",
+    )
     p.add_argument("--shard-rows", type=int, help="rows per parquet shard (default 10000)")
     p.add_argument("--like", help="copy every setting and the fitted text encoder from this shard folder")
     p.add_argument("--overwrite", action="store_true", help="replace shards made with other settings")
@@ -49,6 +55,7 @@ def config(args: argparse.Namespace) -> ExtractConfig:
 
 def run(cfg: ExtractConfig) -> int:
     from prodfuse.extraction.extract import extract
+
     summary = extract(cfg)
     print_summary(summary)
     return 0
@@ -56,20 +63,27 @@ def run(cfg: ExtractConfig) -> int:
 
 def print_summary(summary: dict) -> None:
     from prodfuse.data import shards
+
     out = summary["out"]
     rej = ", ".join(f"{k} {v}" for k, v in sorted(summary["rejected_by_reason"].items())) or "none"
     o = summary["ocr"]
-    print(f"\nextracted {summary['embedded_rows']} of {summary['input_rows']} rows into {out} "
-          f"({summary['embedded_this_run']} this run, {summary['seconds']} s)")
+    print(
+        f"\nextracted {summary['embedded_rows']} of {summary['input_rows']} rows into {out} "
+        f"({summary['embedded_this_run']} this run, {summary['seconds']} s)"
+    )
     print(f"  rejected: {summary['rejected_rows']} ({rej}); see {Path(out) / shards.REJECTS}")
     print(f"  with text: {summary['with_text_this_run']} of the {summary['embedded_this_run']} rows embedded this run")
     if o["engine"] != "none":
         errors = ", ".join(f"{k} {v}" for k, v in sorted(o.get("errors_by_reason", {}).items()))
-        print(f"  OCR ({o['engine']}): {o['images']} images, {o.get('with_words', 0)} with words, "
-              f"{o.get('cache_hits', 0)} from cache, {o.get('errors', 0)} errors"
-              + (f" ({errors}; rows kept without OCR text, listed in {o['errors_file']})" if o.get("errors") else ""))
+        print(
+            f"  OCR ({o['engine']}): {o['images']} images, {o.get('with_words', 0)} with words, "
+            f"{o.get('cache_hits', 0)} from cache, {o.get('errors', 0)} errors"
+            + (f" ({errors}; rows kept without OCR text, listed in {o['errors_file']})" if o.get("errors") else "")
+        )
     if summary.get("images_per_s"):
         print(f"  images/s (backbone stage incl. decode): {summary['images_per_s']}")
     if summary.get("weights") == "random (fallback)":
-        print("  image weights: RANDOM (fallback: ImageNet weights could not be downloaded); the image stream "
-              "carries no ImageNet knowledge")
+        print(
+            "  image weights: RANDOM (fallback: ImageNet weights could not be downloaded); the image stream "
+            "carries no ImageNet knowledge"
+        )

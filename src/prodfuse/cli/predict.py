@@ -15,8 +15,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--catalog", help="new catalog (CSV/TSV/parquet/JSONL): embedded like the run's training data")
     src.add_argument("--embeddings", help="shard folder already embedded like the run's training data")
-    p.add_argument("--out", required=True,
-                   help="predictions CSV to write; rows that cannot be embedded go to <out stem>_rejects.csv")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="predictions CSV to write; rows that cannot be embedded go to <out stem>_rejects.csv",
+    )
     p.add_argument("--top-k", type=int, default=default(PredictConfig, "top_k"), help="labels per item (default 3)")
     p.add_argument("--batch-size", type=int, default=default(PredictConfig, "batch_size"), help="items per model batch")
     p.add_argument("--ocr-workers", type=int, default=None, help="OCR processes (default: in-process)")
@@ -32,6 +35,7 @@ def run(cfg: PredictConfig) -> int:
     import logging
 
     from prodfuse.inference.batch import predict
+
     log = logging.getLogger("prodfuse.cli")
     s = predict(cfg, on_batch=lambda done, total: log.info("predicted %d/%d rows", done, total))
     print(f"\npredicted {s['n']} items with {s['model']} -> {s['predictions']}")
@@ -43,6 +47,7 @@ def run(cfg: PredictConfig) -> int:
         rej = ", ".join(f"{k} {v}" for k, v in sorted(s["rejected_by_reason"].items())) or "none"
         print(f"  rejected (not embeddable): {s['rejected']} ({rej}); see {s['rejects']}")
     if "accuracy_known_labels" in s:
-        print(f"  top-1 accuracy on the {s['n_known_labels']} items with a known label: "
-              f"{s['accuracy_known_labels']:.4f}")
+        print(
+            f"  top-1 accuracy on the {s['n_known_labels']} items with a known label: {s['accuracy_known_labels']:.4f}"
+        )
     return 0

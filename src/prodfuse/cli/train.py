@@ -26,49 +26,90 @@ def d(name):
 def add_shared_args(p: argparse.ArgumentParser) -> None:
     """Flags that compare shares with train."""
     p.add_argument("--val-embeddings", default=None, help="separate shard folder used as the validation split")
-    p.add_argument("--test-embeddings", default=None,
-                   help="separate shard folder scored as the test split (never used for early stopping)")
-    p.add_argument("--label-col", default=None,
-                   help="label column carried in the shards (default: the one recorded at extraction)")
-    p.add_argument("--split-col", default=None,
-                   help="train/val/test column in the shards (default: the one recorded at extraction; '' none)")
+    p.add_argument(
+        "--test-embeddings",
+        default=None,
+        help="separate shard folder scored as the test split (never used for early stopping)",
+    )
+    p.add_argument(
+        "--label-col", default=None, help="label column carried in the shards (default: the one recorded at extraction)"
+    )
+    p.add_argument(
+        "--split-col",
+        default=None,
+        help="train/val/test column in the shards (default: the one recorded at extraction; '' none)",
+    )
     p.add_argument("--epochs", type=int, default=d("epochs"), help=f"at most this many, 1.. (default {d('epochs')})")
-    p.add_argument("--patience", type=int, default=d("patience"),
-                   help=f"early-stopping patience in epochs, 1.. (default {d('patience')})")
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=d("patience"),
+        help=f"early-stopping patience in epochs, 1.. (default {d('patience')})",
+    )
     p.add_argument("--batch-size", type=int, default=d("batch_size"), help=f"1..65536 (default {d('batch_size')})")
     p.add_argument("--seed", type=int, default=d("seed"), help=f"0..2^31-1 (default {d('seed')})")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing run folder (its model, temperature and evaluations are deleted)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing run folder (its model, temperature and evaluations are deleted)",
+    )
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embeddings", default=None, help="shard folder (default embeddings/demo)")
     add_shared_args(p)
-    p.add_argument("--folds", type=int, default=None,
-                   help="stratified K-fold (K >= 3) instead of the split column / 80-10-10 split: fold --fold is "
-                        "test, the next fold val (used by compare --folds)")
+    p.add_argument(
+        "--folds",
+        type=int,
+        default=None,
+        help="stratified K-fold (K >= 3) instead of the split column / 80-10-10 split: fold --fold is "
+        "test, the next fold val (used by compare --folds)",
+    )
     p.add_argument("--fold", type=int, default=0, help="which fold is the test split with --folds (default 0)")
     p.add_argument("--fusion", default=d("fusion"), choices=FUSIONS)
     p.add_argument("--text-branch", default=d("text_branch"), choices=TEXT_BRANCHES)
     p.add_argument("--image-branch", default=d("image_branch"), choices=IMAGE_BRANCHES)
-    p.add_argument("--wide", action=argparse.BooleanOptionalAction, default=d("wide"),
-                   help="a linear path from the embeddings to the logits beside the MLP (default on)")
-    p.add_argument("--input-norm", default=d("input_norm"), choices=INPUT_NORMS,
-                   help="scale each image embedding to unit length inside the model (default l2)")
+    p.add_argument(
+        "--wide",
+        action=argparse.BooleanOptionalAction,
+        default=d("wide"),
+        help="a linear path from the embeddings to the logits beside the MLP (default on)",
+    )
+    p.add_argument(
+        "--input-norm",
+        default=d("input_norm"),
+        choices=INPUT_NORMS,
+        help="scale each image embedding to unit length inside the model (default l2)",
+    )
     p.add_argument("--lr", type=float, default=d("lr"), help=f"learning rate, 1e-7..10 (default {d('lr')})")
     p.add_argument("--lr-schedule", default=d("lr_schedule"), choices=LR_SCHEDULES)
-    p.add_argument("--class-weight", default=d("class_weight"), choices=CLASS_WEIGHTS,
-                   help="balanced: n / (k n_c) per class, for macro F1 on skewed catalogs; default none, which "
-                        "measured 0.5-1.5 points more accuracy on fashion and grocery (README)")
+    p.add_argument(
+        "--class-weight",
+        default=d("class_weight"),
+        choices=CLASS_WEIGHTS,
+        help="balanced: n / (k n_c) per class, for macro F1 on skewed catalogs; default none, which "
+        "measured 0.5-1.5 points more accuracy on fashion and grocery (README)",
+    )
     p.add_argument("--label-smoothing", type=float, default=d("label_smoothing"), help="0..0.99 (default 0.1)")
     p.add_argument("--mixup", type=float, default=d("mixup"), help="Beta(a, a) mixup of the image stream; 0 = off")
-    p.add_argument("--modality-dropout", type=float, default=d("modality_dropout"),
-                   help="fraction 0..1 of training items with one stream blanked, half of them the image, half the "
-                        "text (default 0.5: the fused model must also classify from either stream alone)")
-    p.add_argument("--ensemble", type=int, default=d("ensemble"),
-                   help="train N models (seeds seed..seed+N-1) and save their averaged probabilities as one model")
-    p.add_argument("--staged", action="store_true",
-                   help="train each branch alone first, then the fusion with a 10x lower rate on the branches")
+    p.add_argument(
+        "--modality-dropout",
+        type=float,
+        default=d("modality_dropout"),
+        help="fraction 0..1 of training items with one stream blanked, half of them the image, half the "
+        "text (default 0.5: the fused model must also classify from either stream alone)",
+    )
+    p.add_argument(
+        "--ensemble",
+        type=int,
+        default=d("ensemble"),
+        help="train N models (seeds seed..seed+N-1) and save their averaged probabilities as one model",
+    )
+    p.add_argument(
+        "--staged",
+        action="store_true",
+        help="train each branch alone first, then the fusion with a 10x lower rate on the branches",
+    )
     p.add_argument("--precision", default=d("precision"), choices=PRECISIONS)
     p.add_argument("--out", default=None, help="run folder (default runs/<embeddings name>-<fusion>)")
 
@@ -82,6 +123,7 @@ def run(cfg: TrainConfig) -> int:
     import tensorflow as tf
 
     from prodfuse.modeling.training import train
+
     # Repeatable runs for a seed: a process-wide switch, so the command sets it, not the library.
     tf.config.experimental.enable_op_determinism()
     print_summary(train(cfg))
@@ -91,15 +133,21 @@ def run(cfg: TrainConfig) -> int:
 def print_summary(run) -> None:
     c = run.config
     s = c["splits"]
-    print(f"\ntrained {run.model.name} in {c['train_seconds']} s: best epoch {c['best_epoch']} of "
-          f"{c['epochs_run']} ({s['source']}: {s['train']} train / {s['val']} val / {s['test']} test)")
+    print(
+        f"\ntrained {run.model.name} in {c['train_seconds']} s: best epoch {c['best_epoch']} of "
+        f"{c['epochs_run']} ({s['source']}: {s['train']} train / {s['val']} val / {s['test']} test)"
+    )
     for name, m in run.metrics.items():
-        print(f"  {name:5s} accuracy {m['accuracy']:.4f}  top-3 {m['top3_accuracy']:.4f}  weighted F1 "
-              f"{m['weighted_f1']:.4f}  macro F1 {m['macro_f1']:.4f}  (n={m['n']})")
+        print(
+            f"  {name:5s} accuracy {m['accuracy']:.4f}  top-3 {m['top3_accuracy']:.4f}  weighted F1 "
+            f"{m['weighted_f1']:.4f}  macro F1 {m['macro_f1']:.4f}  (n={m['n']})"
+        )
     weights = c["extraction"]["settings"].get("weights")
     if weights == "random (fallback)":
-        print("  NOTE: the image embeddings came from RANDOM backbone weights (the demo's fallback when ImageNet "
-              "weights cannot be downloaded): these figures say nothing about ImageNet features")
+        print(
+            "  NOTE: the image embeddings came from RANDOM backbone weights (the demo's fallback when ImageNet "
+            "weights cannot be downloaded): these figures say nothing about ImageNet features"
+        )
     if s["too_small_for_split"]:
         small = ", ".join(f"{d['label']} ({d['items']})" for d in s["too_small_for_split"])
         print(f"  classes too small to split (kept in train only): {small}")

@@ -39,49 +39,61 @@ def _decode_error(path: Path, encoding: str) -> ValueError:
         where = ""
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        where = f": byte 0x{raw[e.start:e.start + 1].hex()} at offset {e.start} (line {line})"
-    return ValueError(f"Cannot read catalog {str(path)!r} as {encoding}{where} is not valid {encoding}. Pass "
-                      f"--encoding with the file's encoding, e.g. --encoding latin-1 or --encoding cp1252.")
+        where = f": byte 0x{raw[e.start : e.start + 1].hex()} at offset {e.start} (line {line})"
+    return ValueError(
+        f"Cannot read catalog {str(path)!r} as {encoding}{where} is not valid {encoding}. Pass "
+        f"--encoding with the file's encoding, e.g. --encoding latin-1 or --encoding cp1252."
+    )
 
 
 def _read_table(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise ValueError(f"Cannot read catalog {str(path)!r}: unknown extension {path.suffix!r}. "
-                         f"Use one of {', '.join(sorted(FORMATS))}.")
+        raise ValueError(
+            f"Cannot read catalog {str(path)!r}: unknown extension {path.suffix!r}. "
+            f"Use one of {', '.join(sorted(FORMATS))}."
+        )
     try:
         if fmt == "parquet":
             return pd.read_parquet(path)
         if fmt == "jsonl":
             return pd.read_json(path, lines=True, dtype=False, encoding=encoding)
         # Read everything as text: ids like "00123" must keep their zeros, and labels stay strings.
-        return pd.read_csv(path, sep="\t" if fmt == "tsv" else ",", dtype=str, keep_default_na=False,
-                           na_values=[""], encoding=encoding)
+        return pd.read_csv(
+            path, sep="\t" if fmt == "tsv" else ",", dtype=str, keep_default_na=False, na_values=[""], encoding=encoding
+        )
     except pd.errors.EmptyDataError:
         return pd.DataFrame()
     except UnicodeDecodeError as e:
         raise _decode_error(path, encoding) from e
     except Exception as e:  # parser errors differ per format; all mean the same thing to the user
-        raise ValueError(f"Cannot read catalog {str(path)!r} as {fmt}: {type(e).__name__}: {e}. "
-                         f"Check that the file is a valid {fmt} file.") from e
+        raise ValueError(
+            f"Cannot read catalog {str(path)!r} as {fmt}: {type(e).__name__}: {e}. "
+            f"Check that the file is a valid {fmt} file."
+        ) from e
 
 
 def _require(df: pd.DataFrame, col: str, role: str, flag: str, path: Path) -> None:
     if col not in df.columns:
-        raise ValueError(f"Catalog {str(path)!r} has no {role} column {col!r}; its columns are "
-                         f"{list(map(str, df.columns))}. Pass {flag} NAME to map it.")
+        raise ValueError(
+            f"Catalog {str(path)!r} has no {role} column {col!r}; its columns are "
+            f"{list(map(str, df.columns))}. Pass {flag} NAME to map it."
+        )
 
 
-def read_catalog(path: str | os.PathLike, columns: Columns = Columns(), require_label: bool = True,
-                 encoding: str = "utf-8") -> pd.DataFrame:
+def read_catalog(
+    path: str | os.PathLike, columns: Columns = Columns(), require_label: bool = True, encoding: str = "utf-8"
+) -> pd.DataFrame:
     """Read and validate a catalog. Per-row problems (bad images, empty text) are left to extraction.
 
     Returns a DataFrame with ids, labels and splits as strings; text columns that are absent are simply not there.
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"Catalog {str(path)!r} does not exist or is not a file. Pass --catalog PATH to an existing "
-                         f"CSV, parquet or JSON Lines file.")
+        raise ValueError(
+            f"Catalog {str(path)!r} does not exist or is not a file. Pass --catalog PATH to an existing "
+            f"CSV, parquet or JSON Lines file."
+        )
     df = _read_table(path, encoding)
     if len(df) == 0:
         raise ValueError(f"Catalog {str(path)!r} is empty (no rows). It needs a header and at least one product.")
@@ -95,20 +107,26 @@ def read_catalog(path: str | os.PathLike, columns: Columns = Columns(), require_
     ids = df[columns.id]
     if ids.isna().any():
         rows = list(df.index[ids.isna()][:5])
-        raise ValueError(f"Catalog {str(path)!r} has {int(ids.isna().sum())} rows with an empty id "
-                         f"(column {columns.id!r}, rows {rows}). Every product needs an id.")
+        raise ValueError(
+            f"Catalog {str(path)!r} has {int(ids.isna().sum())} rows with an empty id "
+            f"(column {columns.id!r}, rows {rows}). Every product needs an id."
+        )
     df[columns.id] = ids.astype(str)
     dup = df[columns.id][df[columns.id].duplicated(keep=False)]
     if len(dup):
         examples = list(dict.fromkeys(dup))[:5]
-        raise ValueError(f"Catalog {str(path)!r} has duplicate ids in column {columns.id!r}: {examples} "
-                         f"({dup.nunique()} ids repeated). Ids must be unique: de-duplicate the catalog first.")
+        raise ValueError(
+            f"Catalog {str(path)!r} has duplicate ids in column {columns.id!r}: {examples} "
+            f"({dup.nunique()} ids repeated). Ids must be unique: de-duplicate the catalog first."
+        )
     for col in (columns.label, columns.split):
         if col is not None and col in df.columns:
             if df[col].isna().any():
                 rows = list(df[columns.id][df[col].isna()][:5])
-                raise ValueError(f"Catalog {str(path)!r} has {int(df[col].isna().sum())} rows with an empty "
-                                 f"{col!r} (ids {rows}). Fill or drop them.")
+                raise ValueError(
+                    f"Catalog {str(path)!r} has {int(df[col].isna().sum())} rows with an empty "
+                    f"{col!r} (ids {rows}). Fill or drop them."
+                )
             df[col] = df[col].astype(str)
     for col in columns.text:
         if col in df.columns:
@@ -120,7 +138,9 @@ def present_text_columns(df: pd.DataFrame, columns: Columns) -> list[str]:
     return [c for c in columns.text if c in df.columns]
 
 
-def resolve_image_paths(df: pd.DataFrame, catalog_path: str | os.PathLike, image_col: str) -> tuple[list[str], list[str | None]]:
+def resolve_image_paths(
+    df: pd.DataFrame, catalog_path: str | os.PathLike, image_col: str
+) -> tuple[list[str], list[str | None]]:
     """Absolute image paths, and a reject reason per row (None when fine).
 
     A relative path that climbs out of the catalog's folder is rejected: a catalog from elsewhere should not be

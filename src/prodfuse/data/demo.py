@@ -110,8 +110,16 @@ def write_demo_catalog(folder: str | os.PathLike = DEMO_DIR) -> Path:
             rel = f"images/{pid}.png"
             img.save(folder / rel, format="PNG", optimize=False)
             title, description = _title(rng, label)
-            rows.append({"product_id": pid, "image_path": rel, "title": title, "description": description,
-                         "label": label, "group": group})
+            rows.append(
+                {
+                    "product_id": pid,
+                    "image_path": rel,
+                    "title": title,
+                    "description": description,
+                    "label": label,
+                    "group": group,
+                }
+            )
     tmp = csv_path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -15,8 +15,7 @@ from prodfuse.data import shards
 
 # Model input name -> shard column. "image_views" is no model input: it holds the augmented views of extraction's
 # --views, which training draws "image" from and prediction averages over (`with_view`).
-INPUT_COLUMNS = {"image": "image_embedding", "text": "text_embedding", "tokens": "tokens",
-                 "image_views": "image_views"}
+INPUT_COLUMNS = {"image": "image_embedding", "text": "text_embedding", "tokens": "tokens", "image_views": "image_views"}
 
 
 def view_count(arrays: dict[str, np.ndarray]) -> int:
@@ -57,9 +56,20 @@ class ShardSequence(keras.utils.PyDataset):
     model learns to cope with catalog items that lack text (or have a poor photo).
     """
 
-    def __init__(self, arrays: dict[str, np.ndarray], labels: np.ndarray, num_classes: int, rows=None,
-                 batch_size: int = 32, training: bool = False, class_weight: dict | None = None,
-                 mixup: float = 0.0, modality_dropout: float = 0.0, seed: int = 0, **kwargs):
+    def __init__(
+        self,
+        arrays: dict[str, np.ndarray],
+        labels: np.ndarray,
+        num_classes: int,
+        rows=None,
+        batch_size: int = 32,
+        training: bool = False,
+        class_weight: dict | None = None,
+        mixup: float = 0.0,
+        modality_dropout: float = 0.0,
+        seed: int = 0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if not 0.0 <= modality_dropout <= 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1]; got {modality_dropout}")
@@ -93,7 +103,7 @@ class ShardSequence(keras.utils.PyDataset):
             self._rng.shuffle(self._order)
 
     def __getitem__(self, index: int):
-        idx = self._order[index * self.batch_size:(index + 1) * self.batch_size]
+        idx = self._order[index * self.batch_size : (index + 1) * self.batch_size]
         # Validation sees the whole photo only, so it does not gather the augmented views at all.
         x = {name: arr[idx] for name, arr in self.arrays.items() if self.training or name != "image_views"}
         # A batch's augmentation draws depend on (seed, epoch, batch) alone, not on the order in which Keras asks for

@@ -64,8 +64,10 @@ def save_manifest(folder: str | os.PathLike, manifest: dict) -> None:
 def read_manifest(folder: str | os.PathLike) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise ValueError(f"{str(folder)!r} is not an embedding shard folder: it has no {MANIFEST}. "
-                         f"Create one with `python extract_embeddings.py --out {folder}`.")
+        raise ValueError(
+            f"{str(folder)!r} is not an embedding shard folder: it has no {MANIFEST}. "
+            f"Create one with `python extract_embeddings.py --out {folder}`."
+        )
     with open(path) as f:
         return json.load(f)
 
@@ -85,8 +87,9 @@ def settings_difference(old: dict, new: dict) -> list[str]:
     """Human-readable list of the resume-relevant settings that differ between two manifests."""
     a = _flatten({k: old.get(k) for k in RESUME_KEYS})
     b = _flatten({k: new.get(k) for k in RESUME_KEYS})
-    return [f"{k}: existing {a.get(k)!r}, requested {b.get(k)!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [
+        f"{k}: existing {a.get(k)!r}, requested {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+    ]
 
 
 def _clear(folder: Path) -> None:
@@ -117,9 +120,12 @@ def open_shards(folder: str | os.PathLike, header: dict, overwrite: bool = False
         if diff and not overwrite:
             rows = sum(s["rows"] for s in old["shards"])
             state = "complete" if old.get("complete") else "interrupted, resumable"
-            raise ValueError(f"{str(folder)!r} already holds {len(old['shards'])} shard(s) ({rows} rows, "
-                             f"{state}) made with other settings:\n  " + "\n  ".join(diff)
-                             + "\nPass --overwrite to replace them, or choose another --out folder.")
+            raise ValueError(
+                f"{str(folder)!r} already holds {len(old['shards'])} shard(s) ({rows} rows, "
+                f"{state}) made with other settings:\n  "
+                + "\n  ".join(diff)
+                + "\nPass --overwrite to replace them, or choose another --out folder."
+            )
         if diff:  # and overwrite: start over; same settings resume even with --overwrite
             _clear(folder)
         else:
@@ -127,8 +133,10 @@ def open_shards(folder: str | os.PathLike, header: dict, overwrite: bool = False
             for s in old["shards"]:
                 p = folder / s["file"]
                 if not p.is_file() or p.stat().st_size != s["bytes"]:
-                    raise ValueError(f"Shard {str(p)!r} listed in the manifest is missing or has the wrong size; "
-                                     f"the folder was changed by hand. Re-run with --overwrite.")
+                    raise ValueError(
+                        f"Shard {str(p)!r} listed in the manifest is missing or has the wrong size; "
+                        f"the folder was changed by hand. Re-run with --overwrite."
+                    )
             # Shards written after the last manifest update (a kill between rename and manifest) are orphans.
             for p in folder.glob("part-*"):
                 if p.name not in listed:
@@ -160,39 +168,51 @@ def _column(name: str, values) -> pa.Array:
         # Declared non-null (list and element): parquet then stores no per-value definition levels, which
         # makes reading these columns about 1.6x faster.
         return pa.FixedSizeListArray.from_arrays(
-            pa.array(arr.reshape(-1)), type=pa.list_(pa.field("element", pa.float32(), nullable=False), arr.shape[1]))
+            pa.array(arr.reshape(-1)), type=pa.list_(pa.field("element", pa.float32(), nullable=False), arr.shape[1])
+        )
     if name == "tokens":
         arr = np.ascontiguousarray(values, dtype=np.int32)
         offsets = np.arange(0, arr.size + 1, max(arr.shape[1], 1) if arr.ndim == 2 else 1, dtype=np.int32)
         if arr.ndim == 2 and arr.shape[1] == 0:
             offsets = np.zeros(arr.shape[0] + 1, dtype=np.int32)
-        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(arr.reshape(-1)),
-                                        type=pa.list_(pa.field("element", pa.int32(), nullable=False)))
+        return pa.ListArray.from_arrays(
+            pa.array(offsets), pa.array(arr.reshape(-1)), type=pa.list_(pa.field("element", pa.int32(), nullable=False))
+        )
     if name == "has_text":
         return pa.array(np.asarray(values, dtype=bool))
     return pa.array([None if v is None else str(v) for v in values], type=pa.string())
 
 
-def write_shard(folder: str | os.PathLike, manifest: dict, data: dict, input_start: int, input_stop: int,
-                rejects: list[dict] = ()) -> dict:
+def write_shard(
+    folder: str | os.PathLike, manifest: dict, data: dict, input_start: int, input_stop: int, rejects: list[dict] = ()
+) -> dict:
     """Atomically write the next shard and record it (with its rejects) in the manifest."""
     folder = Path(folder)
     arrays = {name: _column(name, values) for name, values in data.items()}
-    table = pa.table(list(arrays.values()), schema=pa.schema(
-        [pa.field(name, a.type, nullable=name not in NON_NULL_COLUMNS) for name, a in arrays.items()]))
+    table = pa.table(
+        list(arrays.values()),
+        schema=pa.schema([pa.field(name, a.type, nullable=name not in NON_NULL_COLUMNS) for name, a in arrays.items()]),
+    )
     name = shard_name(len(manifest["shards"]))
     tmp = folder / (name + ".tmp")
     # Embeddings are dense floats: compression buys little and costs read speed, so none; no dictionaries or
     # statistics for them either (they only slow writing and reading).
-    pq.write_table(table, tmp, compression="none", use_dictionary=False, write_statistics=False,
-                   row_group_size=max(len(table), 1))
+    pq.write_table(
+        table, tmp, compression="none", use_dictionary=False, write_statistics=False, row_group_size=max(len(table), 1)
+    )
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, folder / name)
     _fsync_dir(folder)
-    entry = {"file": name, "rows": len(table), "bytes": (folder / name).stat().st_size,
-             "sha256": file_sha256(folder / name), "input_start": int(input_start), "input_stop": int(input_stop),
-             "rejects": list(rejects)}
+    entry = {
+        "file": name,
+        "rows": len(table),
+        "bytes": (folder / name).stat().st_size,
+        "sha256": file_sha256(folder / name),
+        "input_start": int(input_start),
+        "input_stop": int(input_stop),
+        "rejects": list(rejects),
+    }
     manifest["shards"].append(entry)
     save_manifest(folder, manifest)
     return entry
@@ -234,7 +254,7 @@ def _to_numpy(col: pa.ChunkedArray | pa.Array, name: str) -> np.ndarray:
         width = int(offsets[1] - offsets[0]) if len(col) else 0
         if len(col) and not np.all(np.diff(offsets) == width):
             raise ValueError(f"column {name!r} has rows of different lengths; cannot make a 2-d array")
-        return values[offsets[0]:offsets[0] + width * len(col)].reshape(len(col), width)
+        return values[offsets[0] : offsets[0] + width * len(col)].reshape(len(col), width)
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         return np.asarray(col.to_pylist(), dtype=object)
     return col.to_numpy(zero_copy_only=False)
@@ -254,8 +274,10 @@ def read_shards(folder: str | os.PathLike, columns: list[str] | None = None, row
     """
     manifest = read_manifest(folder)
     if not manifest.get("complete"):
-        raise ValueError(f"Shard folder {str(folder)!r} is incomplete (extraction was interrupted). "
-                         f"Re-run the same extract command to resume it.")
+        raise ValueError(
+            f"Shard folder {str(folder)!r} is incomplete (extraction was interrupted). "
+            f"Re-run the same extract command to resume it."
+        )
     paths = shard_paths(folder, manifest)
     counts = np.array([s["rows"] for s in manifest["shards"]], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)])
@@ -299,7 +321,8 @@ def read_shards(folder: str | os.PathLike, columns: list[str] | None = None, row
         # Decoded in batches of READ_BATCH_ROWS rows that are copied into place at once: the reader then holds
         # ~20 MB of decoded rows at a time instead of a whole shard (peak memory stays near the result's size).
         batches = pq.ParquetFile(path, memory_map=True).iter_batches(
-            batch_size=READ_BATCH_ROWS, columns=columns, use_threads=False)
+            batch_size=READ_BATCH_ROWS, columns=columns, use_threads=False
+        )
         for batch in batches:
             n = batch.num_rows
             arrays = {name: _to_numpy(batch.column(name), name) for name in columns}
@@ -314,7 +337,7 @@ def read_shards(folder: str | os.PathLike, columns: list[str] | None = None, row
                     if name not in out:
                         out[name] = np.empty((n_out,) + arr.shape[1:], dtype=arr.dtype)
             for name, arr in arrays.items():
-                out[name][start:start + taken] = arr
+                out[name][start : start + taken] = arr
             start += taken
 
     # One thread per shard rather than pyarrow's one per column: the image column is most of the work, so only
@@ -328,8 +351,13 @@ def read_shards(folder: str | os.PathLike, columns: list[str] | None = None, row
         out = {k: v[inverse] for k, v in out.items()}
     for name in columns:
         if name not in out:
-            dtype = {"image_embedding": np.float32, "text_embedding": np.float32, "image_views": np.float32, "tokens": np.int32,
-                     "has_text": bool}.get(name, object)
+            dtype = {
+                "image_embedding": np.float32,
+                "text_embedding": np.float32,
+                "image_views": np.float32,
+                "tokens": np.int32,
+                "has_text": bool,
+            }.get(name, object)
             out[name] = np.empty((0,), dtype=dtype)
     return out
 

@@ -36,10 +36,12 @@ def _per_class(labels: np.ndarray, seed: int, deal) -> tuple[dict, list]:
 def stratified_split(labels: np.ndarray, seed: int, fractions=(0.8, 0.1, 0.1)) -> tuple[dict, list]:
     """Per-class split by `fractions` (train, val, test); a test fraction of 0 gives no test rows (the test set is
     elsewhere). Classes with fewer than 3 items stay in train and are reported."""
+
     def deal(rows, rng):
         n_val = max(1, int(round(fractions[1] * len(rows))))
         n_test = max(1, int(round(fractions[2] * len(rows)))) if fractions[2] > 0 else 0
-        return rows[n_val + n_test:], rows[:n_val], rows[n_val:n_val + n_test]
+        return rows[n_val + n_test :], rows[:n_val], rows[n_val : n_val + n_test]
+
     return _per_class(labels, seed, deal)
 
 
@@ -48,8 +50,9 @@ def kfold_split(labels: np.ndarray, folds: int, fold: int, seed: int) -> tuple[d
     train. Each class is shuffled by `seed` and dealt round-robin from a random fold, so fold sizes differ by at
     most one item per class. Classes with fewer than 3 items stay in train and are reported."""
     if isinstance(folds, bool) or int(folds) != folds or folds < 3:
-        raise ValueError(f"folds must be an int >= 3 (one test, one validation, at least one training fold); "
-                         f"got {folds!r}")
+        raise ValueError(
+            f"folds must be an int >= 3 (one test, one validation, at least one training fold); got {folds!r}"
+        )
     if not 0 <= fold < folds:
         raise ValueError(f"fold must be in 0..{folds - 1}; got {fold!r}")
 
@@ -57,6 +60,7 @@ def kfold_split(labels: np.ndarray, folds: int, fold: int, seed: int) -> tuple[d
         which = (rng.integers(folds) + np.arange(len(rows))) % folds
         val = (fold + 1) % folds
         return rows[(which != fold) & (which != val)], rows[which == val], rows[which == fold]
+
     return _per_class(labels, seed, deal)
 
 
@@ -64,13 +68,23 @@ def split_from_column(values: np.ndarray) -> dict:
     names = np.array([SPLIT_NAMES.get(str(v).strip().lower(), "?") for v in values])
     unknown = sorted({str(v) for v, n in zip(values, names) if n == "?"})
     if unknown:
-        raise ValueError(f"split column has values {unknown[:5]} that are not train/val/test; fix them or pass "
-                         f"--split-col '' to split by seed instead.")
+        raise ValueError(
+            f"split column has values {unknown[:5]} that are not train/val/test; fix them or pass "
+            f"--split-col '' to split by seed instead."
+        )
     return {k: np.flatnonzero(names == k) for k in ("train", "val", "test")}
 
 
-def make_splits(labels: np.ndarray, split_values: np.ndarray | None, split_col: str | None, seed: int, *,
-                folds: int | None = None, fold: int = 0, test_elsewhere: bool = False) -> tuple[dict, list, str]:
+def make_splits(
+    labels: np.ndarray,
+    split_values: np.ndarray | None,
+    split_col: str | None,
+    seed: int,
+    *,
+    folds: int | None = None,
+    fold: int = 0,
+    test_elsewhere: bool = False,
+) -> tuple[dict, list, str]:
     """(rows per split, classes too small to split, a description) of one shard folder.
 
     Precedence: K folds when `folds` is set; else the split column if any; else a stratified split by seed,
@@ -78,8 +92,11 @@ def make_splits(labels: np.ndarray, split_values: np.ndarray | None, split_col: 
     """
     if folds:
         splits, too_small = kfold_split(labels, folds, fold, seed)
-        return splits, too_small, f"stratified {folds}-fold by seed {seed}, fold {fold} test, fold " \
-                                  f"{(fold + 1) % folds} val"
+        return (
+            splits,
+            too_small,
+            f"stratified {folds}-fold by seed {seed}, fold {fold} test, fold {(fold + 1) % folds} val",
+        )
     if split_values is not None:
         return split_from_column(split_values), [], f"split column {split_col!r}"
     if test_elsewhere:
@@ -89,9 +106,17 @@ def make_splits(labels: np.ndarray, split_values: np.ndarray | None, split_col: 
     return splits, too_small, f"stratified 80/10/10 by seed {seed}"
 
 
-def plan_splits(labels: np.ndarray, split_values: np.ndarray | None, split_col: str | None, seed: int, *,
-                folds: int | None = None, fold: int = 0, n_val_folder: int | None = None,
-                n_test_folder: int | None = None) -> tuple[dict, list, str]:
+def plan_splits(
+    labels: np.ndarray,
+    split_values: np.ndarray | None,
+    split_col: str | None,
+    seed: int,
+    *,
+    folds: int | None = None,
+    fold: int = 0,
+    n_val_folder: int | None = None,
+    n_test_folder: int | None = None,
+) -> tuple[dict, list, str]:
     """Rows of each split as `{name: (where, rows)}`, `where` being "main" (the training shard folder), "val" (a
     separate validation folder) or "test" (a separate test folder); plus the classes too small to split and a
     description. A separate validation folder makes every main row a training row; a separate test folder leaves
@@ -100,11 +125,18 @@ def plan_splits(labels: np.ndarray, split_values: np.ndarray | None, split_col: 
     test = ("test", np.arange(n_test_folder)) if n_test_folder is not None else ("main", empty)
     if n_val_folder is not None:
         source = "separate validation folder" + (" and test folder" if n_test_folder is not None else "")
-        return {"train": ("main", np.arange(len(labels))), "val": ("val", np.arange(n_val_folder)),
-                "test": test}, [], source
-    splits, too_small, source = make_splits(labels, split_values, split_col, seed, folds=folds, fold=fold,
-                                            test_elsewhere=n_test_folder is not None)
+        return (
+            {"train": ("main", np.arange(len(labels))), "val": ("val", np.arange(n_val_folder)), "test": test},
+            [],
+            source,
+        )
+    splits, too_small, source = make_splits(
+        labels, split_values, split_col, seed, folds=folds, fold=fold, test_elsewhere=n_test_folder is not None
+    )
     if n_test_folder is not None:
-        return {"train": ("main", splits["train"]), "val": ("main", splits["val"]), "test": test}, too_small, \
-            source + ", separate test folder"
+        return (
+            {"train": ("main", splits["train"]), "val": ("main", splits["val"]), "test": test},
+            too_small,
+            source + ", separate test folder",
+        )
     return {k: ("main", v) for k, v in splits.items()}, too_small, source

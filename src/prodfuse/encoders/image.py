@@ -157,8 +157,11 @@ def _construct_with_weights(name, weights, image_size, allow_random_fallback):
             message = f"Could not download ImageNet weights for image backbone {name!r} ({exc})."
             if not allow_random_fallback:
                 raise ValueError(f"{message} {_WEIGHTS_REMEDY}") from exc
-            log.warning("%s Continuing with RANDOM weights because allow_random_fallback=True (demo mode): "
-                        "image embeddings carry no ImageNet knowledge.", message)
+            log.warning(
+                "%s Continuing with RANDOM weights because allow_random_fallback=True (demo mode): "
+                "image embeddings carry no ImageNet knowledge.",
+                message,
+            )
             return _seeded_random(_construct(name, None, image_size)), RANDOM_FALLBACK
     if weights is None:
         return _seeded_random(_construct(name, None, image_size)), "none"
@@ -331,8 +334,12 @@ def image_views(rgb, image_size, views):
     cw, ch = max(1, round(w * CROP_SCALE)), max(1, round(h * CROP_SCALE))
     corners = [(0, 0), (w - cw, 0), (0, h - ch), (w - cw, h - ch), ((w - cw) // 2, (h - ch) // 2)]
     boxes = [(0, 0, w, h)] + [(x, y, x + cw, y + ch) for x, y in corners]
-    return np.stack([np.asarray(rgb.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box),
-                                dtype=np.uint8) for box in boxes[:int(views)]])
+    return np.stack(
+        [
+            np.asarray(rgb.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box), dtype=np.uint8)
+            for box in boxes[: int(views)]
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -86,9 +86,7 @@ def _strip_punct(word: str) -> str:
     return word[start:end]
 
 
-def filter_words(
-    words: Iterable[tuple[str, float]], min_conf: float = MIN_CONF, min_len: int = MIN_LEN
-) -> str:
+def filter_words(words: Iterable[tuple[str, float]], min_conf: float = MIN_CONF, min_len: int = MIN_LEN) -> str:
     """Join confident words (conf > min_conf, len >= min_len) in reading order, de-duplicated case-insensitively.
 
     ``words`` are detected lines ``(text, conf01)``; each line is split on
@@ -322,9 +320,7 @@ def _check_engine(engine: str) -> None:
         try:
             import rapidocr_onnxruntime  # noqa: F401
         except ImportError as e:
-            raise ImportError(
-                "OCR engine 'rapidocr' needs `pip install 'rapidocr_onnxruntime>=1.4,<1.5'`."
-            ) from e
+            raise ImportError("OCR engine 'rapidocr' needs `pip install 'rapidocr_onnxruntime>=1.4,<1.5'`.") from e
     elif engine == "tesseract":
         try:
             import pytesseract

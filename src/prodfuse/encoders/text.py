@@ -89,9 +89,7 @@ def has_text(texts) -> np.ndarray:
 
 def _check_texts(texts) -> list[str]:
     if isinstance(texts, str):
-        raise ValueError(
-            f"texts must be a list of strings, got a single string {texts[:40]!r}; wrap it in a list."
-        )
+        raise ValueError(f"texts must be a list of strings, got a single string {texts[:40]!r}; wrap it in a list.")
     texts = list(texts)
     for t in texts:
         if not isinstance(t, str):
@@ -180,9 +178,7 @@ class TfidfTextEncoder:
                 "use --text-encoder none for an image-only catalog."
             )
         min_df = self._min_df_for(len(texts))
-        word = TfidfVectorizer(
-            analyzer="word", ngram_range=(1, 2), sublinear_tf=True, min_df=min_df, dtype=np.float64
-        )
+        word = TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True, min_df=min_df, dtype=np.float64)
         char = TfidfVectorizer(
             analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True, min_df=min_df, dtype=np.float64
         )
@@ -199,6 +195,7 @@ class TfidfTextEncoder:
         if x.shape[1] >= 2:
             svd = TruncatedSVD(n_components=k, algorithm="randomized", n_iter=5, random_state=self.seed)
             from threadpoolctl import threadpool_limits
+
             # One BLAS thread: the randomized SVD's small dense QRs run 3-25x slower when two BLAS threads
             # contend for two busy cores (measured: 15k fashion titles 71 s -> 25 s, 296 titles 3.0 s -> 0.4 s).
             with np.errstate(invalid="ignore", divide="ignore"), threadpool_limits(1, user_api="blas"):
@@ -417,9 +414,7 @@ def load_text_encoder(folder):
     enc_dir = _encoder_dir(folder)
     path = enc_dir / ENCODER_SETTINGS_FILE
     if not path.is_file():
-        raise ValueError(
-            f"no saved text encoder at {path}; pass the shard folder the embeddings were extracted into."
-        )
+        raise ValueError(f"no saved text encoder at {path}; pass the shard folder the embeddings were extracted into.")
     settings = json.loads(path.read_text())
     kind = settings.get("kind")
     if kind == "tfidf":
@@ -485,7 +480,9 @@ def _check_vocab(vocab) -> None:
             "build it with fit_vocabulary or load_vocabulary."
         )
     if len(vocab) > VOCAB_SIZE:
-        raise ValueError(f"vocabulary has {len(vocab)} ids, more than VOCAB_SIZE={VOCAB_SIZE}; refit with max_words<={MAX_WORDS}.")
+        raise ValueError(
+            f"vocabulary has {len(vocab)} ids, more than VOCAB_SIZE={VOCAB_SIZE}; refit with max_words<={MAX_WORDS}."
+        )
 
 
 def tokenize(texts, vocab: list[str], length: int = SEQUENCE_LENGTH) -> np.ndarray:

@@ -26,6 +26,7 @@ from prodfuse.modeling.metrics import classification_metrics
 log = logging.getLogger(__name__)
 METRICS = METRICS_ORDER
 
+
 def text_branch_for(folder: str | Path, requested: str = "auto") -> str:
     """mlp when the shards hold a text embedding (text encoder other than none), else the token CNN."""
     if requested != "auto":
@@ -33,14 +34,24 @@ def text_branch_for(folder: str | Path, requested: str = "auto") -> str:
     return "mlp" if "text_embedding" in shards.shard_columns(folder) else "cnn"
 
 
-def train_config(config: CompareConfig, model: str, out: Path, text_branch: str, seed: int,
-                 fold: int) -> TrainConfig:
+def train_config(config: CompareConfig, model: str, out: Path, text_branch: str, seed: int, fold: int) -> TrainConfig:
     """The TrainConfig of one compared model: train's defaults, the shared settings of `config`."""
-    shared = TrainConfig(embeddings=str(config.embeddings), val_embeddings=config.val_embeddings,
-                         test_embeddings=config.test_embeddings, folds=config.folds, fold=fold if config.folds else 0,
-                         label_col=config.label_col, split_col=config.split_col, epochs=config.epochs,
-                         patience=config.patience, batch_size=config.batch_size, seed=seed, out=str(out),
-                         overwrite=config.overwrite, verbose=2)
+    shared = TrainConfig(
+        embeddings=str(config.embeddings),
+        val_embeddings=config.val_embeddings,
+        test_embeddings=config.test_embeddings,
+        folds=config.folds,
+        fold=fold if config.folds else 0,
+        label_col=config.label_col,
+        split_col=config.split_col,
+        epochs=config.epochs,
+        patience=config.patience,
+        batch_size=config.batch_size,
+        seed=seed,
+        out=str(out),
+        overwrite=config.overwrite,
+        verbose=2,
+    )
     if model == "image":
         return dataclasses.replace(shared, text_branch="none")
     if model == "text":
@@ -64,14 +75,24 @@ def late_fusion(image_run: Path, text_run: Path, eval_split: str, objective: str
         ev[name] = (y, apply_temperature(p, temps[name]))
         val[name] = (val[name][0], apply_temperature(val[name][1], temps[name]))
         classes[name] = run.classes
-    if classes["image"] != classes["text"] or not np.array_equal(val["image"][0], val["text"][0]) or \
-            not np.array_equal(ev["image"][0], ev["text"][0]):
-        raise ValueError(f"the image run {image_run} and text run {text_run} have different classes or splits; "
-                         f"train both on the same --embeddings with the same seed/split.")
+    if (
+        classes["image"] != classes["text"]
+        or not np.array_equal(val["image"][0], val["text"][0])
+        or not np.array_equal(ev["image"][0], ev["text"][0])
+    ):
+        raise ValueError(
+            f"the image run {image_run} and text run {text_run} have different classes or splits; "
+            f"train both on the same --embeddings with the same seed/split."
+        )
     w, grid = fit_late_weight(val["image"][0], val["image"][1], val["text"][1], objective)
     y = ev["image"][0]
-    return {"weight": w, "objective": objective, "temperatures": temps, "grid": grid,
-            "metrics": classification_metrics(y, w * ev["image"][1] + (1 - w) * ev["text"][1])}
+    return {
+        "weight": w,
+        "objective": objective,
+        "temperatures": temps,
+        "grid": grid,
+        "metrics": classification_metrics(y, w * ev["image"][1] + (1 - w) * ev["text"][1]),
+    }
 
 
 def _fmt(mean: float, std: float | None) -> str:
@@ -95,16 +116,32 @@ def repetitions(config: CompareConfig) -> list[dict]:
     return [{"seed": config.seed + i, "fold": None, "name": f"seed{config.seed + i}"} for i in range(config.seeds)]
 
 
-def _probe_rows(config: CompareConfig, label_col: str, rep: dict, probes: list[str], classes: list[str],
-                eval_split: str, cache: dict) -> dict:
+def _probe_rows(
+    config: CompareConfig,
+    label_col: str,
+    rep: dict,
+    probes: list[str],
+    classes: list[str],
+    eval_split: str,
+    cache: dict,
+) -> dict:
     """The linear probes on the splits of this repetition (recomputed exactly as `train` makes them). The probes
     are deterministic, so repetitions with the same splits (seeds over a split column) reuse `cache`."""
     from prodfuse.evaluation.probes import run_probes
     from prodfuse.modeling.training import load_split_data
+
     inputs = ["image", "text"] + (["image_views"] if "image_views" in shards.shard_columns(config.embeddings) else [])
-    data = load_split_data(Path(config.embeddings), label_col, config.split_col, rep["seed"], inputs,
-                           val_embeddings=config.val_embeddings, test_embeddings=config.test_embeddings,
-                           folds=config.folds, fold=rep["fold"] or 0)
+    data = load_split_data(
+        Path(config.embeddings),
+        label_col,
+        config.split_col,
+        rep["seed"],
+        inputs,
+        val_embeddings=config.val_embeddings,
+        test_embeddings=config.test_embeddings,
+        folds=config.folds,
+        fold=rep["fold"] or 0,
+    )
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index.get(c, -1) for c in data["labels"]], dtype=np.int64)
     splits = {k: v[y[v] >= 0] for k, v in data["splits"].items()}  # as train: unseen labels are not scored
@@ -114,8 +151,9 @@ def _probe_rows(config: CompareConfig, label_col: str, rep: dict, probes: list[s
     return cache[key]
 
 
-def compare_once(config: CompareConfig, rep: dict, models: list[str], out: Path, text_branch: str,
-                 probe_cache: dict) -> dict:
+def compare_once(
+    config: CompareConfig, rep: dict, models: list[str], out: Path, text_branch: str, probe_cache: dict
+) -> dict:
     """Every model of one repetition: {"rows": [...], "splits": ..., "eval_split": ..., "late_fusion": ...}."""
     import keras
 
@@ -138,27 +176,45 @@ def compare_once(config: CompareConfig, rep: dict, models: list[str], out: Path,
     probe_results = {}
     if probes:
         log.info("[%s] linear probes %s", rep["name"] or "run", ", ".join(probes))
-        probe_results = _probe_rows(config, any_run.label_col, rep, probes, any_run.classes, eval_split,
-                                    probe_cache)
+        probe_results = _probe_rows(config, any_run.label_col, rep, probes, any_run.classes, eval_split, probe_cache)
     rows, late = [], None
     for m in models:
         if m == "late":
             t0 = time.perf_counter()
             late = late_fusion(out / "image", out / "text", eval_split, config.late_objective)
             metrics = late["metrics"]
-            seconds = results["image"].config["train_seconds"] + results["text"].config["train_seconds"] + \
-                time.perf_counter() - t0
+            seconds = (
+                results["image"].config["train_seconds"]
+                + results["text"].config["train_seconds"]
+                + time.perf_counter()
+                - t0
+            )
             run = f"{out / 'image'} + {out / 'text'}"
         elif m in PROBES:
             metrics, seconds, run = probe_results[m]["metrics"], probe_results[m]["seconds"], "(scikit-learn)"
         else:
-            metrics, seconds, run = (results[m].metrics[eval_split], results[m].config["train_seconds"],
-                                     str(results[m].path))
-        rows.append({"model": m, **{k: metrics[k] for k in METRICS}, "top3_accuracy": metrics.get("top3_accuracy"),
-                     "n": metrics["n"], "train_seconds": round(float(seconds), 1), "run": str(run)})
-    return {"rows": rows, "splits": splits, "eval_split": eval_split,
-            "late_fusion": late and {k: v for k, v in late.items() if k != "metrics"},
-            "probe_late_fusion": probe_results.get("lr_late", {}).get("late_fusion")}
+            metrics, seconds, run = (
+                results[m].metrics[eval_split],
+                results[m].config["train_seconds"],
+                str(results[m].path),
+            )
+        rows.append(
+            {
+                "model": m,
+                **{k: metrics[k] for k in METRICS},
+                "top3_accuracy": metrics.get("top3_accuracy"),
+                "n": metrics["n"],
+                "train_seconds": round(float(seconds), 1),
+                "run": str(run),
+            }
+        )
+    return {
+        "rows": rows,
+        "splits": splits,
+        "eval_split": eval_split,
+        "late_fusion": late and {k: v for k, v in late.items() if k != "metrics"},
+        "probe_late_fusion": probe_results.get("lr_late", {}).get("late_fusion"),
+    }
 
 
 def aggregate(per_rep: list[list[dict]]) -> list[dict]:
@@ -166,9 +222,13 @@ def aggregate(per_rep: list[list[dict]]) -> list[dict]:
     out = []
     for i, first in enumerate(per_rep[0]):
         rows = [rep[i] for rep in per_rep]
-        row = {"model": first["model"], "run": first["run"], "repetitions": len(rows),
-               "n": int(np.mean([r["n"] for r in rows])),
-               "train_seconds": float(np.mean([r["train_seconds"] for r in rows]))}
+        row = {
+            "model": first["model"],
+            "run": first["run"],
+            "repetitions": len(rows),
+            "n": int(np.mean([r["n"] for r in rows])),
+            "train_seconds": float(np.mean([r["train_seconds"] for r in rows])),
+        }
         for m in METRICS + ("top3_accuracy",):
             values = [r[m] for r in rows if r.get(m) is not None]
             if values:
@@ -196,41 +256,81 @@ def compare(config: CompareConfig) -> dict:
         notes.append(f"{emb} holds no text embedding, so the text probes {dropped} are left out.")
         models = [m for m in models if m not in dropped]
     cache: dict = {}
-    done = [compare_once(config, rep, models, out / rep["name"] if rep["name"] else out, text_branch, cache)
-            for rep in reps]
+    done = [
+        compare_once(config, rep, models, out / rep["name"] if rep["name"] else out, text_branch, cache) for rep in reps
+    ]
     rows = aggregate([d["rows"] for d in done])
     first = done[0]
     eval_split, s = first["eval_split"], first["splits"]
-    how = (f"{len(reps)} folds" if config.folds else f"{len(reps)} seeds ({reps[0]['seed']}.."
-           f"{reps[-1]['seed']})") if len(reps) > 1 else f"seed {config.seed}"
+    how = (
+        (f"{len(reps)} folds" if config.folds else f"{len(reps)} seeds ({reps[0]['seed']}..{reps[-1]['seed']})")
+        if len(reps) > 1
+        else f"seed {config.seed}"
+    )
     late = first["late_fusion"]
-    note = (f"Late fusion: w = {late['weight']:.2f} (image share), chosen on validation by {late['objective']}; "
+    note = (
+        (
+            f"Late fusion: w = {late['weight']:.2f} (image share), chosen on validation by {late['objective']}; "
             f"temperatures image {late['temperatures']['image']:.3g}, text {late['temperatures']['text']:.3g}; "
             f"its train time is both unimodal runs'."
-            + (" There is no test split, so w and the temperatures were chosen on the very rows scored here."
-               if eval_split == "val" else "")) if late else ""
+            + (
+                " There is no test split, so w and the temperatures were chosen on the very rows scored here."
+                if eval_split == "val"
+                else ""
+            )
+        )
+        if late
+        else ""
+    )
     if any(m in PROBES for m in models):
-        note += (" lr_*: scikit-learn LogisticRegression(C=10) on the L2-normalised image embedding, the text "
-                 "embedding, both concatenated, and the calibrated late fusion of the first two, fitted on the "
-                 "same training rows.")
+        note += (
+            " lr_*: scikit-learn LogisticRegression(C=10) on the L2-normalised image embedding, the text "
+            "embedding, both concatenated, and the calibrated late fusion of the first two, fitted on the "
+            "same training rows."
+        )
     if len(reps) > 1:
         note += f" Mean ± std over {how}."
     scored = s["test" if eval_split == "test" else "val"]
     if scored < 100:
         note += f" Only {scored} items are scored: differences of a few points are noise."
     table = _md(rows, eval_split)
-    md = [f"# Model comparison on `{emb}`", "",
-          f"Scored on the {eval_split} split ({s['source']}: {s['train']} train / {s['val']} val / {s['test']} test), "
-          f"at most {config.epochs} epochs, {how}, text branch {text_branch}.", "", table, ""]
+    md = [
+        f"# Model comparison on `{emb}`",
+        "",
+        f"Scored on the {eval_split} split ({s['source']}: {s['train']} train / {s['val']} val / {s['test']} test), "
+        f"at most {config.epochs} epochs, {how}, text branch {text_branch}.",
+        "",
+        table,
+        "",
+    ]
     if note:
         md += [note.strip(), ""]
     (out / "compare.md").write_text("\n".join(md))
-    summary = {"embeddings": str(emb.resolve()), "split": eval_split, "splits": s, "repeated_over": how,
-               "text_branch": text_branch, "epochs": config.epochs, "seed": config.seed, "rows": rows,
-               "per_repetition": [{"name": r["name"], "seed": r["seed"], "fold": r["fold"], "rows": d["rows"],
-                                   "late_fusion": d["late_fusion"], "probe_late_fusion": d["probe_late_fusion"]}
-                                  for r, d in zip(reps, done)],
-               "late_fusion": first["late_fusion"], "notes": notes, "note": note.strip(), "markdown": table,
-               "out": str(out)}
+    summary = {
+        "embeddings": str(emb.resolve()),
+        "split": eval_split,
+        "splits": s,
+        "repeated_over": how,
+        "text_branch": text_branch,
+        "epochs": config.epochs,
+        "seed": config.seed,
+        "rows": rows,
+        "per_repetition": [
+            {
+                "name": r["name"],
+                "seed": r["seed"],
+                "fold": r["fold"],
+                "rows": d["rows"],
+                "late_fusion": d["late_fusion"],
+                "probe_late_fusion": d["probe_late_fusion"],
+            }
+            for r, d in zip(reps, done)
+        ],
+        "late_fusion": first["late_fusion"],
+        "notes": notes,
+        "note": note.strip(),
+        "markdown": table,
+        "out": str(out),
+    }
     (out / "compare.json").write_text(json.dumps(summary, indent=1))
     return summary

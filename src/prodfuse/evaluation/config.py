@@ -73,5 +73,7 @@ class CompareConfig:
         check_choice("text_branch", self.text_branch, ("auto", "mlp", "cnn"))
         check_choice("late_objective", self.late_objective, ("logloss", "accuracy"))
         if self.folds and self.seeds > 1:
-            raise ValueError(f"folds {self.folds} and seeds {self.seeds}: choose one way to repeat (folds vary the "
-                             f"data, seeds the split and the model's initialisation)")
+            raise ValueError(
+                f"folds {self.folds} and seeds {self.seeds}: choose one way to repeat (folds vary the "
+                f"data, seeds the split and the model's initialisation)"
+            )

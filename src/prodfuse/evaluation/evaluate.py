@@ -48,10 +48,12 @@ def run_splits(config: dict) -> dict[str, tuple[Path, np.ndarray]]:
     tc = train_config_of(config)
     a = {"folds": tc.folds, "fold": tc.fold, "split_col": tc.split_col, "seed": tc.seed} if tc else config["args"]
     manifest = shards.read_manifest(emb)
-    if config.get("manifest_sha256") and \
-            file_sha256(emb / shards.MANIFEST) != config["manifest_sha256"]:
-        log.warning("%s changed since the run was trained (manifest differs); the recomputed split may not be the "
-                    "one training used.", emb)
+    if config.get("manifest_sha256") and file_sha256(emb / shards.MANIFEST) != config["manifest_sha256"]:
+        log.warning(
+            "%s changed since the run was trained (manifest differs); the recomputed split may not be the "
+            "one training used.",
+            emb,
+        )
     folders = {"main": emb}
     sizes = {}
     for where, key in (("val", "val_embeddings"), ("test", "test_embeddings")):
@@ -61,9 +63,16 @@ def run_splits(config: dict) -> dict[str, tuple[Path, np.ndarray]]:
     folds = a.get("folds")
     split_col = resolve_split_col(manifest, a.get("split_col")) if not (folds or "val" in sizes) else None
     cols = shards.read_shards(emb, [config["label_col"]] + ([split_col] if split_col else []))
-    plan, _, _ = plan_splits(np.asarray(cols[config["label_col"]]).astype(str),
-                             np.asarray(cols[split_col]) if split_col else None, split_col, a["seed"], folds=folds,
-                             fold=a.get("fold") or 0, n_val_folder=sizes.get("val"), n_test_folder=sizes.get("test"))
+    plan, _, _ = plan_splits(
+        np.asarray(cols[config["label_col"]]).astype(str),
+        np.asarray(cols[split_col]) if split_col else None,
+        split_col,
+        a["seed"],
+        folds=folds,
+        fold=a.get("fold") or 0,
+        n_val_folder=sizes.get("val"),
+        n_test_folder=sizes.get("test"),
+    )
     return {k: (folders[where], rows) for k, (where, rows) in plan.items()}
 
 
@@ -78,13 +87,17 @@ def select_rows(config: dict, folder: Path, split: str | None) -> tuple[np.ndarr
             return None, "all", "every row of the run's training shards, training rows included"
         splits = run_splits(config)
         if config.get("val_embeddings"):
-            raise ValueError(f"Every row of {str(folder)!r} was a training row (the run used --val-embeddings "
-                             f"{config['val_embeddings']}). Evaluate --embeddings {config['val_embeddings']}, "
-                             f"another held-out folder, or pass --split all.")
+            raise ValueError(
+                f"Every row of {str(folder)!r} was a training row (the run used --val-embeddings "
+                f"{config['val_embeddings']}). Evaluate --embeddings {config['val_embeddings']}, "
+                f"another held-out folder, or pass --split all."
+            )
         name = split or ("test" if len(splits["test"][1]) and _same_folder(splits["test"][0], folder) else "val")
         if not _same_folder(splits[name][0], folder):
-            raise ValueError(f"The run's {name} split is the separate folder {str(splits[name][0])!r}; evaluate "
-                             f"--embeddings {splits[name][0]} instead.")
+            raise ValueError(
+                f"The run's {name} split is the separate folder {str(splits[name][0])!r}; evaluate "
+                f"--embeddings {splits[name][0]} instead."
+            )
         if len(splits[name][1]) == 0:
             raise ValueError(f"The run's {name} split is empty; pass --split val or --split all.")
         return splits[name][1], name, f"the run's {name} split ({config['splits']['source']})"
@@ -93,9 +106,12 @@ def select_rows(config: dict, folder: Path, split: str | None) -> tuple[np.ndarr
     manifest = shards.read_manifest(folder)
     col = manifest["columns"].get("split")
     if not col:
-        raise ValueError(f"--split {split} needs a split column in {str(folder)!r}, which has none; omit --split "
-                         f"to score all its rows.")
+        raise ValueError(
+            f"--split {split} needs a split column in {str(folder)!r}, which has none; omit --split "
+            f"to score all its rows."
+        )
     from prodfuse.data.splits import split_from_column
+
     rows = split_from_column(np.asarray(shards.read_shards(folder, [col])[col]))[split]
     return rows, split, f"rows of {str(folder)!r} whose {col!r} is {split}"
 
@@ -110,12 +126,21 @@ def per_class_report(y_true: np.ndarray, pred: np.ndarray, classes: list[str]):
 
     labels = np.arange(len(classes))
     p, r, f, s = precision_recall_fscore_support(y_true, pred, labels=labels, zero_division=0)
-    return pd.DataFrame({"class": classes, "precision": p, "recall": r, "f1": f, "support": s.astype(int),
-                         "predicted": np.bincount(np.asarray(pred, dtype=np.int64), minlength=len(classes))})
+    return pd.DataFrame(
+        {
+            "class": classes,
+            "precision": p,
+            "recall": r,
+            "f1": f,
+            "support": s.astype(int),
+            "predicted": np.bincount(np.asarray(pred, dtype=np.int64), minlength=len(classes)),
+        }
+    )
 
 
 def confusion(y_true: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
     from sklearn.metrics import confusion_matrix
+
     return confusion_matrix(y_true, pred, labels=np.arange(k))
 
 
@@ -126,23 +151,29 @@ def _accuracy_f1(y: np.ndarray, probs: np.ndarray | None) -> dict | None:
     return {k: m[k] for k in ("accuracy", "weighted_f1", "macro_f1")}
 
 
-def modality_ablation(model, arrays: dict[str, np.ndarray], y_true: np.ndarray, batch_size: int = 1024,
-                      out: dict | None = None) -> dict:
+def modality_ablation(
+    model, arrays: dict[str, np.ndarray], y_true: np.ndarray, batch_size: int = 1024, out: dict | None = None
+) -> dict:
     """Accuracy / F1 with both streams, the image stream zeroed and the text stream zeroed (None: stream absent)."""
     out = out or forward(model, arrays, 1.0, batch_size)
-    return {"both": _accuracy_f1(y_true, out["probs"]), "no_image": _accuracy_f1(y_true, out["no_image"]),
-            "no_text": _accuracy_f1(y_true, out["no_text"])}
+    return {
+        "both": _accuracy_f1(y_true, out["probs"]),
+        "no_image": _accuracy_f1(y_true, out["no_image"]),
+        "no_text": _accuracy_f1(y_true, out["no_text"]),
+    }
 
 
 def gate_per_class(gate: np.ndarray, y_true: np.ndarray, classes: list[str]):
     """DataFrame: class, n, mean gate (image share) and text share = 1 - gate, over items of that true class."""
     import pandas as pd
+
     k = len(classes)
     n = np.bincount(y_true, minlength=k)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.bincount(y_true, weights=gate, minlength=k) / n
-    return pd.DataFrame({"class": classes, "n": n, "image_gate": np.round(mean, 6),
-                         "text_share": np.round(1 - mean, 6)})
+    return pd.DataFrame(
+        {"class": classes, "n": n, "image_gate": np.round(mean, 6), "text_share": np.round(1 - mean, 6)}
+    )
 
 
 def _slug(value: str) -> str:
@@ -152,6 +183,7 @@ def _slug(value: str) -> str:
 def _md_table(rows: list[dict], columns: list[str]) -> str:
     def fmt(v):
         return f"{v:.4f}" if isinstance(v, float) else ("–" if v is None else str(v))
+
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
@@ -181,8 +213,12 @@ def calibrate_run(run: Run, batch_size: int = 1024, val: tuple | None = None) ->
     caller already has them.
     """
     y, probs = val if val is not None else split_probs(run, "val", batch_size)
-    info = {"fitted_on": "val", "n": int(len(y)), "nll_before": negative_log_likelihood(y, probs),
-            "ece_before": expected_calibration_error(y, probs)}
+    info = {
+        "fitted_on": "val",
+        "n": int(len(y)),
+        "nll_before": negative_log_likelihood(y, probs),
+        "ece_before": expected_calibration_error(y, probs),
+    }
     t, why = 1.0, None
     if len(y) < MIN_CALIBRATION_ITEMS:
         why = f"the validation split has {len(y)} items, fewer than {MIN_CALIBRATION_ITEMS}: a fitted T is noise"
@@ -194,8 +230,9 @@ def calibrate_run(run: Run, batch_size: int = 1024, val: tuple | None = None) ->
         else:
             t = fitted
     cal = apply_temperature(probs, t)
-    info.update({"nll_after": negative_log_likelihood(y, cal), "ece_after": expected_calibration_error(y, cal),
-                 "kept_t1": why})
+    info.update(
+        {"nll_after": negative_log_likelihood(y, cal), "ece_after": expected_calibration_error(y, cal), "kept_t1": why}
+    )
     save_temperature(run.path, t, info)
     run.temperature, run.calibrated = t, True
     return t, info
@@ -218,11 +255,15 @@ def evaluate(config: EvaluateConfig) -> dict:
     id_col = manifest["columns"]["id"]
     present = shard_columns(folder)
     if present and label_col not in present:
-        raise ValueError(f"Shards {str(folder)!r} have no label column {label_col!r} (the run's); evaluation "
-                         f"needs labels. Use `prodfuse predict` for unlabelled data.")
+        raise ValueError(
+            f"Shards {str(folder)!r} have no label column {label_col!r} (the run's); evaluation "
+            f"needs labels. Use `prodfuse predict` for unlabelled data."
+        )
     if args.group_col and present and args.group_col not in present:
-        raise ValueError(f"--group-col {args.group_col!r} is not a column of {str(folder)!r}; it has "
-                         f"{[c for c in present if c not in ('image_embedding', 'text_embedding', 'tokens')]}.")
+        raise ValueError(
+            f"--group-col {args.group_col!r} is not a column of {str(folder)!r}; it has "
+            f"{[c for c in present if c not in ('image_embedding', 'text_embedding', 'tokens')]}."
+        )
     out_dir = Path(args.out or run.path / f"eval-{split}")
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -236,23 +277,41 @@ def evaluate(config: EvaluateConfig) -> dict:
     known = y_all >= 0
     unknown = dict(Counter(labels[~known].tolist()))
     if not known.any():
-        raise ValueError(f"None of the {len(labels)} rows selected ({note}) has a label the run knows "
-                         f"({classes[:5]}...); check --embeddings and the run's label column {label_col!r}.")
+        raise ValueError(
+            f"None of the {len(labels)} rows selected ({note}) has a label the run knows "
+            f"({classes[:5]}...); check --embeddings and the run's label column {label_col!r}."
+        )
     arrays = {k_: data[k_] for k_ in run.inputs}
     res = forward(model, arrays, temperature, args.batch_size)
 
     # Predictions of every selected row (unknown labels too), in the same format as `prodfuse predict`.
     img_c, txt_c = contributions(res)
-    prediction_table(data[id_col], res["probs"], classes, min(5, k), img_c, txt_c, id_col=id_col,
-                     true_labels=labels, label_col=label_col).to_csv(out_dir / "predictions.csv", index=False)
+    prediction_table(
+        data[id_col],
+        res["probs"],
+        classes,
+        min(5, k),
+        img_c,
+        txt_c,
+        id_col=id_col,
+        true_labels=labels,
+        label_col=label_col,
+    ).to_csv(out_dir / "predictions.csv", index=False)
 
     y = y_all[known]
     raw, probs = res["raw"][known], res["probs"][known]
     pred = probs.argmax(axis=1)
     metrics = classification_metrics(y, probs)
     ece, ece_cal = expected_calibration_error(y, raw), expected_calibration_error(y, probs)
-    metrics.update({"ece": ece, "ece_calibrated": ece_cal, "temperature": temperature,
-                    "nll": negative_log_likelihood(y, raw), "nll_calibrated": negative_log_likelihood(y, probs)})
+    metrics.update(
+        {
+            "ece": ece,
+            "ece_calibrated": ece_cal,
+            "temperature": temperature,
+            "nll": negative_log_likelihood(y, raw),
+            "nll_calibrated": negative_log_likelihood(y, probs),
+        }
+    )
 
     per_class = per_class_report(y, pred, classes)
     per_class.round(6).to_csv(out_dir / "per_class.csv", index=False)
@@ -260,8 +319,9 @@ def evaluate(config: EvaluateConfig) -> dict:
     plots.plot_confusion(cm, classes, out_dir / "confusion.png")
     top = plots.top_confusions(cm, classes, args.top_confusions)
     _write_csv(out_dir / "confusions.csv", top, ["true", "pred", "count", "share_of_true"])
-    plots.plot_reliability(reliability_bins(y, raw), reliability_bins(y, probs), ece, ece_cal, temperature,
-                           out_dir / "reliability.png")
+    plots.plot_reliability(
+        reliability_bins(y, raw), reliability_bins(y, probs), ece, ece_cal, temperature, out_dir / "reliability.png"
+    )
 
     sub = {key: (None if v is None else v[known]) for key, v in res.items() if key in ("probs", "no_image", "no_text")}
     ablation = modality_ablation(model, {}, y, out=sub)
@@ -286,18 +346,40 @@ def evaluate(config: EvaluateConfig) -> dict:
             plots.plot_confusion(gcm, gnames, out_dir / f"confusion_{slug}.png", title=title)
             gtop = plots.top_confusions(gcm, gnames, args.top_confusions)
             _write_csv(out_dir / f"confusions_{slug}.csv", gtop, ["true", "pred", "count", "share_of_true"])
-            per_group[g] = {**gm, "ece": expected_calibration_error(y[m], probs[m]),
-                            "figure": f"confusion_{slug}.png", "top_confusions": gtop[:5]}
+            per_group[g] = {
+                **gm,
+                "ece": expected_calibration_error(y[m], probs[m]),
+                "figure": f"confusion_{slug}.png",
+                "top_confusions": gtop[:5],
+            }
 
-    result = {**metrics, "split": split, "rows": note, "unknown_label_rows": int((~known).sum()),
-              "unknown_labels": unknown, "per_group": per_group, "group_col": args.group_col, "ablation": ablation,
-              "calibration": {"temperature": temperature, "fitted_on": "the run's validation split",
-                              "in_sample": split == "val" and _same_folder(folder, config["embeddings"]),
-                              **{f"val_{k_}": v for k_, v in cal_info.items() if k_ != "fitted_on"}},
-              "top_confusions": top, "run": str(run.path), "embeddings": str(folder), "model": model.name,
-              "model_sha256": run.fingerprint, "out": str(out_dir),
-              "note": (f"Only {int(known.sum())} items are scored: differences of a few points are noise."
-                       if known.sum() < FEW_ITEMS else None)}
+    result = {
+        **metrics,
+        "split": split,
+        "rows": note,
+        "unknown_label_rows": int((~known).sum()),
+        "unknown_labels": unknown,
+        "per_group": per_group,
+        "group_col": args.group_col,
+        "ablation": ablation,
+        "calibration": {
+            "temperature": temperature,
+            "fitted_on": "the run's validation split",
+            "in_sample": split == "val" and _same_folder(folder, config["embeddings"]),
+            **{f"val_{k_}": v for k_, v in cal_info.items() if k_ != "fitted_on"},
+        },
+        "top_confusions": top,
+        "run": str(run.path),
+        "embeddings": str(folder),
+        "model": model.name,
+        "model_sha256": run.fingerprint,
+        "out": str(out_dir),
+        "note": (
+            f"Only {int(known.sum())} items are scored: differences of a few points are noise."
+            if known.sum() < FEW_ITEMS
+            else None
+        ),
+    }
     (out_dir / "metrics.json").write_text(json.dumps(_jsonable(result), indent=1))
     (out_dir / "report.md").write_text(_report(result, classes))
     return result
@@ -305,6 +387,7 @@ def evaluate(config: EvaluateConfig) -> dict:
 
 def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     import pandas as pd
+
     pd.DataFrame(rows, columns=columns).to_csv(path, index=False)
 
 
@@ -322,41 +405,90 @@ def _jsonable(obj):
 
 def _report(r: dict, classes: list[str]) -> str:
     ab = r["ablation"]
-    lines = [f"# Evaluation of `{r['run']}`", "",
-             f"Model `{r['model']}`, {len(classes)} classes. Rows: {r['rows']} (`{r['embeddings']}`), "
-             f"n = {r['n']} scored"
-             + (f"; {r['unknown_label_rows']} rows with labels the run never saw were not scored: "
-                f"{r['unknown_labels']}" if r["unknown_label_rows"] else "") + ".", "",
-             "## Metrics", "",
-             _md_table([r], ["accuracy", "top3_accuracy", "top5_accuracy", "weighted_f1", "macro_f1", "n"]), "",
-             *([r["note"], ""] if r.get("note") else []),
-             "Per class: [per_class.csv](per_class.csv). Per item: [predictions.csv](predictions.csv).", "",
-             "## Calibration", "",
-             f"Temperature T = {r['temperature']:.4g}, fitted on the run's validation split "
-             f"(n = {r['calibration'].get('val_n')}) and saved as `temperature.json` in the run folder"
-             + (f"; T kept at 1 because {r['calibration']['val_kept_t1']}" if r["calibration"].get("val_kept_t1")
-                else "")
-             + (" (the scored rows ARE that split, so the calibrated ECE is in-sample)"
-                if r["calibration"]["in_sample"] else "") + ".", "",
-             _md_table([{"": "before", "ECE": r["ece"], "NLL": r["nll"]},
-                        {"": f"after (T={r['temperature']:.3g})", "ECE": r["ece_calibrated"],
-                         "NLL": r["nll_calibrated"]}], ["", "ECE", "NLL"]), "",
-             "![reliability diagram](reliability.png)", "",
-             "## Modality ablation", "",
-             _md_table([{"streams": name, **(ab[key] or {})} for name, key in
-                        (("image + text", "both"), ("text only (image zeroed)", "no_image"),
-                         ("image only (text zeroed)", "no_text"))],
-                       ["streams", "accuracy", "weighted_f1", "macro_f1"]), ""]
+    lines = [
+        f"# Evaluation of `{r['run']}`",
+        "",
+        f"Model `{r['model']}`, {len(classes)} classes. Rows: {r['rows']} (`{r['embeddings']}`), "
+        f"n = {r['n']} scored"
+        + (
+            f"; {r['unknown_label_rows']} rows with labels the run never saw were not scored: {r['unknown_labels']}"
+            if r["unknown_label_rows"]
+            else ""
+        )
+        + ".",
+        "",
+        "## Metrics",
+        "",
+        _md_table([r], ["accuracy", "top3_accuracy", "top5_accuracy", "weighted_f1", "macro_f1", "n"]),
+        "",
+        *([r["note"], ""] if r.get("note") else []),
+        "Per class: [per_class.csv](per_class.csv). Per item: [predictions.csv](predictions.csv).",
+        "",
+        "## Calibration",
+        "",
+        f"Temperature T = {r['temperature']:.4g}, fitted on the run's validation split "
+        f"(n = {r['calibration'].get('val_n')}) and saved as `temperature.json` in the run folder"
+        + (f"; T kept at 1 because {r['calibration']['val_kept_t1']}" if r["calibration"].get("val_kept_t1") else "")
+        + (
+            " (the scored rows ARE that split, so the calibrated ECE is in-sample)"
+            if r["calibration"]["in_sample"]
+            else ""
+        )
+        + ".",
+        "",
+        _md_table(
+            [
+                {"": "before", "ECE": r["ece"], "NLL": r["nll"]},
+                {"": f"after (T={r['temperature']:.3g})", "ECE": r["ece_calibrated"], "NLL": r["nll_calibrated"]},
+            ],
+            ["", "ECE", "NLL"],
+        ),
+        "",
+        "![reliability diagram](reliability.png)",
+        "",
+        "## Modality ablation",
+        "",
+        _md_table(
+            [
+                {"streams": name, **(ab[key] or {})}
+                for name, key in (
+                    ("image + text", "both"),
+                    ("text only (image zeroed)", "no_image"),
+                    ("image only (text zeroed)", "no_text"),
+                )
+            ],
+            ["streams", "accuracy", "weighted_f1", "macro_f1"],
+        ),
+        "",
+    ]
     if ab.get("gate_mean") is not None:
-        lines += [f"Mean gate (image share of the fused vector): {ab['gate_mean']:.3f}; per class: "
-                  f"[gate_per_class.csv](gate_per_class.csv).", ""]
-    lines += ["## Confusions", "", "![confusion matrix](confusion.png)", "",
-              _md_table(r["top_confusions"][:10], ["true", "pred", "count", "share_of_true"])
-              if r["top_confusions"] else "No confusions.", "", "All: [confusions.csv](confusions.csv).", ""]
+        lines += [
+            f"Mean gate (image share of the fused vector): {ab['gate_mean']:.3f}; per class: "
+            f"[gate_per_class.csv](gate_per_class.csv).",
+            "",
+        ]
+    lines += [
+        "## Confusions",
+        "",
+        "![confusion matrix](confusion.png)",
+        "",
+        _md_table(r["top_confusions"][:10], ["true", "pred", "count", "share_of_true"])
+        if r["top_confusions"]
+        else "No confusions.",
+        "",
+        "All: [confusions.csv](confusions.csv).",
+        "",
+    ]
     if r["per_group"]:
-        lines += [f"## Per {r['group_col']}", "",
-                  _md_table([{r["group_col"]: g, **m} for g, m in r["per_group"].items()],
-                            [r["group_col"], "accuracy", "top3_accuracy", "weighted_f1", "macro_f1", "ece", "n"]), ""]
+        lines += [
+            f"## Per {r['group_col']}",
+            "",
+            _md_table(
+                [{r["group_col"]: g, **m} for g, m in r["per_group"].items()],
+                [r["group_col"], "accuracy", "top3_accuracy", "weighted_f1", "macro_f1", "ece", "n"],
+            ),
+            "",
+        ]
         for g, m in r["per_group"].items():
             lines += [f"### {g}", "", f"![confusion {g}]({m['figure']})", ""]
             if m["top_confusions"]:

@@ -10,6 +10,7 @@ import numpy as np
 def _figure(**kwargs):
     # matplotlib's object API: no pyplot, so no process-wide backend switch or figure registry to clean up.
     from matplotlib.figure import Figure
+
     return Figure(**kwargs)
 
 
@@ -24,8 +25,14 @@ def top_confusions(cm: np.ndarray, classes: list[str], n: int = 20) -> list[dict
         t, p = np.unravel_index(f, off.shape)
         if off[t, p] <= 0:
             break
-        out.append({"true": classes[t], "pred": classes[p], "count": int(off[t, p]),
-                    "share_of_true": round(float(off[t, p] / support[t]), 4)})
+        out.append(
+            {
+                "true": classes[t],
+                "pred": classes[p],
+                "count": int(off[t, p]),
+                "share_of_true": round(float(off[t, p] / support[t]), 4),
+            }
+        )
     return out
 
 
@@ -42,6 +49,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: str | Path, title: 
     fig = _figure(figsize=(side + 1.5, side))
     ax = fig.subplots()
     from matplotlib.colors import PowerNorm
+
     # Square-root colour scale: a 5% confusion stays visible next to a 95% diagonal.
     im = ax.imshow(norm, cmap="Blues", norm=PowerNorm(gamma=0.5, vmin=0, vmax=1), interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label="share of the true class (square-root scale)")
@@ -58,30 +66,46 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: str | Path, title: 
         ax.plot(p, t, "o", ms=10, mfc="none", mec="red", mew=1.2)
         # Labels point toward the middle (never off the axes) and step up/down so neighbours do not overlap.
         dx = (0.04 * k + 0.8) * (1 if p < (k - 1) / 2 else -1)
-        ax.annotate(f"{c['true']}→{c['pred']} {c['count']}", (p, t), (p + dx, t + 0.02 * k * ((j % 3) - 1)),
-                    fontsize=7, color="darkred", ha="left" if dx > 0 else "right", va="center",
-                    arrowprops={"arrowstyle": "-", "color": "red", "lw": 0.6},
-                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
+        ax.annotate(
+            f"{c['true']}→{c['pred']} {c['count']}",
+            (p, t),
+            (p + dx, t + 0.02 * k * ((j % 3) - 1)),
+            fontsize=7,
+            color="darkred",
+            ha="left" if dx > 0 else "right",
+            va="center",
+            arrowprops={"arrowstyle": "-", "color": "red", "lw": 0.6},
+            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
+        )
     ax.set_title(title or f"confusion matrix, row-normalised ({k} classes, n={int(cm.sum())})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def plot_reliability(bins_before: dict, bins_after: dict, ece_before: float, ece_after: float,
-                     temperature: float, path: str | Path) -> None:
+def plot_reliability(
+    bins_before: dict, bins_after: dict, ece_before: float, ece_after: float, temperature: float, path: str | Path
+) -> None:
     """Accuracy against confidence per bin, before and after temperature scaling, with bin counts below."""
     fig = _figure(figsize=(9, 5.5))
     axes = fig.subplots(2, 2, gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
-    for col, (bins, name, ece) in enumerate(((bins_before, "before", ece_before),
-                                              (bins_after, f"after (T={temperature:.3g})", ece_after))):
+    for col, (bins, name, ece) in enumerate(
+        ((bins_before, "before", ece_before), (bins_after, f"after (T={temperature:.3g})", ece_after))
+    ):
         edges = bins["edges"]
         mid = (edges[:-1] + edges[1:]) / 2
         width = edges[1] - edges[0]
         ok = bins["count"] > 0
         ax = axes[0, col]
         ax.bar(mid[ok], bins["accuracy"][ok], width=width * 0.95, color="tab:blue", alpha=0.8, label="accuracy")
-        ax.bar(mid[ok], bins["confidence"][ok], width=width * 0.95, fill=False, edgecolor="tab:red", lw=1.2,
-               label="mean confidence")
+        ax.bar(
+            mid[ok],
+            bins["confidence"][ok],
+            width=width * 0.95,
+            fill=False,
+            edgecolor="tab:red",
+            lw=1.2,
+            label="mean confidence",
+        )
         ax.plot([0, 1], [0, 1], "k--", lw=0.8)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)

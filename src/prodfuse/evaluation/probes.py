@@ -28,6 +28,7 @@ def l2_rows(x: np.ndarray) -> np.ndarray:
 def probe_features(arrays: dict[str, np.ndarray], streams: tuple[str, ...], rows: np.ndarray) -> list[np.ndarray]:
     """The probe's features of `rows`, one array per image view (one in all without views or image stream)."""
     from prodfuse.data.sequence import view_count, with_view
+
     views = view_count(arrays) if "image" in streams else 1
     sub = {k: v[rows] for k, v in arrays.items()}
     return [np.concatenate([l2_rows(with_view(sub, v)[s]) for s in streams], axis=1) for v in range(views)]
@@ -44,11 +45,19 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, c: flo
         p = np.zeros((len(x), num_classes))
         p[:, clf.classes_] = clf.predict_proba(x)  # classes absent from training keep probability 0
         return p
+
     return predict
 
 
-def run_probes(arrays: dict[str, np.ndarray], y: np.ndarray, splits: dict[str, np.ndarray], num_classes: int,
-               eval_split: str, probes=PROBES, seed: int = 0) -> dict[str, dict]:
+def run_probes(
+    arrays: dict[str, np.ndarray],
+    y: np.ndarray,
+    splits: dict[str, np.ndarray],
+    num_classes: int,
+    eval_split: str,
+    probes=PROBES,
+    seed: int = 0,
+) -> dict[str, dict]:
     """{probe: {"metrics": ..., "seconds": ...}} scored on `eval_split`; `y` holds class ids of every row."""
     import time
 
@@ -62,8 +71,10 @@ def run_probes(arrays: dict[str, np.ndarray], y: np.ndarray, splits: dict[str, n
         t0 = time.perf_counter()
         fit_views = probe_features(arrays, streams[name], tr)
         predict = fit_probe(np.concatenate(fit_views), np.tile(y[tr], len(fit_views)), num_classes, seed=seed)
-        probs[name] = {k: np.mean([predict(x) for x in probe_features(arrays, streams[name], rows)], axis=0)
-                       for k, rows in (("val", va), ("eval", ev))}
+        probs[name] = {
+            k: np.mean([predict(x) for x in probe_features(arrays, streams[name], rows)], axis=0)
+            for k, rows in (("val", va), ("eval", ev))
+        }
         seconds[name] = time.perf_counter() - t0
     if "lr_late" in want:
         t = {s: fit_temperature(y[va], probs[s]["val"]) for s in ("lr_image", "lr_text")}

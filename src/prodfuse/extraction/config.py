@@ -15,16 +15,36 @@ OCR_ENGINES = ("rapidocr", "tesseract", "easyocr", "none")
 # (grocery, 2,640 photos: +7 points) and where 6x the backbone time is minutes; big ones have data enough.
 AUTO_VIEWS_MAX_ROWS = 5000
 # What an unset (None) setting becomes when no --like folder supplies it.
-DEFAULTS = {"backbone": "resnet50", "weights": "imagenet", "image_size": 224, "precision": "float32",
-            "text_encoder": "tfidf", "text_model": None, "ocr": "rapidocr", "ocr_lang": None, "shard_rows": 10_000,
-            "text_cols": ("title", "description"), "views": "auto"}
+DEFAULTS = {
+    "backbone": "resnet50",
+    "weights": "imagenet",
+    "image_size": 224,
+    "precision": "float32",
+    "text_encoder": "tfidf",
+    "text_model": None,
+    "ocr": "rapidocr",
+    "ocr_lang": None,
+    "shard_rows": 10_000,
+    "text_cols": ("title", "description"),
+    "views": "auto",
+}
 # Settings that `like` copies from another shard folder (everything that changes the numbers).
-LIKE_KEYS = ("backbone", "weights", "image_size", "precision", "text_encoder", "text_model", "ocr", "ocr_lang",
-             "text_cols", "views")
+LIKE_KEYS = (
+    "backbone",
+    "weights",
+    "image_size",
+    "precision",
+    "text_encoder",
+    "text_model",
+    "ocr",
+    "ocr_lang",
+    "text_cols",
+    "views",
+)
 
 
 def parse_views(value) -> int | str:
-    """"auto" or an int in 1..MAX_VIEWS (flags arrive as text)."""
+    """ "auto" or an int in 1..MAX_VIEWS (flags arrive as text)."""
     if value == "auto":
         return value
     try:
@@ -90,8 +110,10 @@ class ExtractConfig:
         if not self.id_col or not self.image_col:
             raise ValueError(f"id_col and image_col must name columns; got {self.id_col!r}, {self.image_col!r}")
         import codecs
+
         try:
             codecs.lookup(self.encoding)
         except LookupError:
-            raise ValueError(f"encoding {self.encoding!r} is not a text encoding Python knows (e.g. utf-8, "
-                             f"latin-1, cp1252)") from None
+            raise ValueError(
+                f"encoding {self.encoding!r} is not a text encoding Python knows (e.g. utf-8, latin-1, cp1252)"
+            ) from None

@@ -33,8 +33,17 @@ OCR_ERRORS = "ocr_errors.csv"
 
 def _versions() -> dict:
     out = {"python": platform.python_version()}
-    for pkg in ("prodfuse", "tensorflow", "keras", "numpy", "pyarrow", "scikit-learn", "sentence-transformers",
-                "rapidocr_onnxruntime", "pytesseract"):
+    for pkg in (
+        "prodfuse",
+        "tensorflow",
+        "keras",
+        "numpy",
+        "pyarrow",
+        "scikit-learn",
+        "sentence-transformers",
+        "rapidocr_onnxruntime",
+        "pytesseract",
+    ):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -55,8 +64,10 @@ def resolve_settings(config: ExtractConfig) -> dict:
             elif key == "text_cols" and recorded is not None:
                 recorded = tuple(recorded)
             if given is not None and given != recorded:
-                raise ValueError(f"--{key.replace('_', '-')} {given!r} contradicts --like {config.like!r}, which "
-                                 f"was made with {recorded!r}. Leave it unset to embed exactly like that folder.")
+                raise ValueError(
+                    f"--{key.replace('_', '-')} {given!r} contradicts --like {config.like!r}, which "
+                    f"was made with {recorded!r}. Leave it unset to embed exactly like that folder."
+                )
             out[key] = recorded
         else:
             out[key] = given if given is not None else default
@@ -90,17 +101,20 @@ def _load_chunk(path: Path) -> tuple[np.ndarray, np.ndarray, list[dict]]:
 
 def _save_text_state(folder: Path, encoder, vocab: list[str]) -> None:
     from prodfuse.encoders.text import save_vocabulary
+
     encoder.save(folder)
     save_vocabulary(folder, vocab)
 
 
 def _load_text_state(folder: Path):
     from prodfuse.encoders.text import load_text_encoder, load_vocabulary
+
     return load_text_encoder(folder), load_vocabulary(folder)
 
 
 def _has_text_state(folder: Path) -> bool:
     from prodfuse.encoders.text import ENCODER_SUBDIR, VOCAB_FILE
+
     return (folder / ENCODER_SUBDIR).is_dir() and (folder / VOCAB_FILE).is_file()
 
 
@@ -109,6 +123,7 @@ def _ocr_error_report(out: Path, ids, paths, rows: list[int], errors: dict[int, 
     text): counted by reason (the exception type) and listed in ocr_errors.csv. Rows rejected anyway are in
     rejects.csv already."""
     import csv
+
     failed = [i for i in rows if i in errors]
     path = out / OCR_ERRORS
     if not failed:
@@ -138,6 +153,7 @@ def extract(config: ExtractConfig) -> dict:
     demo = catalog is None
     if demo:
         from prodfuse.data.demo import write_demo_catalog
+
         catalog = str(write_demo_catalog())
         out_arg = out_arg or str(DEMO_OUT)
         # The demo's random-weight backbone gains nothing from augmented views; one view keeps it about a minute.
@@ -146,9 +162,15 @@ def extract(config: ExtractConfig) -> dict:
     if not out_arg:
         raise ValueError("out is required with a catalog (e.g. --out embeddings/NAME)")
     import dataclasses
+
     settings = resolve_settings(dataclasses.replace(config, views=views_setting))
-    cols = Columns(id=config.id_col, image=config.image_col, text=tuple(settings["text_cols"]),
-                   label=config.label_col, split=config.split_col)
+    cols = Columns(
+        id=config.id_col,
+        image=config.image_col,
+        text=tuple(settings["text_cols"]),
+        label=config.label_col,
+        split=config.split_col,
+    )
     settings["text_cols"] = ",".join(cols.text)  # recorded as 0.1 did, so its shard folders resume unchanged
     progress = config.progress
     out = Path(out_arg)
@@ -156,17 +178,24 @@ def extract(config: ExtractConfig) -> dict:
     df = read_catalog(catalog, cols, require_label=cols.label is not None, encoding=config.encoding)
     text_cols = present_text_columns(df, cols)
     if not text_cols and settings["ocr"] == "none" and settings["text_encoder"] != "none" and not config.like:
-        raise ValueError(f"The catalog has none of the text columns {list(cols.text)} and OCR is off, so there is no "
-                         f"text to encode. Pass --text-cols with existing columns, turn OCR on, or use "
-                         f"--text-encoder none.")
+        raise ValueError(
+            f"The catalog has none of the text columns {list(cols.text)} and OCR is off, so there is no "
+            f"text to encode. Pass --text-cols with existing columns, turn OCR on, or use "
+            f"--text-encoder none."
+        )
     paths, path_rejects = resolve_image_paths(df, catalog, cols.image)
     ids = df[cols.id].tolist()
     n = len(df)
     settings["views"] = views = resolve_views(settings["views"], n)
 
     # Random weights (--weights none, or the demo's fallback) are drawn from a fixed seed inside build_backbone.
-    model = image_encoders.build_backbone(settings["backbone"], settings["weights"], settings["image_size"],
-                                          settings["precision"], allow_random_fallback=demo)
+    model = image_encoders.build_backbone(
+        settings["backbone"],
+        settings["weights"],
+        settings["image_size"],
+        settings["precision"],
+        allow_random_fallback=demo,
+    )
     image_dim = int(model.output.shape[-1])
     if model.weights_source == image_encoders.RANDOM_FALLBACK:
         settings["weights"] = image_encoders.RANDOM_FALLBACK  # record what was used, not what was asked for
@@ -183,18 +212,29 @@ def extract(config: ExtractConfig) -> dict:
     header = {
         "catalog_path": str(Path(catalog).resolve()),
         "catalog_sha256": file_sha256(catalog),
-        "columns": {"id": cols.id, "image": cols.image, "text": list(text_cols), "label": cols.label,
-                    "split": cols.split if cols.split in df.columns else None},
-        "settings": {**{k: v for k, v in settings.items() if k != "shard_rows"},
-                     "shard_rows": settings["shard_rows"],
-                     "image": image_encoders.image_settings(settings["backbone"], model.weights_source,
-                                                            settings["image_size"], settings["precision"]),
-                     "ocr_filter": ocr.ocr_settings(settings["ocr"], settings["ocr_lang"]) if settings["ocr"] != "none"
-                     else None,
-                     "like": str(like_folder.resolve()) if like_folder else None},
-        "encoders": {"image": {"backbone": settings["backbone"], "dim": image_dim, "views": views},
-                     "text": {"kind": text_kind, "model": settings["text_model"], "dim": encoder.dim},
-                     "tokens": {"length": text_encoders.SEQUENCE_LENGTH, "vocab_size": text_encoders.VOCAB_SIZE}},
+        "columns": {
+            "id": cols.id,
+            "image": cols.image,
+            "text": list(text_cols),
+            "label": cols.label,
+            "split": cols.split if cols.split in df.columns else None,
+        },
+        "settings": {
+            **{k: v for k, v in settings.items() if k != "shard_rows"},
+            "shard_rows": settings["shard_rows"],
+            "image": image_encoders.image_settings(
+                settings["backbone"], model.weights_source, settings["image_size"], settings["precision"]
+            ),
+            "ocr_filter": ocr.ocr_settings(settings["ocr"], settings["ocr_lang"])
+            if settings["ocr"] != "none"
+            else None,
+            "like": str(like_folder.resolve()) if like_folder else None,
+        },
+        "encoders": {
+            "image": {"backbone": settings["backbone"], "dim": image_dim, "views": views},
+            "text": {"kind": text_kind, "model": settings["text_model"], "dim": encoder.dim},
+            "tokens": {"length": text_encoders.SEQUENCE_LENGTH, "vocab_size": text_encoders.VOCAB_SIZE},
+        },
         "versions": _versions(),
     }
     manifest = shards.open_shards(out, header, overwrite=config.overwrite)
@@ -214,9 +254,16 @@ def extract(config: ExtractConfig) -> dict:
     ocr_future = None
     stop_ocr = threading.Event()  # set when stage A fails or is interrupted: the OCR thread then ends at once
     if settings["ocr"] != "none" and ocr_rows:
-        ocr_future = pool.submit(ocr.ocr_images, [paths[i] for i in ocr_rows], engine=settings["ocr"],
-                                 langs=settings["ocr_lang"], workers=config.ocr_workers, cache_dir=config.ocr_cache,
-                                 progress=progress, stop=stop_ocr)
+        ocr_future = pool.submit(
+            ocr.ocr_images,
+            [paths[i] for i in ocr_rows],
+            engine=settings["ocr"],
+            langs=settings["ocr_lang"],
+            workers=config.ocr_workers,
+            cache_dir=config.ocr_cache,
+            progress=progress,
+            stop=stop_ocr,
+        )
 
     # Stage A: image embeddings per chunk (skipped for chunks already saved by an interrupted run).
     embedded_images = 0
@@ -229,14 +276,22 @@ def extract(config: ExtractConfig) -> dict:
             rejects = [_reject(ids, paths, i, path_rejects[i]) for i in range(s, e) if path_rejects[i] is not None]
             idx_parts, emb_parts = [], []
             for local_idx, emb, bad in image_encoders.iter_image_embeddings(
-                    model, [paths[i] for i in ok_rows], settings["image_size"], batch_size=config.batch_size,
-                    progress=progress, views=views):
+                model,
+                [paths[i] for i in ok_rows],
+                settings["image_size"],
+                batch_size=config.batch_size,
+                progress=progress,
+                views=views,
+            ):
                 idx_parts.append(np.asarray([ok_rows[j] for j in local_idx], dtype=np.int64))
                 emb_parts.append(emb)
                 rejects += [_reject(ids, paths, ok_rows[j], reason, detail) for j, reason, detail in bad]
             index = np.concatenate(idx_parts) if idx_parts else np.zeros(0, np.int64)
-            emb = np.concatenate(emb_parts) if emb_parts else \
-                np.zeros((0, image_dim) if views == 1 else (0, views, image_dim), np.float32)
+            emb = (
+                np.concatenate(emb_parts)
+                if emb_parts
+                else np.zeros((0, image_dim) if views == 1 else (0, views, image_dim), np.float32)
+            )
             embedded_images += len(index) * views
             _save_chunk(path, index, emb, rejects)
         if ocr_future is not None:
@@ -304,12 +359,19 @@ def extract(config: ExtractConfig) -> dict:
     total_rows = sum(sh["rows"] for sh in manifest["shards"])
     seconds = time.perf_counter() - t0
     summary = {
-        "out": str(out), "input_rows": n, "embedded_rows": total_rows, "rejected_rows": len(rejects),
+        "out": str(out),
+        "input_rows": n,
+        "embedded_rows": total_rows,
+        "rejected_rows": len(rejects),
         "rejected_by_reason": dict(Counter(r["reason"] for r in rejects)),
         "embedded_this_run": rows_written,
         "with_text_this_run": int(with_text),
-        "ocr": {"engine": settings["ocr"], "images": len(ocr_rows), **ocr_stats,
-                **_ocr_error_report(out, ids, paths, written_rows, ocr_errors)},
+        "ocr": {
+            "engine": settings["ocr"],
+            "images": len(ocr_rows),
+            **ocr_stats,
+            **_ocr_error_report(out, ids, paths, written_rows, ocr_errors),
+        },
         "weights": settings["weights"],
         "images_per_s": round(embedded_images / image_seconds, 1) if embedded_images else None,
         "seconds": round(seconds, 1),

@@ -29,8 +29,9 @@ def predict(config: PredictConfig, predictor: Predictor | None = None, on_batch=
     out = Path(config.out)
     if out.is_dir():
         raise ValueError(f"out {config.out!r} is a folder; pass a CSV file path such as {config.out}/predictions.csv")
-    predictor = predictor or Predictor.from_run(config.run, ocr_workers=config.ocr_workers,
-                                                ocr_cache=config.ocr_cache, batch_size=min(config.batch_size, 256))
+    predictor = predictor or Predictor.from_run(
+        config.run, ocr_workers=config.ocr_workers, ocr_cache=config.ocr_cache, batch_size=min(config.batch_size, 256)
+    )
     run = predictor.run
     out.parent.mkdir(parents=True, exist_ok=True)
     rejects = []
@@ -40,11 +41,14 @@ def predict(config: PredictConfig, predictor: Predictor | None = None, on_batch=
     else:
         text_cols = config.text_cols if config.text_cols is not None else tuple(predictor.text_cols)
         if config.text_cols is not None and list(config.text_cols) != predictor.text_cols:
-            raise ValueError(f"text_cols {list(config.text_cols)} differ from the run's {predictor.text_cols}: the "
-                             f"model was trained on those. Leave --text-cols out.")
+            raise ValueError(
+                f"text_cols {list(config.text_cols)} differ from the run's {predictor.text_cols}: the "
+                f"model was trained on those. Leave --text-cols out."
+            )
         label = config.label_col
-        cols = Columns(id=config.id_col, image=config.image_col, text=tuple(text_cols), label=label,
-                       split=config.split_col)
+        cols = Columns(
+            id=config.id_col, image=config.image_col, text=tuple(text_cols), label=label, split=config.split_col
+        )
         df = read_catalog(config.catalog, cols, require_label=False, encoding=config.encoding)
         with_label = bool(label) and label in df.columns
         paths, path_rejects = resolve_image_paths(df, config.catalog, cols.image)
@@ -53,8 +57,11 @@ def predict(config: PredictConfig, predictor: Predictor | None = None, on_batch=
         n = len(df)
         for s in range(0, n, CATALOG_BATCH):
             rows = range(s, min(n, s + CATALOG_BATCH))
-            items = [{"image": paths[i], **{c: df[c].iat[i] for c in text_cols if c in df.columns}}
-                     for i in rows if path_rejects[i] is None]
+            items = [
+                {"image": paths[i], **{c: df[c].iat[i] for c in text_cols if c in df.columns}}
+                for i in rows
+                if path_rejects[i] is None
+            ]
             kept = [i for i in rows if path_rejects[i] is None]
             for i in rows:
                 if path_rejects[i] is not None:
@@ -69,6 +76,7 @@ def predict(config: PredictConfig, predictor: Predictor | None = None, on_batch=
             if on_batch:
                 on_batch(min(n, s + CATALOG_BATCH), n)
         import numpy as np
+
         k = max(1, min(config.top_k, len(run.classes)))
         probs = np.zeros((len(parts), len(run.classes)))
         # prediction_table wants full probability rows; only the top k are known here, which is all it writes.
@@ -76,13 +84,17 @@ def predict(config: PredictConfig, predictor: Predictor | None = None, on_batch=
         for row, (_, r) in enumerate(parts):
             for lab, p in zip(r["labels"][:k], r["probs"][:k]):
                 probs[row, index[lab]] = p
-        table = prediction_table([df[id_col].iat[i] for i, _ in parts], probs, run.classes, k,
-                                 [r["image_contribution"] if r["image_contribution"] is not None else np.nan
-                                  for _, r in parts],
-                                 [r["text_contribution"] if r["text_contribution"] is not None else np.nan
-                                  for _, r in parts],
-                                 id_col=id_col, true_labels=[df[label].iat[i] for i, _ in parts] if with_label
-                                 else None, label_col=label or "label")
+        table = prediction_table(
+            [df[id_col].iat[i] for i, _ in parts],
+            probs,
+            run.classes,
+            k,
+            [r["image_contribution"] if r["image_contribution"] is not None else np.nan for _, r in parts],
+            [r["text_contribution"] if r["text_contribution"] is not None else np.nan for _, r in parts],
+            id_col=id_col,
+            true_labels=[df[label].iat[i] for i, _ in parts] if with_label else None,
+            label_col=label or "label",
+        )
         with open(rejects_path(out), "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["id", "path", "reason", "detail"])
             w.writeheader()
@@ -90,17 +102,26 @@ def predict(config: PredictConfig, predictor: Predictor | None = None, on_batch=
     tmp = out.with_name(out.name + ".tmp")
     table.to_csv(tmp, index=False)
     tmp.replace(out)
-    summary = {"predictions": str(out), "n": len(table), "rejected": len(rejects),
-               "rejected_by_reason": dict(pd.Series([r["reason"] for r in rejects], dtype=object).value_counts())
-               if rejects else {},
-               "temperature": run.temperature, "calibrated": run.calibrated, "run": str(run.path),
-               "model": run.model.name, "rejects": str(rejects_path(out)) if config.catalog else None,
-               "gated": "gate" in [layer.name for layer in getattr(run.model, "layers", [])] or None}
+    summary = {
+        "predictions": str(out),
+        "n": len(table),
+        "rejected": len(rejects),
+        "rejected_by_reason": dict(pd.Series([r["reason"] for r in rejects], dtype=object).value_counts())
+        if rejects
+        else {},
+        "temperature": run.temperature,
+        "calibrated": run.calibrated,
+        "run": str(run.path),
+        "model": run.model.name,
+        "rejects": str(rejects_path(out)) if config.catalog else None,
+        "gated": "gate" in [layer.name for layer in getattr(run.model, "layers", [])] or None,
+    }
     label_col = run.label_col if config.embeddings else (config.label_col or "label")
     if with_label and len(table):
         known = table[label_col].astype(str).isin(run.classes)
         if known.any():
-            summary["accuracy_known_labels"] = float((table["label_1"][known] == table[label_col][known].astype(str))
-                                                     .mean())
+            summary["accuracy_known_labels"] = float(
+                (table["label_1"][known] == table[label_col][known].astype(str)).mean()
+            )
             summary["n_known_labels"] = int(known.sum())
     return summary

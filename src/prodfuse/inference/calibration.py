@@ -54,14 +54,16 @@ def fit_temperature(y_true: np.ndarray, probs: np.ndarray, bounds: tuple[float, 
         z -= z.max(axis=1, keepdims=True)
         return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[rows, y_true]))
 
-    res = minimize_scalar(nll, bounds=(math.log(bounds[0]), math.log(bounds[1])), method="bounded",
-                          options={"xatol": 1e-4})
+    res = minimize_scalar(
+        nll, bounds=(math.log(bounds[0]), math.log(bounds[1])), method="bounded", options={"xatol": 1e-4}
+    )
     # The bounded search never evaluates T = 1 exactly; keep it when it is at least as good (flat losses).
     return 1.0 if nll(0.0) <= res.fun else float(math.exp(res.x))
 
 
-def fit_late_weight(y: np.ndarray, p_image: np.ndarray, p_text: np.ndarray, objective: str = "logloss",
-                    grid=LATE_GRID) -> tuple[float, dict]:
+def fit_late_weight(
+    y: np.ndarray, p_image: np.ndarray, p_text: np.ndarray, objective: str = "logloss", grid=LATE_GRID
+) -> tuple[float, dict]:
     """The image weight w in `grid` that is best on (y, p) by log-loss (lowest) or accuracy (highest; then log-loss).
 
     Ties go to the weight nearest 0.5, so a flat objective gives an even mix rather than an arbitrary end.

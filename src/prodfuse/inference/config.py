@@ -30,8 +30,10 @@ class PredictConfig:
 
     def __post_init__(self):
         if (self.catalog is None) == (self.embeddings is None):
-            raise ValueError(f"give exactly one of catalog and embeddings; got catalog={self.catalog!r}, "
-                             f"embeddings={self.embeddings!r}")
+            raise ValueError(
+                f"give exactly one of catalog and embeddings; got catalog={self.catalog!r}, "
+                f"embeddings={self.embeddings!r}"
+            )
         check_range("top_k", self.top_k, 1, 1000, integer=True)
         check_range("batch_size", self.batch_size, 1, 1 << 20, integer=True)
         check_range("ocr_workers", self.ocr_workers, 1, 256, integer=True, optional=True)

@@ -11,6 +11,7 @@ from prodfuse.modeling.probabilities import STREAMS, has_stream, predict_arrays,
 def gate_values(model, arrays: dict[str, np.ndarray], batch_size: int = 1024) -> np.ndarray | None:
     """Per-item mean of the gated fusion's gate (image share, in [0, 1]); None for models without a gate."""
     from prodfuse.modeling.model import gate_model
+
     if not hasattr(model, "get_layer"):
         return None
     gm = gate_model(model)
@@ -20,12 +21,14 @@ def gate_values(model, arrays: dict[str, np.ndarray], batch_size: int = 1024) ->
     if n == 0:
         return np.zeros(0)
     from prodfuse.data.sequence import with_view
+
     g = np.asarray(gm.predict(with_view(arrays, 0), batch_size=batch_size, verbose=0))  # the whole photo's gate
     return g.reshape(n, -1).mean(axis=1)
 
 
-def forward(model, arrays: dict[str, np.ndarray], temperature: float = 1.0, batch_size: int = 1024,
-            ablate: bool = True) -> dict:
+def forward(
+    model, arrays: dict[str, np.ndarray], temperature: float = 1.0, batch_size: int = 1024, ablate: bool = True
+) -> dict:
     """Everything both `evaluate` and `predict` need from the model, computed once.
 
     Returns raw (softmax) and calibrated probabilities, the calibrated probabilities with the image stream zeroed
@@ -33,8 +36,11 @@ def forward(model, arrays: dict[str, np.ndarray], temperature: float = 1.0, batc
     per-item gate (None unless gated fusion).
     """
     raw = predict_arrays(model, arrays, batch_size)
-    out = {"raw": raw, "probs": apply_temperature(raw, temperature) if len(raw) else raw.astype(np.float64),
-           "temperature": float(temperature)}
+    out = {
+        "raw": raw,
+        "probs": apply_temperature(raw, temperature) if len(raw) else raw.astype(np.float64),
+        "temperature": float(temperature),
+    }
     for stream in STREAMS:
         p = None
         if ablate and has_stream(arrays, stream):

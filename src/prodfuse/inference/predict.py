@@ -10,9 +10,17 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def prediction_table(ids, probs: np.ndarray, classes: list[str], k: int, image_contribution=None,
-                     text_contribution=None, id_col: str = "product_id", true_labels=None,
-                     label_col: str = "label"):
+def prediction_table(
+    ids,
+    probs: np.ndarray,
+    classes: list[str],
+    k: int,
+    image_contribution=None,
+    text_contribution=None,
+    id_col: str = "product_id",
+    true_labels=None,
+    label_col: str = "label",
+):
     """One row per item: id, [true label], label_1, prob_1, ..., label_k, prob_k, image/text contribution."""
     import pandas as pd
 
@@ -39,13 +47,22 @@ def check_compatible(config: dict, manifest: dict, folder: str | Path) -> None:
     for stream, key in (("image", "backbone"), ("image", "dim"), ("text", "kind"), ("text", "dim")):
         a, b = trained.get(stream, {}).get(key), got.get(stream, {}).get(key)
         if a != b:
-            raise ValueError(f"Shards {str(folder)!r} were made with {stream} {key} {b!r} but the run was trained on "
-                             f"{a!r}. Embed the data like the run's: `prodfuse predict --catalog CSV` does it, or "
-                             f"`python extract_embeddings.py --like {config['embeddings']}`.")
+            raise ValueError(
+                f"Shards {str(folder)!r} were made with {stream} {key} {b!r} but the run was trained on "
+                f"{a!r}. Embed the data like the run's: `prodfuse predict --catalog CSV` does it, or "
+                f"`python extract_embeddings.py --like {config['embeddings']}`."
+            )
     # A tfidf encoder fitted on other texts gives vectors in another basis: same width, meaningless numbers.
     same = Path(folder).resolve() == Path(config["embeddings"]).resolve()
     like = manifest.get("settings", {}).get("like")
-    if trained.get("text", {}).get("kind") == "tfidf" and not same and \
-            (like is None or Path(like).resolve() != Path(config["embeddings"]).resolve()):
-        log.warning("%s was not extracted with --like %s; its tfidf text encoder may be fitted on other texts "
-                    "than the run's, which makes the text stream meaningless.", folder, config["embeddings"])
+    if (
+        trained.get("text", {}).get("kind") == "tfidf"
+        and not same
+        and (like is None or Path(like).resolve() != Path(config["embeddings"]).resolve())
+    ):
+        log.warning(
+            "%s was not extracted with --like %s; its tfidf text encoder may be fitted on other texts "
+            "than the run's, which makes the text stream meaningless.",
+            folder,
+            config["embeddings"],
+        )

@@ -37,25 +37,35 @@ def _materialise(image, folder: Path, i: int) -> str:
         path.write_bytes(bytes(image))
         return str(path)
     from PIL import Image
+
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
-            raise ValueError(f"an image array must be uint8 [H, W], [H, W, 3] or [H, W, 4]; got {image.dtype} "
-                             f"{list(image.shape)}")
+            raise ValueError(
+                f"an image array must be uint8 [H, W], [H, W, 3] or [H, W, 4]; got {image.dtype} {list(image.shape)}"
+            )
         image = Image.fromarray(image)
     if isinstance(image, Image.Image):
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         path.write_bytes(buf.getvalue())
         return str(path)
-    raise ValueError(f"an item's image must be a path, bytes, a PIL.Image or a uint8 array; got "
-                     f"{type(image).__name__}")
+    raise ValueError(f"an item's image must be a path, bytes, a PIL.Image or a uint8 array; got {type(image).__name__}")
 
 
 class Predictor:
     """A run's model plus its embedding pipeline, loaded once; thread-compatible, not thread-safe."""
 
-    def __init__(self, run: Run, backbone, text_encoder, vocabulary, *, ocr_workers: int | None = 1,
-                 ocr_cache: str | None = None, batch_size: int = 256):
+    def __init__(
+        self,
+        run: Run,
+        backbone,
+        text_encoder,
+        vocabulary,
+        *,
+        ocr_workers: int | None = 1,
+        ocr_cache: str | None = None,
+        batch_size: int = 256,
+    ):
         self.run = run
         self.backbone = backbone
         self.text_encoder = text_encoder
@@ -71,13 +81,20 @@ class Predictor:
         self.text_cols = list(run.extraction["columns"].get("text") or [])
 
     @classmethod
-    def from_run(cls, path: str | os.PathLike, *, ocr_workers: int | None = 1, ocr_cache: str | None = None,
-                 batch_size: int = 256) -> "Predictor":
+    def from_run(
+        cls,
+        path: str | os.PathLike,
+        *,
+        ocr_workers: int | None = 1,
+        ocr_cache: str | None = None,
+        batch_size: int = 256,
+    ) -> "Predictor":
         """Load the run's model now; its backbone (backbone, weights and image size from the shard manifest) and
         fitted text encoder and vocabulary (from the run's training shard folder) on the first `predict` of new
         items. `predict_shards` needs neither."""
-        return cls(Run.load(path), None, None, None, ocr_workers=ocr_workers, ocr_cache=ocr_cache,
-                   batch_size=batch_size)
+        return cls(
+            Run.load(path), None, None, None, ocr_workers=ocr_workers, ocr_cache=ocr_cache, batch_size=batch_size
+        )
 
     def _load_encoders(self) -> None:
         from prodfuse.encoders import image as image_encoders
@@ -87,20 +104,25 @@ class Predictor:
         if self.text_encoder is None and any(i in self.run.inputs for i in ("text", "tokens")):
             emb = Path(self.run.config["embeddings"])
             if not (emb / shards.MANIFEST).is_file():
-                raise ValueError(f"The run's training shards {str(emb)!r} (config.json 'embeddings') are gone; new "
-                                 f"items need their fitted text encoder and vocabulary. Restore the folder, or embed "
-                                 f"the items with `prodfuse extract --like` and use predict_shards.")
+                raise ValueError(
+                    f"The run's training shards {str(emb)!r} (config.json 'embeddings') are gone; new "
+                    f"items need their fitted text encoder and vocabulary. Restore the folder, or embed "
+                    f"the items with `prodfuse extract --like` and use predict_shards."
+                )
             self.text_encoder = text_encoders.load_text_encoder(emb)
             self.vocabulary = text_encoders.load_vocabulary(emb)
         if self.backbone is None:
             if "backbone" not in settings:
-                raise ValueError(f"the run {str(self.run.path)!r} records no extraction settings (shards not made "
-                                 f"by `prodfuse extract`): it can only predict shards")
+                raise ValueError(
+                    f"the run {str(self.run.path)!r} records no extraction settings (shards not made "
+                    f"by `prodfuse extract`): it can only predict shards"
+                )
             weights = settings["weights"]
             if weights == image_encoders.RANDOM_FALLBACK:
                 weights = "none"  # the same seeded random weights extraction fell back to
-            self.backbone = image_encoders.build_backbone(settings["backbone"], weights, int(settings["image_size"]),
-                                                          settings.get("precision") or "float32")
+            self.backbone = image_encoders.build_backbone(
+                settings["backbone"], weights, int(settings["image_size"]), settings.get("precision") or "float32"
+            )
 
     # ------------------------------------------------------------------------------------------------ items
 
@@ -118,8 +140,9 @@ class Predictor:
             for i, item in enumerate(items):
                 try:
                     if not isinstance(item, dict):
-                        raise ValueError(f"an item must be a dict with 'image' and/or text columns; got "
-                                         f"{type(item).__name__}")
+                        raise ValueError(
+                            f"an item must be a dict with 'image' and/or text columns; got {type(item).__name__}"
+                        )
                     image = item.get("image")
                     paths.append(None if image is None else _materialise(image, Path(tmp), i))
                 except ValueError as e:
@@ -132,21 +155,33 @@ class Predictor:
                         extras[i]["error"] = "no image: this run's model needs one ('image' key)"
             emb = {}
             for local, vectors, bad in image_encoders.iter_image_embeddings(
-                    self.backbone, [paths[i] for i in with_image], self.image_size, batch_size=self.batch_size,
-                    progress=False, views=self.views):
+                self.backbone,
+                [paths[i] for i in with_image],
+                self.image_size,
+                batch_size=self.batch_size,
+                progress=False,
+                views=self.views,
+            ):
                 for j, v in zip(local, vectors):
                     emb[with_image[j]] = v
                 for j, reason, detail in bad:
                     extras[with_image[j]]["error"] = f"{reason}: {detail}"
             if self.ocr_engine != "none":
                 ocr_rows = [i for i in with_image if extras[i]["error"] is None]
-                results = ocr.ocr_images([paths[i] for i in ocr_rows], engine=self.ocr_engine, langs=self.ocr_lang,
-                                         workers=self.ocr_workers, cache_dir=self.ocr_cache, progress=False)
+                results = ocr.ocr_images(
+                    [paths[i] for i in ocr_rows],
+                    engine=self.ocr_engine,
+                    langs=self.ocr_lang,
+                    workers=self.ocr_workers,
+                    cache_dir=self.ocr_cache,
+                    progress=False,
+                )
                 for i, r in zip(ocr_rows, results):
                     extras[i]["ocr_text"] = r.text  # an OCR failure leaves the item without OCR text, as extraction
         ok = [i for i in range(len(items)) if extras[i]["error"] is None]
-        texts = [text_encoders.join_text([items[i].get(c) for c in self.text_cols] + [extras[i]["ocr_text"]])
-                 for i in ok]
+        texts = [
+            text_encoders.join_text([items[i].get(c) for c in self.text_cols] + [extras[i]["ocr_text"]]) for i in ok
+        ]
         for i, t in zip(ok, texts):
             extras[i]["text"] = t
         arrays: dict[str, np.ndarray] = {}
@@ -172,8 +207,17 @@ class Predictor:
             raise ValueError(f"top_k must be an integer >= 1; got {top_k!r}")
         items = list(items)
         arrays, ok, extras = self.embed(items)
-        out = [{"labels": [], "probs": [], "ocr_text": e["ocr_text"], "image_contribution": None,
-                "text_contribution": None, "error": e["error"]} for e in extras]
+        out = [
+            {
+                "labels": [],
+                "probs": [],
+                "ocr_text": e["ocr_text"],
+                "image_contribution": None,
+                "text_contribution": None,
+                "error": e["error"],
+            }
+            for e in extras
+        ]
         if not ok:
             return out
         res = forward(self.run.model, arrays, self.run.temperature, self.batch_size)
@@ -181,10 +225,14 @@ class Predictor:
         k = min(top_k, len(self.run.classes))
         order = np.argsort(-res["probs"], axis=1, kind="stable")[:, :k]
         for j, i in enumerate(ok):
-            out[i].update({"labels": [self.run.classes[c] for c in order[j]],
-                           "probs": [float(res["probs"][j, c]) for c in order[j]],
-                           "image_contribution": None if np.isnan(img_c[j]) else float(img_c[j]),
-                           "text_contribution": None if np.isnan(txt_c[j]) else float(txt_c[j])})
+            out[i].update(
+                {
+                    "labels": [self.run.classes[c] for c in order[j]],
+                    "probs": [float(res["probs"][j, c]) for c in order[j]],
+                    "image_contribution": None if np.isnan(img_c[j]) else float(img_c[j]),
+                    "text_contribution": None if np.isnan(txt_c[j]) else float(txt_c[j]),
+                }
+            )
         return out
 
     # ------------------------------------------------------------------------------------------------ shards
@@ -200,5 +248,14 @@ class Predictor:
         data = read_items(folder, self.run.inputs, [id_col] + ([label_col] if with_label else []))
         res = forward(self.run.model, {k: data[k] for k in self.run.inputs}, self.run.temperature, self.batch_size)
         img_c, txt_c = contributions(res)
-        return prediction_table(data[id_col], res["probs"], self.run.classes, top_k, img_c, txt_c, id_col=id_col,
-                                true_labels=data[label_col] if with_label else None, label_col=label_col)
+        return prediction_table(
+            data[id_col],
+            res["probs"],
+            self.run.classes,
+            top_k,
+            img_c,
+            txt_c,
+            id_col=id_col,
+            true_labels=data[label_col] if with_label else None,
+            label_col=label_col,
+        )

@@ -63,9 +63,16 @@ class ConcatFusion(keras.layers.Layer):
                 f"dropout={dropout!r}; pass equally long sequences (or one dropout float)."
             )
         self.dropout = rates
-        self.denses = [keras.layers.Dense(u, dtype=self.dtype_policy, name=f"dense_{i}") for i, u in enumerate(self.units)]
-        self.norms = [keras.layers.BatchNormalization(momentum=BN_MOMENTUM, dtype=self.dtype_policy, name=f"bn_{i}") for i in range(len(self.units))]
-        self.drops = [keras.layers.Dropout(r, dtype=self.dtype_policy, name=f"dropout_{i}") for i, r in enumerate(self.dropout)]
+        self.denses = [
+            keras.layers.Dense(u, dtype=self.dtype_policy, name=f"dense_{i}") for i, u in enumerate(self.units)
+        ]
+        self.norms = [
+            keras.layers.BatchNormalization(momentum=BN_MOMENTUM, dtype=self.dtype_policy, name=f"bn_{i}")
+            for i in range(len(self.units))
+        ]
+        self.drops = [
+            keras.layers.Dropout(r, dtype=self.dtype_policy, name=f"dropout_{i}") for i, r in enumerate(self.dropout)
+        ]
 
     def build(self, input_shape):
         img_shape, txt_shape = _check_pair(input_shape, type(self).__name__)
@@ -120,8 +127,12 @@ class GatedFusion(keras.layers.Layer):
             )
         self.dropout = float(dropout)
         self.activation = activation
-        self.image_proj = keras.layers.Dense(self.units, activation=activation, dtype=self.dtype_policy, name="image_proj")
-        self.text_proj = keras.layers.Dense(self.units, activation=activation, dtype=self.dtype_policy, name="text_proj")
+        self.image_proj = keras.layers.Dense(
+            self.units, activation=activation, dtype=self.dtype_policy, name="image_proj"
+        )
+        self.text_proj = keras.layers.Dense(
+            self.units, activation=activation, dtype=self.dtype_policy, name="text_proj"
+        )
         self.gate = keras.layers.Dense(self.gate_units, activation="sigmoid", dtype=self.dtype_policy, name="gate")
         self.drop = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy, name="dropout")
 

@@ -20,8 +20,9 @@ class BranchRateAdam(keras.optimizers.Adam):
     def build(self, var_list):
         super().build(var_list)
         # The backend hands update_step its own variable objects, so remember branch variables by index.
-        self._branch_index = {i for i, v in enumerate(var_list)
-                              if v.path.split("/")[0].startswith(self.branch_prefixes)}
+        self._branch_index = {
+            i for i, v in enumerate(var_list) if v.path.split("/")[0].startswith(self.branch_prefixes)
+        }
 
     def update_step(self, gradient, variable, learning_rate):
         if self._get_variable_index(variable) in self._branch_index:
@@ -37,8 +38,9 @@ def make_optimizer(lr: float, schedule: str, epochs: int, steps: int, branch_rat
     if schedule == "cosine":
         total = max(epochs * steps, 2)
         warmup = max(1, min(5 * steps, total // 10))
-        rate = keras.optimizers.schedules.CosineDecay(initial_learning_rate=lr / 100, decay_steps=total - warmup,
-                                                      warmup_target=lr, warmup_steps=warmup)
+        rate = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=lr / 100, decay_steps=total - warmup, warmup_target=lr, warmup_steps=warmup
+        )
     if branch_rate is not None:
         return BranchRateAdam(branch_rate=branch_rate, learning_rate=rate, clipnorm=1.0)
     return keras.optimizers.Adam(learning_rate=rate, clipnorm=1.0)

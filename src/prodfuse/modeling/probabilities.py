@@ -22,10 +22,13 @@ def has_stream(arrays: dict, stream: str) -> bool:
 def predict_arrays(model, arrays: dict[str, np.ndarray], batch_size: int = 1024) -> np.ndarray:
     """Softmax probabilities [n, classes] of `model` on the input arrays (one key per model input)."""
     from prodfuse.data.sequence import view_count, with_view
+
     n = len(next(iter(arrays.values())))
     if n == 0:
         return np.zeros((0, int(model.output_shape[-1])), dtype=np.float32)
     # Test-time augmentation: the mean of the probabilities over every stored view of the photo.
     views = view_count(arrays)
-    return np.mean([np.asarray(model.predict(with_view(arrays, v), batch_size=batch_size, verbose=0))
-                    for v in range(views)], axis=0)
+    return np.mean(
+        [np.asarray(model.predict(with_view(arrays, v), batch_size=batch_size, verbose=0)) for v in range(views)],
+        axis=0,
+    )

@@ -36,9 +36,11 @@ def prepare_run_folder(path: str | os.PathLike, overwrite: bool) -> Path:
         raise ValueError(f"run folder {str(path)!r} is a file; choose another --out")
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
-            raise ValueError(f"run folder {str(path)!r} already exists and is not empty; pass --overwrite to "
-                             f"replace it (its model, temperature and evaluations are deleted), or choose another "
-                             f"--out")
+            raise ValueError(
+                f"run folder {str(path)!r} already exists and is not empty; pass --overwrite to "
+                f"replace it (its model, temperature and evaluations are deleted), or choose another "
+                f"--out"
+            )
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -65,14 +67,21 @@ def load_temperature(run: str | os.PathLike, fingerprint: str | None = None) -> 
     data = json.loads(path.read_text())
     t = data.get("temperature")
     if not isinstance(t, (int, float)) or not t > 0:
-        raise ValueError(f"{str(path)!r} holds temperature {t!r}, not a positive number; delete it and re-run "
-                         f"`prodfuse evaluate --run {run}` to fit it again.")
+        raise ValueError(
+            f"{str(path)!r} holds temperature {t!r}, not a positive number; delete it and re-run "
+            f"`prodfuse evaluate --run {run}` to fit it again."
+        )
     fitted_on = data.get("model_sha256")
     if fitted_on is not None:
         fingerprint = fingerprint or model_fingerprint(run)
         if fitted_on != fingerprint:
-            log.warning("%s was fitted on another model than %s (fingerprints differ): ignored, T = 1. Run "
-                        "`prodfuse evaluate --run %s` to calibrate this model.", path, Path(run) / "model.keras", run)
+            log.warning(
+                "%s was fitted on another model than %s (fingerprints differ): ignored, T = 1. Run "
+                "`prodfuse evaluate --run %s` to calibrate this model.",
+                path,
+                Path(run) / "model.keras",
+                run,
+            )
             return 1.0, False
     return float(t), True
 
@@ -134,18 +143,29 @@ class Run:
         path = Path(path)
         missing = [f for f in RUN_FILES if not (path / f).is_file()]
         if missing:
-            raise ValueError(f"{str(path)!r} is not a complete run folder: it lacks {missing}. Pass the --out "
-                             f"folder of `prodfuse train`.")
+            raise ValueError(
+                f"{str(path)!r} is not a complete run folder: it lacks {missing}. Pass the --out "
+                f"folder of `prodfuse train`."
+            )
         config = json.loads((path / "config.json").read_text())
         fingerprint = model_fingerprint(path)
         recorded = config.get("model_sha256")
         if recorded is not None and recorded != fingerprint:
-            log.warning("%s is not the model this run's config.json was written for (fingerprints differ)",
-                        path / "model.keras")
+            log.warning(
+                "%s is not the model this run's config.json was written for (fingerprints differ)", path / "model.keras"
+            )
         model = keras.models.load_model(path / "model.keras", compile=False)
         classes = [str(c) for c in json.loads((path / "labels.json").read_text())]
         temperature, calibrated = load_temperature(path, fingerprint)
         metrics_path = path / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-        return cls(path=path, model=model, classes=classes, config=config, temperature=temperature,
-                   calibrated=calibrated, fingerprint=fingerprint, metrics=metrics)
+        return cls(
+            path=path,
+            model=model,
+            classes=classes,
+            config=config,
+            temperature=temperature,
+            calibrated=calibrated,
+            fingerprint=fingerprint,
+            metrics=metrics,
+        )

@@ -39,21 +39,35 @@ def balanced_class_weights(y: np.ndarray, num_classes: int) -> dict[int, float]:
 
 def load_training_data(folder: Path, label_col: str, split_col: str | None, inputs: list[str]) -> dict:
     from prodfuse.data.sequence import load_inputs
+
     manifest = shards.read_manifest(folder)
     extra = [manifest["columns"]["id"], label_col] + ([split_col] if split_col else [])
     try:
         return load_inputs(folder, inputs, extra)
     except ValueError as e:
-        raise ValueError(f"{e}. Check --label-col/--split-col, and that the shards hold the streams the model needs "
-                         f"(text_embedding is absent when extracted with --text-encoder none: use "
-                         f"--text-branch cnn or none).") from None
+        raise ValueError(
+            f"{e}. Check --label-col/--split-col, and that the shards hold the streams the model needs "
+            f"(text_embedding is absent when extracted with --text-encoder none: use "
+            f"--text-branch cnn or none)."
+        ) from None
 
 
-def load_split_data(emb: Path, label_col: str, split_col_arg: str | None, seed: int, inputs: list[str], *,
-                    val_embeddings=None, test_embeddings=None, folds: int | None = None, fold: int = 0) -> dict:
+def load_split_data(
+    emb: Path,
+    label_col: str,
+    split_col_arg: str | None,
+    seed: int,
+    inputs: list[str],
+    *,
+    val_embeddings=None,
+    test_embeddings=None,
+    folds: int | None = None,
+    fold: int = 0,
+) -> dict:
     """The model inputs and labels of every row (main folder, then the validation and test folders if given,
     concatenated) and the row positions of each split in them; see `splits.plan_splits`."""
     from prodfuse.data.splits import plan_splits
+
     split_col = resolve_split_col(shards.read_manifest(emb), split_col_arg)
     use_col = split_col if not (val_embeddings or folds) else None
     parts = {"main": load_training_data(Path(emb), label_col, use_col, inputs)}
@@ -62,27 +76,41 @@ def load_split_data(emb: Path, label_col: str, split_col_arg: str | None, seed: 
             parts[where] = load_training_data(Path(folder), label_col, None, inputs)
     labels = {k: np.asarray(v[label_col]).astype(str) for k, v in parts.items()}
     plan, too_small, source = plan_splits(
-        labels["main"], np.asarray(parts["main"][use_col]) if use_col else None, use_col, seed, folds=folds,
-        fold=fold, n_val_folder=len(labels["val"]) if "val" in parts else None,
-        n_test_folder=len(labels["test"]) if "test" in parts else None)
+        labels["main"],
+        np.asarray(parts["main"][use_col]) if use_col else None,
+        use_col,
+        seed,
+        folds=folds,
+        fold=fold,
+        n_val_folder=len(labels["val"]) if "val" in parts else None,
+        n_test_folder=len(labels["test"]) if "test" in parts else None,
+    )
     offsets, n = {}, 0
     for k in parts:
         offsets[k], n = n, n + len(labels[k])
-    return {"arrays": {i: np.concatenate([parts[k][i] for k in parts]) for i in inputs},
-            "labels": np.concatenate([labels[k] for k in parts]),
-            "splits": {name: rows + offsets[where] for name, (where, rows) in plan.items()},
-            "too_small": too_small, "source": source}
+    return {
+        "arrays": {i: np.concatenate([parts[k][i] for k in parts]) for i in inputs},
+        "labels": np.concatenate([labels[k] for k in parts]),
+        "splits": {name: rows + offsets[where] for name, (where, rows) in plan.items()},
+        "too_small": too_small,
+        "source": source,
+    }
 
 
 def _callbacks(run: Path, patience: int, schedule: str, verbose: int):
-    cbs = [keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=patience,
-                                         restore_best_weights=True, verbose=0),
-           keras.callbacks.ModelCheckpoint(str(run / "checkpoint.keras"), monitor="val_accuracy", mode="max",
-                                           save_best_only=True, verbose=0),
-           keras.callbacks.CSVLogger(str(run / "history.csv"))]
+    cbs = [
+        keras.callbacks.EarlyStopping(
+            monitor="val_accuracy", mode="max", patience=patience, restore_best_weights=True, verbose=0
+        ),
+        keras.callbacks.ModelCheckpoint(
+            str(run / "checkpoint.keras"), monitor="val_accuracy", mode="max", save_best_only=True, verbose=0
+        ),
+        keras.callbacks.CSVLogger(str(run / "history.csv")),
+    ]
     if schedule == "plateau":
-        cbs.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=5, min_lr=1e-7,
-                                                     verbose=0))
+        cbs.append(
+            keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=5, min_lr=1e-7, verbose=0)
+        )
     return cbs
 
 
@@ -95,20 +123,29 @@ def average_members(members: list) -> keras.Model:
 
 def fit_model(model, train_seq, val_seq, config: TrainConfig, run: Path, branch_rate=None, epochs=None):
     epochs = epochs or config.epochs
-    model.compile(optimizer=make_optimizer(config.lr, config.lr_schedule, epochs, len(train_seq), branch_rate),
-                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-                  metrics=["accuracy"])
-    return model.fit(train_seq, validation_data=val_seq, epochs=epochs, verbose=config.verbose,
-                     callbacks=_callbacks(run, config.patience, config.lr_schedule, config.verbose))
+    model.compile(
+        optimizer=make_optimizer(config.lr, config.lr_schedule, epochs, len(train_seq), branch_rate),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        metrics=["accuracy"],
+    )
+    return model.fit(
+        train_seq,
+        validation_data=val_seq,
+        epochs=epochs,
+        verbose=config.verbose,
+        callbacks=_callbacks(run, config.patience, config.lr_schedule, config.verbose),
+    )
 
 
 def predict_probs(model, arrays: dict, rows: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     from prodfuse.modeling.probabilities import predict_arrays
+
     return predict_arrays(model, {k: v[rows] for k, v in arrays.items()}, batch_size)
 
 
 def plot_curves(history: dict, path: Path) -> None:
     from matplotlib.figure import Figure  # no pyplot: no process-wide backend or figure registry
+
     fig = Figure(figsize=(10, 3.6))
     axes = fig.subplots(1, 2)
     for ax, key in zip(axes, ("loss", "accuracy")):
@@ -139,8 +176,10 @@ def train(config: TrainConfig) -> Run:
 
     emb = Path(config.embeddings or DEMO_EMBEDDINGS)
     if config.embeddings is None and not (emb / shards.MANIFEST).is_file():
-        raise ValueError(f"No --embeddings given and the demo shards {str(emb)!r} do not exist yet. "
-                         f"Run `python extract_embeddings.py` first (it builds the demo), or pass --embeddings DIR.")
+        raise ValueError(
+            f"No --embeddings given and the demo shards {str(emb)!r} do not exist yet. "
+            f"Run `python extract_embeddings.py` first (it builds the demo), or pass --embeddings DIR."
+        )
     manifest = shards.read_manifest(emb)  # a clear error before anything is written
     if config.label_col is None:  # the label column recorded at extraction
         config = dataclasses.replace(config, label_col=manifest["columns"].get("label") or "label")
@@ -163,18 +202,29 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path) -> Run:
 
     args = config
     keras.utils.set_random_seed(args.seed)
-    inputs = (["image"] if args.image_branch == "mlp" else []) + \
-             (["text"] if args.text_branch == "mlp" else ["tokens"] if args.text_branch == "cnn" else [])
+    inputs = (["image"] if args.image_branch == "mlp" else []) + (
+        ["text"] if args.text_branch == "mlp" else ["tokens"] if args.text_branch == "cnn" else []
+    )
     if "image" in inputs and manifest["encoders"].get("image", {}).get("views", 1) > 1:
         inputs.append("image_views")
-    data = load_split_data(emb, args.label_col, args.split_col, args.seed, inputs,
-                           val_embeddings=args.val_embeddings, test_embeddings=args.test_embeddings,
-                           folds=args.folds, fold=args.fold)
+    data = load_split_data(
+        emb,
+        args.label_col,
+        args.split_col,
+        args.seed,
+        inputs,
+        val_embeddings=args.val_embeddings,
+        test_embeddings=args.test_embeddings,
+        folds=args.folds,
+        fold=args.fold,
+    )
     arrays, labels_all, splits = data["arrays"], data["labels"], data["splits"]
     too_small, split_source = data["too_small"], data["source"]
     if len(splits["train"]) == 0 or len(splits["val"]) == 0:
-        raise ValueError(f"Need both train and validation rows; got {len(splits['train'])} train and "
-                         f"{len(splits['val'])} val from {split_source}.")
+        raise ValueError(
+            f"Need both train and validation rows; got {len(splits['train'])} train and "
+            f"{len(splits['val'])} val from {split_source}."
+        )
     classes = sorted(set(labels_all[splits["train"]].tolist()))
     if len(classes) < 2:
         raise ValueError(f"Need at least 2 classes in the training split; got {classes}.")
@@ -189,33 +239,56 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path) -> Run:
     y_train = y_all[splits["train"]]
     class_weight = balanced_class_weights(y_train, len(classes)) if args.class_weight == "balanced" else None
     seq_kw = dict(arrays=arrays, labels=np.maximum(y_all, 0), num_classes=len(classes), batch_size=args.batch_size)
-    train_seq = ShardSequence(rows=splits["train"], training=True, class_weight=class_weight, mixup=args.mixup,
-                              modality_dropout=args.modality_dropout, seed=args.seed, **seq_kw)
+    train_seq = ShardSequence(
+        rows=splits["train"],
+        training=True,
+        class_weight=class_weight,
+        mixup=args.mixup,
+        modality_dropout=args.modality_dropout,
+        seed=args.seed,
+        **seq_kw,
+    )
     val_seq = ShardSequence(rows=splits["val"], **seq_kw)
 
     image_dim = arrays["image"].shape[1] if "image" in arrays else None
     text_dim = arrays["text"].shape[1] if "text" in arrays else None
-    build = dict(num_classes=len(classes), image_dim=image_dim, text_dim=text_dim, image_branch=args.image_branch,
-                 text_branch=args.text_branch, fusion=args.fusion, wide=args.wide,
-                 input_norm=args.input_norm)
+    build = dict(
+        num_classes=len(classes),
+        image_dim=image_dim,
+        text_dim=text_dim,
+        image_branch=args.image_branch,
+        text_branch=args.text_branch,
+        fusion=args.fusion,
+        wide=args.wide,
+        input_norm=args.input_norm,
+    )
     if "tokens" in arrays:  # the token ids' range and length as extraction recorded them
         tokens = manifest["encoders"].get("tokens", {})
-        build.update(vocab_size=int(tokens.get("vocab_size") or VOCAB_SIZE),
-                     seq_len=int(arrays["tokens"].shape[1]))
+        build.update(vocab_size=int(tokens.get("vocab_size") or VOCAB_SIZE), seq_len=int(arrays["tokens"].shape[1]))
     t0 = time.perf_counter()
     both = args.image_branch != "none" and args.text_branch != "none"
     if args.staged and both:
         branch_models = []
         for branch in ("image", "text"):
-            m = build_model(**{**build, f"{'text' if branch == 'image' else 'image'}_branch": "none"},
-                            seed=args.seed)
+            m = build_model(**{**build, f"{'text' if branch == 'image' else 'image'}_branch": "none"}, seed=args.seed)
             names = [t.name for t in m.inputs]
-            sub = {k: arrays[k] for k in names + (["image_views"] if "image_views" in arrays and "image" in names
-                                                   else [])}
+            sub = {
+                k: arrays[k] for k in names + (["image_views"] if "image_views" in arrays and "image" in names else [])
+            }
             log.info("stage 1: %s branch alone", branch)
-            fit_model(m, ShardSequence(**{**seq_kw, "arrays": sub}, rows=splits["train"], training=True,
-                                       class_weight=class_weight, seed=args.seed),
-                      ShardSequence(**{**seq_kw, "arrays": sub}, rows=splits["val"]), args, run)
+            fit_model(
+                m,
+                ShardSequence(
+                    **{**seq_kw, "arrays": sub},
+                    rows=splits["train"],
+                    training=True,
+                    class_weight=class_weight,
+                    seed=args.seed,
+                ),
+                ShardSequence(**{**seq_kw, "arrays": sub}, rows=splits["val"]),
+                args,
+                run,
+            )
             branch_models.append(m)
         model = build_model(**build, seed=args.seed)
         for m in branch_models:
@@ -229,11 +302,16 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path) -> Run:
         for i in range(args.ensemble):
             if i:
                 log.info("ensemble member %d: seed %d", i + 1, args.seed + i)
-                train_seq = ShardSequence(rows=splits["train"], training=True, class_weight=class_weight,
-                                          mixup=args.mixup, modality_dropout=args.modality_dropout,
-                                          seed=args.seed + i, **seq_kw)
-            m = build_model(**build, seed=args.seed + i,
-                            name=f"member_{i}" if args.ensemble > 1 else None)
+                train_seq = ShardSequence(
+                    rows=splits["train"],
+                    training=True,
+                    class_weight=class_weight,
+                    mixup=args.mixup,
+                    modality_dropout=args.modality_dropout,
+                    seed=args.seed + i,
+                    **seq_kw,
+                )
+            m = build_model(**build, seed=args.seed + i, name=f"member_{i}" if args.ensemble > 1 else None)
             history = fit_model(m, train_seq, val_seq, args, run)  # history.csv and curves: the last member's
             members.append(m)
         model = members[0] if len(members) == 1 else average_members(members)
@@ -260,17 +338,29 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path) -> Run:
         "val_embeddings": str(Path(args.val_embeddings).resolve()) if args.val_embeddings else None,
         "test_embeddings": str(Path(args.test_embeddings).resolve()) if args.test_embeddings else None,
         "manifest_sha256": file_sha256(emb / shards.MANIFEST),
-        "extraction": {"catalog_path": manifest["catalog_path"], "columns": manifest["columns"],
-                       "settings": manifest["settings"], "encoders": manifest["encoders"]},
-        "inputs": inputs, "label_col": args.label_col, "num_classes": len(classes),
-        "splits": {"source": split_source, **{k: int(len(v)) for k, v in splits.items()},
-                   "too_small_for_split": [{"label": c, "items": n} for c, n in too_small],
-                   "unseen_labels_excluded": unseen},
+        "extraction": {
+            "catalog_path": manifest["catalog_path"],
+            "columns": manifest["columns"],
+            "settings": manifest["settings"],
+            "encoders": manifest["encoders"],
+        },
+        "inputs": inputs,
+        "label_col": args.label_col,
+        "num_classes": len(classes),
+        "splits": {
+            "source": split_source,
+            **{k: int(len(v)) for k, v in splits.items()},
+            "too_small_for_split": [{"label": c, "items": n} for c, n in too_small],
+            "unseen_labels_excluded": unseen,
+        },
         "class_weight": class_weight and {classes[c]: w for c, w in class_weight.items()},
-        "best_epoch": best_epoch, "epochs_run": len(hist["loss"]), "train_seconds": round(train_seconds, 1),
+        "best_epoch": best_epoch,
+        "epochs_run": len(hist["loss"]),
+        "train_seconds": round(train_seconds, 1),
     }
     (run / "config.json").write_text(json.dumps(record, indent=1))
     (run / "metrics.json").write_text(json.dumps({**metrics, "model_sha256": record["model_sha256"]}, indent=1))
     plot_curves(hist, run / "curves.png")
-    return Run(path=run, model=model, classes=classes, config=record, fingerprint=record["model_sha256"],
-               metrics=metrics)
+    return Run(
+        path=run, model=model, classes=classes, config=record, fingerprint=record["model_sha256"], metrics=metrics
+    )
