@@ -4,7 +4,7 @@
 
 On the same grocery photos (val.csv of ../shared/data/grocery) and the same mobilenet_v2 weights:
 
-- extract:  `run_extract` (`prodfuse extract --ocr none --text-encoder tfidf --no-progress`) into a temp folder,
+- extract:  `extract` (`prodfuse extract --ocr none --text-encoder tfidf --no-progress`) into a temp folder,
             end to end (decode, backbone, TF-IDF fit + encode, tokens, parquet shard); the one-off model build is
             timed separately and left out of `extract_img_s` (`extract_with_build_img_s` keeps it). The grocery
             csv has no text column, so the temp catalog adds a `title` made from the label names.
@@ -80,7 +80,7 @@ def link_folder(folder: Path, rows: list[dict]) -> Path:
 
 @contextlib.contextmanager
 def patched(owner, name: str, make_wrapper):
-    """Temporarily replace `owner.name` by `make_wrapper(original)` (run_extract looks these up at call time)."""
+    """Temporarily replace `owner.name` by `make_wrapper(original)` (extract looks these up at call time)."""
     original = getattr(owner, name)
     setattr(owner, name, make_wrapper(original))
     try:
@@ -90,43 +90,30 @@ def patched(owner, name: str, make_wrapper):
 
 
 def time_extract(catalog: Path, out: Path, args) -> tuple[dict, np.ndarray]:
-    """Seconds of one `run_extract` and of its parts, and the image embeddings it wrote.
+    """Seconds of one `extract` and of its parts, and the image embeddings it wrote.
 
     Parts: `build` (build_backbone), `images` (first to last batch of iter_image_embeddings: decode + forward
     passes), `forward` (the compiled forward passes alone), `first_batch` (the first one, which traces the
     model), `trace` (its excess over the later batches' pace; None with a single batch), `text_fit` (fitting the
     text encoder) and `total` (the whole call); `build_cpu`, `total_cpu`: CPU seconds of this process."""
-    from prodfuse.cli import build_parser
     from prodfuse.data import shards
     from prodfuse.encoders import image as image_encoders
     from prodfuse.encoders import text as text_encoders
-    from prodfuse.extraction.extract import run_extract
+    from prodfuse.extraction.config import ExtractConfig
+    from prodfuse.extraction.extract import extract
 
-    ns = build_parser().parse_args(
-        [
-            "extract",
-            "--catalog",
-            str(catalog),
-            "--out",
-            str(out),
-            "--backbone",
-            args.backbone,
-            "--weights",
-            args.weights,
-            "--image-size",
-            str(args.image_size),
-            "--batch-size",
-            str(BATCH_SIZE),
-            "--ocr",
-            "none",
-            "--text-encoder",
-            "tfidf",
-            "--text-cols",
-            "title",
-            "--views",
-            "1",
-            "--no-progress",
-        ]
+    config = ExtractConfig(
+        catalog=str(catalog),
+        out=str(out),
+        backbone=args.backbone,
+        weights=args.weights,
+        image_size=args.image_size,
+        batch_size=BATCH_SIZE,
+        ocr="none",
+        text_encoder="tfidf",
+        text_cols="title",
+        views=1,
+        progress=False,
     )
     parts = {"build": 0.0, "images": 0.0, "forward": 0.0, "first_batch": None, "trace": None, "text_fit": 0.0}
     calls = []  # (batch rows, seconds) of every forward pass
@@ -174,7 +161,7 @@ def time_extract(catalog: Path, out: Path, args) -> tuple[dict, np.ndarray]:
         patched(text_encoders.TfidfTextEncoder, "fit", timed("text_fit")),
     ):
         t, c = time.perf_counter(), time.process_time()
-        summary = run_extract(ns)
+        summary = extract(config)
         parts["total"], parts["total_cpu"] = time.perf_counter() - t, time.process_time() - c
     parts["forward"] = sum(sec for _, sec in calls)
     parts["first_batch"] = calls[0][1]
@@ -336,9 +323,9 @@ def main() -> None:
     for key, label in (
         ("backbone", "(b) backbone on pre-decoded uint8 (ceiling)"),
         ("backbone_steady", "    (b) without its first call's tracing"),
-        ("extract", "(a) run_extract, OCR off, excl. model build"),
+        ("extract", "(a) extract, OCR off, excl. model build"),
         ("extract_steady", "    (a) without its first batch's tracing"),
-        ("extract_with_build", "    run_extract incl. model build"),
+        ("extract_with_build", "    extract incl. model build"),
         ("keras", "(c) image_dataset_from_directory + predict"),
     ):
         cpu_s = statistics.median(cpu[key])

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-import prodfuse  # noqa: E402,F401  (before TensorFlow: the heap setting)
+import prodfuse  # noqa: E402
 
 DEFAULT_MODELS = "image,text,late,gated,lr_image,lr_text,lr_concat,lr_late"
 
@@ -44,10 +44,15 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="compare folders (default: a temporary folder)")
     args = ap.parse_args()
 
+    import logging
     import tempfile
 
-    from prodfuse.cli import build_parser
-    from prodfuse.evaluation.compare import run_compare
+    prodfuse.keep_freed_heap_mapped()  # before TensorFlow starts its threads
+    import tensorflow as tf
+
+    tf.config.experimental.enable_op_determinism()  # repeatable per seed, as the CLI runs it
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # compare's progress lines
+
     from test_accuracy import fashion_shards, grocery_shards
 
     out = Path(args.out or tempfile.mkdtemp(prefix="model-quality-"))
@@ -55,30 +60,23 @@ def main() -> None:
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
         t0 = time.perf_counter()
         if name == "fashion":
-            emb = fashion_shards()
-            flags = ["--embeddings", str(emb), "--label-col", "article_type", "--batch-size", "128"]
+            data = {"embeddings": str(fashion_shards()), "label_col": "article_type", "batch_size": 128}
         elif name == "grocery":
             train_emb, val_emb = grocery_shards()
-            flags = ["--embeddings", str(train_emb), "--test-embeddings", str(val_emb)]
+            data = {"embeddings": str(train_emb), "test_embeddings": str(val_emb)}
         else:
             raise SystemExit(f"unknown data set {name!r}; choose fashion and/or grocery")
-        ns = build_parser().parse_args(
-            [
-                "compare",
-                *flags,
-                "--seeds",
-                str(args.seeds),
-                "--models",
-                args.models,
-                "--epochs",
-                str(args.epochs),
-                "--patience",
-                str(args.patience),
-                "--out",
-                str(out / name),
-            ]
+        config = prodfuse.CompareConfig(
+            **data,
+            seeds=args.seeds,
+            models=args.models,
+            epochs=args.epochs,
+            patience=args.patience,
+            out=str(out / name),
+            overwrite=True,
         )
-        summary = run_compare(ns)
+        summary = prodfuse.compare(config)
+        print(summary["markdown"], flush=True)
         figures[name] = {
             "split": summary["split"],
             "n": summary["rows"][0]["n"],

@@ -32,7 +32,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from prodfuse import keep_freed_heap_mapped  # noqa: E402
 from prodfuse.data import shards  # noqa: E402
+
+keep_freed_heap_mapped()  # as the CLI does, before TensorFlow starts its threads
 
 VARIANTS = ("sequence", "numpy")
 NUM_CLASSES = 16

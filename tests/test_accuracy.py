@@ -25,6 +25,15 @@ MOBILENET = {"backbone": "mobilenet_v2", "weights": str(MOBILENET_WEIGHTS)}
 TRAIN = {"epochs": 40, "patience": 8}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def op_determinism():
+    """Repeatable training for a seed, as the CLI has it: the floors below are for seed 42 (without this switch the
+    grocery fused model's seed-42 run read 0.706 once, against 0.747 with it)."""
+    import tensorflow as tf
+
+    tf.config.experimental.enable_op_determinism()
+
+
 def extract_cached(name: str, catalog: Path, **settings) -> Path:
     out = CACHE / name
     summary = prodfuse.extract(
@@ -120,11 +129,11 @@ def test_grocery_fine_label_fusion_with_ocr(tmp_path):
         f"{image['per_group']['Packages']['accuracy']:.4f}; OCR words on {with_words:.0%} of Packages photos"
     )
     assert fused["n"] == 296 and fused["accuracy"] == pytest.approx(acc["gated"])
-    # Over 3 seeds (benchmarks/model_quality.py, README): gated 0.770 ± 0.031, image 0.757 ± 0.006, logistic
-    # regression on both 0.756 ± 0.008. One seed of the fused model lands anywhere in 0.73-0.80 (this one: 0.747,
-    # image 0.770), so the floors are the spread below those means, not one run's figures.
+    # Over 5 seeds (benchmarks/model_quality.py, README): gated 0.761 ± 0.014 (seeds 0.747-0.780), image
+    # 0.753 ± 0.023, logistic regression on both 0.756 ± 0.006. This seed (42, repeatable) reads gated 0.747 and
+    # image 0.770, so the floors are the spread below those means, not one run's figures.
     assert acc["gated"] >= 0.72
-    assert acc["gated"] >= acc["lr_concat"] - 0.03  # goal 1 holds on average only (+1.5 points), README
-    assert acc["gated"] >= acc["image"] - 0.03  # goal 2 likewise (+1.3 points on average)
+    assert acc["gated"] >= acc["lr_concat"] - 0.03  # goal 1: +0.5 point on average only, not met (README)
+    assert acc["gated"] >= acc["image"] - 0.03  # goal 2: +0.7 point on average; one seed may trail by 2.4
     assert acc["image"] >= acc["lr_image"] - 0.01
     assert fused["per_group"]["Packages"]["accuracy"] >= image["per_group"]["Packages"]["accuracy"] - 0.05

@@ -218,3 +218,20 @@ def test_bad_catalog_is_a_clean_error(tmp_path, capsys):
     assert main(["extract", "--catalog", str(p), "--out", str(tmp_path / "o"), *FAST]) == 2
     err = capsys.readouterr().err
     assert "no id column 'product_id'" in err and "['id', 'img']" in err
+
+
+def test_stop_event_stops_extraction_and_the_same_call_resumes(tiny_catalog, tmp_path):
+    """A service (or the CLI's signal handler) stops extraction through an event, checked between batches."""
+    import threading
+
+    from prodfuse.extraction.config import ExtractionStopped
+
+    stop = threading.Event()
+    stop.set()
+    out = tmp_path / "emb"
+    cfg = config("--catalog", str(tiny_catalog), "--out", str(out), *FAST, "--shard-rows", "5")
+    with pytest.raises(ExtractionStopped, match="resume"):
+        extract.extract(cfg, stop)
+    assert not list(out.glob("part-*"))  # stopped before its first shard
+    summary = extract.extract(cfg)  # the same call, no event: completes
+    assert summary["embedded_rows"] + summary["rejected_rows"] == summary["input_rows"] == 12

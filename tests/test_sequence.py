@@ -99,16 +99,16 @@ def test_load_inputs_reads_only_needed_columns(tmp_path):
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the heap setting exists only in glibc")
 def test_freed_heap_is_kept_mapped_on_glibc(monkeypatch):
-    import prodfuse
+    from prodfuse import keep_freed_heap_mapped
 
-    assert prodfuse._keep_freed_heap_mapped() is True
+    assert keep_freed_heap_mapped() is True
     monkeypatch.setenv("PRODFUSE_KEEP_MALLOC_DEFAULTS", "1")
-    assert prodfuse._keep_freed_heap_mapped() is False
+    assert keep_freed_heap_mapped() is False
 
 
 def test_training_draws_views_and_prediction_averages_them():
     from prodfuse.data.sequence import view_count, with_view
-    from prodfuse.inference.predict import predict_arrays
+    from prodfuse.modeling.probabilities import predict_arrays
 
     n, d = 6, 4
     image = np.zeros((n, d), np.float32)

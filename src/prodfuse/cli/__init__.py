@@ -117,10 +117,6 @@ class _Terminated(KeyboardInterrupt):
     its workers and keeps complete work, and main prints the resume hint; main then returns 143, not 130."""
 
 
-def _raise_terminated(signum, frame):
-    raise _Terminated()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -140,13 +136,24 @@ def main(argv: list[str] | None = None) -> int:
     # The entry point (never the library) turns SIGTERM into an exception, only while the command runs and
     # only from the main thread (signal handlers can be set nowhere else); the previous handler is restored.
     on_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main else None
+    # Each signal also sets `stop`, which the library checks between batches: a KeyboardInterrupt that lands in
+    # a finaliser (__del__, weakref callbacks) is printed and dropped by Python, and the work would go on.
+    stop, received = threading.Event(), []
+
+    def on_signal(signum, frame):
+        stop.set()
+        received.append(signum)
+        raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if on_main else {}
+    from prodfuse.extraction.config import ExtractionStopped
+
     try:
-        return module.run(cfg)
+        return module.run(cfg, stop)
+    except ExtractionStopped:  # the library noticed `stop`
+        return _interrupted(args, received)
     except KeyboardInterrupt as e:
-        how, code = ("SIGTERM", 143) if isinstance(e, _Terminated) else ("Ctrl-C", 130)
-        print(f"\ninterrupted ({how}). {_resume_hint(args)}", file=sys.stderr)
-        return code
+        return _interrupted(args, [signal.SIGTERM] if isinstance(e, _Terminated) else received)
     except ValueError as e:
         # Our errors say what was wrong and how to fix it; a traceback would only bury that.
         if os.environ.get("PRODFUSE_DEBUG"):
@@ -154,9 +161,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        if on_main:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
         restore_logging()
+
+
+def _interrupted(args: argparse.Namespace, received: list) -> int:
+    term = signal.SIGTERM in received
+    how, code = ("SIGTERM", 143) if term else ("Ctrl-C", 130)
+    print(f"\ninterrupted ({how}). {_resume_hint(args)}", file=sys.stderr)
+    return code
 
 
 def _resume_hint(args: argparse.Namespace) -> str:

@@ -49,7 +49,7 @@ def config(args: argparse.Namespace) -> CompareConfig:
     return make_config(CompareConfig, args)
 
 
-def run(cfg: CompareConfig) -> int:
+def run(cfg: CompareConfig, stop=None) -> int:
     import tensorflow as tf
 
     from prodfuse.evaluation.compare import compare

@@ -40,7 +40,7 @@ def config(args: argparse.Namespace) -> EvaluateConfig:
     return make_config(EvaluateConfig, args)
 
 
-def run(cfg: EvaluateConfig) -> int:
+def run(cfg: EvaluateConfig, stop=None) -> int:
     from prodfuse.evaluation.evaluate import evaluate
 
     print_summary(evaluate(cfg))

@@ -53,10 +53,10 @@ def config(args: argparse.Namespace) -> ExtractConfig:
     return make_config(ExtractConfig, args)
 
 
-def run(cfg: ExtractConfig) -> int:
+def run(cfg: ExtractConfig, stop=None) -> int:
     from prodfuse.extraction.extract import extract
 
-    summary = extract(cfg)
+    summary = extract(cfg, stop)
     print_summary(summary)
     return 0
 

@@ -31,7 +31,7 @@ def config(args: argparse.Namespace) -> PredictConfig:
     return make_config(PredictConfig, args, progress=args.progress_ok)
 
 
-def run(cfg: PredictConfig) -> int:
+def run(cfg: PredictConfig, stop=None) -> int:
     import logging
 
     from prodfuse.inference.batch import predict

@@ -119,7 +119,7 @@ def config(args: argparse.Namespace) -> TrainConfig:
     return make_config(TrainConfig, args, verbose=verbose)
 
 
-def run(cfg: TrainConfig) -> int:
+def run(cfg: TrainConfig, stop=None) -> int:
     import tensorflow as tf
 
     from prodfuse.modeling.training import train

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 from prodfuse.data.catalog import file_sha256
 from prodfuse.encoders.views import CROP_SCALE, MAX_VIEWS  # noqa: F401  (re-exported)
@@ -313,6 +313,10 @@ def load_image(path, image_size, max_pixels=DEFAULT_MAX_PIXELS, views=1):
                 img.load()
             except (OSError, ValueError, SyntaxError, EOFError, IndexError) as exc:
                 raise ImageRejected("truncated_image", f"{path}: {exc}") from exc
+            if ImageFile.LOAD_TRUNCATED_IMAGES and _missing_end_marker(f, img.format):
+                # A caller turned PIL's global switch on, so PIL padded the file silently; the switch is theirs
+                # to keep, and the file is still cut off.
+                raise ImageRejected("truncated_image", f"{path}: file ends before its {img.format} end marker")
             try:
                 img = ImageOps.exif_transpose(img)
             except Exception:  # corrupt EXIF only loses the orientation, the pixels are fine
@@ -324,6 +328,17 @@ def load_image(path, image_size, max_pixels=DEFAULT_MAX_PIXELS, views=1):
             if views == 1:
                 return np.asarray(rgb.resize((image_size, image_size), Image.Resampling.BILINEAR), dtype=np.uint8)
             return image_views(rgb, image_size, views)
+
+
+def _missing_end_marker(f, fmt: str | None) -> bool:
+    """True when a JPEG lacks its EOI marker or a PNG its IEND chunk near the end of the file (cut off)."""
+    marker = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}.get(fmt or "")
+    if marker is None:
+        return False
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    f.seek(max(0, size - 4096))
+    return marker not in f.read()
 
 
 def image_views(rgb, image_size, views):

@@ -56,6 +56,10 @@ def parse_views(value) -> int | str:
     return views
 
 
+class ExtractionStopped(RuntimeError):
+    """`extract` saw its `stop` event set: complete shards and image chunks are kept; the same call resumes."""
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     """What `extract` reads, how it embeds it and where it writes.

@@ -9,6 +9,7 @@ Two stages, both resumable:
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -24,7 +25,15 @@ import numpy as np
 
 from prodfuse.data import shards
 from prodfuse.data.catalog import Columns, file_sha256, present_text_columns, read_catalog, resolve_image_paths
-from prodfuse.extraction.config import AUTO_VIEWS_MAX_ROWS, DEFAULTS, LIKE_KEYS, MAX_VIEWS, ExtractConfig, parse_views
+from prodfuse.extraction.config import (  # noqa: F401  (ExtractionStopped re-exported)
+    AUTO_VIEWS_MAX_ROWS,
+    DEFAULTS,
+    LIKE_KEYS,
+    MAX_VIEWS,
+    ExtractConfig,
+    ExtractionStopped,
+    parse_views,
+)
 
 log = logging.getLogger(__name__)
 DEMO_OUT = Path("embeddings") / "demo"
@@ -142,7 +151,12 @@ def _reject(ids, paths, i, reason, detail="") -> dict:
     return {"id": ids[i], "path": paths[i], "reason": reason, "detail": detail}
 
 
-def extract(config: ExtractConfig) -> dict:
+def _check_stop(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise ExtractionStopped("extraction stopped on request; complete shards are kept, run it again to resume")
+
+
+def extract(config: ExtractConfig, stop: threading.Event | None = None) -> dict:
     """Embed `config.catalog` into the shard folder `config.out` (resuming a complete-settings match there);
     returns the summary that is also stored in the manifest."""
     from prodfuse.encoders import image as image_encoders
@@ -283,6 +297,7 @@ def extract(config: ExtractConfig) -> dict:
                 progress=progress,
                 views=views,
             ):
+                _check_stop(stop)  # between batches: a signal's KeyboardInterrupt can be lost in a finaliser
                 idx_parts.append(np.asarray([ok_rows[j] for j in local_idx], dtype=np.int64))
                 emb_parts.append(emb)
                 rejects += [_reject(ids, paths, ok_rows[j], reason, detail) for j, reason, detail in bad]
@@ -295,7 +310,13 @@ def extract(config: ExtractConfig) -> dict:
             embedded_images += len(index) * views
             _save_chunk(path, index, emb, rejects)
         if ocr_future is not None:
-            results = ocr_future.result()
+            while True:  # wait for OCR, but notice a stop request within 0.2 s
+                _check_stop(stop)
+                try:
+                    results = ocr_future.result(timeout=0.2)
+                    break
+                except concurrent.futures.TimeoutError:
+                    continue
             for i, r in zip(ocr_rows, results):
                 ocr_texts[i] = r.text
                 ocr_stats["cache_hits"] += bool(r.cached)
@@ -330,6 +351,7 @@ def extract(config: ExtractConfig) -> dict:
     rows_written, with_text = 0, 0
     written_rows: list[int] = []
     for s, e in chunks:
+        _check_stop(stop)
         path = _chunk_file(out, s // shard_rows)
         index, emb, rejects = _load_chunk(path)
         rows = index.tolist()
