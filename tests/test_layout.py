@@ -73,7 +73,8 @@ def test_imports_only_go_down_the_pipeline():
 
 
 def test_no_import_cycles_between_modules():
-    graph = {m: {t for t in imp if t in _imports_keys()} for m, imp in _imports().items()}
+    imports = _imports()
+    graph = {m: {t for t in imp if t in imports} for m, imp in imports.items()}
     state: dict[str, int] = {}
 
     def visit(m, path):
@@ -88,10 +89,6 @@ def test_no_import_cycles_between_modules():
     for m in graph:
         if m not in state:
             visit(m, [])
-
-
-def _imports_keys():
-    return set(_imports())
 
 
 def test_no_library_module_uses_argparse_or_print():
