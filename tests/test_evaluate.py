@@ -91,6 +91,9 @@ class RecordingModel:
     def __init__(self):
         self.calls = []
 
+    def __call__(self, x, training=False):  # few rows: called directly, as Keras models are
+        return self.predict(x)
+
     def predict(self, x, batch_size=None, verbose=0):
         self.calls.append({k: np.array(v) for k, v in x.items()})
         score = sum(np.asarray(v, dtype=float).sum(axis=1, keepdims=True) for v in x.values())

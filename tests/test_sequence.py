@@ -132,11 +132,15 @@ def test_training_draws_views_and_prediction_averages_them():
     class Echo:  # "probability" of class 1 = the image value / 10: the mean over views is (0 + 1 + 2) / 30
         output_shape = (None, 2)
 
-        def predict(self, x, batch_size=None, verbose=0):
+        def __call__(self, x, training=False):  # few rows: predict_arrays calls the model directly
             p1 = x["image"][:, :1] / 10
             return np.concatenate([1 - p1, p1], axis=1)
 
+        def predict(self, x, batch_size=None, verbose=0):  # many rows: through model.predict
+            return self(x)
+
     np.testing.assert_allclose(predict_arrays(Echo(), arrays)[:, 1], 0.1)
+    np.testing.assert_allclose(predict_arrays(Echo(), arrays, batch_size=1)[:, 1], 0.1)  # view by view
 
 
 def test_augmentation_draws_do_not_depend_on_call_order():

@@ -1,6 +1,7 @@
 """Training on synthetic shards: fusion must use both streams; the gate must lean to the stream that carries the class."""
 
 import json
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -216,3 +217,13 @@ def test_ensemble_saves_the_mean_of_its_members(synth, tmp_path):
     assert not np.allclose(members[0].predict(x, verbose=0), members[1].predict(x, verbose=0))  # two seeds
     with pytest.raises(ValueError, match="--ensemble 2 cannot be combined with staged"):
         train(synth, tmp_path / "bad", "--ensemble", "2", "--staged")
+
+
+def test_without_out_each_run_gets_its_own_folder(synth, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = prodfuse.TrainConfig(embeddings=str(synth), epochs=1, verbose=0)
+    first, second = prodfuse.train(cfg), prodfuse.train(cfg)
+    name = f"{synth.name}-gated"
+    assert (first.path, second.path) == (Path("runs") / name, Path("runs") / f"{name}-2")
+    assert (second.path / "model.keras").is_file()
+    assert (first.path / "model.keras").is_file()  # the first run is untouched

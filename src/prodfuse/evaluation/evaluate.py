@@ -238,20 +238,19 @@ def calibrate_run(run: Run, batch_size: int = 1024, val: tuple | None = None) ->
     return t, info
 
 
-def evaluate(config: EvaluateConfig) -> dict:
+def evaluate(cfg: EvaluateConfig) -> dict:
     """Score a run (see EvaluateConfig) and write the report folder; returns the metrics that metrics.json holds."""
     from prodfuse.evaluation import plots
 
-    args = config
-    run = Run.load(args.run)
-    config, classes, model = run.config, run.classes, run.model
+    run = Run.load(cfg.run)
+    run_config, classes, model = run.config, run.classes, run.model
     k = len(classes)
-    folder = Path(args.embeddings or config["embeddings"])
+    folder = Path(cfg.embeddings or run_config["embeddings"])
     manifest = shards.read_manifest(folder)
-    if not _same_folder(folder, config["embeddings"]):
-        check_compatible(config, manifest, folder)
-    rows, split, note = select_rows(config, folder, args.split)
-    label_col = config["label_col"]
+    if not _same_folder(folder, run_config["embeddings"]):
+        check_compatible(run_config, manifest, folder)
+    rows, split, note = select_rows(run_config, folder, cfg.split)
+    label_col = run_config["label_col"]
     id_col = manifest["columns"]["id"]
     present = shard_columns(folder)
     if present and label_col not in present:
@@ -259,17 +258,17 @@ def evaluate(config: EvaluateConfig) -> dict:
             f"Shards {str(folder)!r} have no label column {label_col!r} (the run's); evaluation "
             f"needs labels. Use `prodfuse predict` for unlabelled data."
         )
-    if args.group_col and present and args.group_col not in present:
+    if cfg.group_col and present and cfg.group_col not in present:
         raise ValueError(
-            f"--group-col {args.group_col!r} is not a column of {str(folder)!r}; it has "
+            f"--group-col {cfg.group_col!r} is not a column of {str(folder)!r}; it has "
             f"{[c for c in present if c not in ('image_embedding', 'text_embedding', 'tokens')]}."
         )
-    out_dir = Path(args.out or run.path / f"eval-{split}")
+    out_dir = Path(cfg.out or run.path / f"eval-{split}")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    temperature, cal_info = calibrate_run(run, args.batch_size)
+    temperature, cal_info = calibrate_run(run, cfg.batch_size)
 
-    extra = [id_col, label_col] + ([args.group_col] if args.group_col else [])
+    extra = [id_col, label_col] + ([cfg.group_col] if cfg.group_col else [])
     data = read_items(folder, run.inputs, extra, rows)
     labels = np.asarray(data[label_col]).astype(str)
     index = {c: i for i, c in enumerate(classes)}
@@ -282,7 +281,7 @@ def evaluate(config: EvaluateConfig) -> dict:
             f"({classes[:5]}...); check --embeddings and the run's label column {label_col!r}."
         )
     arrays = {k_: data[k_] for k_ in run.inputs}
-    res = forward(model, arrays, temperature, args.batch_size)
+    res = forward(model, arrays, temperature, cfg.batch_size)
 
     # Predictions of every selected row (unknown labels too), in the same format as `prodfuse predict`.
     img_c, txt_c = contributions(res)
@@ -317,7 +316,7 @@ def evaluate(config: EvaluateConfig) -> dict:
     per_class.round(6).to_csv(out_dir / "per_class.csv", index=False)
     cm = confusion(y, pred, k)
     plots.plot_confusion(cm, classes, out_dir / "confusion.png")
-    top = plots.top_confusions(cm, classes, args.top_confusions)
+    top = plots.top_confusions(cm, classes, cfg.top_confusions)
     _write_csv(out_dir / "confusions.csv", top, ["true", "pred", "count", "share_of_true"])
     plots.plot_reliability(
         reliability_bins(y, raw), reliability_bins(y, probs), ece, ece_cal, temperature, out_dir / "reliability.png"
@@ -333,8 +332,8 @@ def evaluate(config: EvaluateConfig) -> dict:
     ablation["gate_mean"] = gate_mean
 
     per_group = {}
-    if args.group_col:
-        groups = np.asarray(data[args.group_col]).astype(str)[known]
+    if cfg.group_col:
+        groups = np.asarray(data[cfg.group_col]).astype(str)[known]
         for g in sorted(set(groups.tolist())):
             m = groups == g
             gm = classification_metrics(y[m], probs[m])
@@ -342,9 +341,9 @@ def evaluate(config: EvaluateConfig) -> dict:
             gcm = confusion(y[m], pred[m], k)[np.ix_(present_cls, present_cls)]
             gnames = [classes[i] for i in present_cls]
             slug = _slug(g)
-            title = f"{args.group_col} = {g}: row-normalised ({len(gnames)} classes, n={int(m.sum())})"
+            title = f"{cfg.group_col} = {g}: row-normalised ({len(gnames)} classes, n={int(m.sum())})"
             plots.plot_confusion(gcm, gnames, out_dir / f"confusion_{slug}.png", title=title)
-            gtop = plots.top_confusions(gcm, gnames, args.top_confusions)
+            gtop = plots.top_confusions(gcm, gnames, cfg.top_confusions)
             _write_csv(out_dir / f"confusions_{slug}.csv", gtop, ["true", "pred", "count", "share_of_true"])
             per_group[g] = {
                 **gm,
@@ -360,12 +359,12 @@ def evaluate(config: EvaluateConfig) -> dict:
         "unknown_label_rows": int((~known).sum()),
         "unknown_labels": unknown,
         "per_group": per_group,
-        "group_col": args.group_col,
+        "group_col": cfg.group_col,
         "ablation": ablation,
         "calibration": {
             "temperature": temperature,
             "fitted_on": "the run's validation split",
-            "in_sample": split == "val" and _same_folder(folder, config["embeddings"]),
+            "in_sample": split == "val" and _same_folder(folder, run_config["embeddings"]),
             **{f"val_{k_}": v for k_, v in cal_info.items() if k_ != "fitted_on"},
         },
         "top_confusions": top,

@@ -5,12 +5,15 @@ from __future__ import annotations
 import csv
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from prodfuse.data.catalog import Columns, read_catalog, resolve_image_paths
 from prodfuse.inference.config import PredictConfig
+from prodfuse.inference.forward import contributions
 from prodfuse.inference.predict import prediction_table
 from prodfuse.inference.predictor import Predictor
 
@@ -53,47 +56,51 @@ def predict(config: PredictConfig, predictor: Predictor | None = None, on_batch=
         with_label = bool(label) and label in df.columns
         paths, path_rejects = resolve_image_paths(df, config.catalog, cols.image)
         id_col = cols.id
-        parts = []
+        tables = []
         n = len(df)
         for s in range(0, n, CATALOG_BATCH):
             rows = range(s, min(n, s + CATALOG_BATCH))
-            items = [
-                {"image": paths[i], **{c: df[c].iat[i] for c in text_cols if c in df.columns}}
-                for i in rows
-                if path_rejects[i] is None
-            ]
-            kept = [i for i in rows if path_rejects[i] is None]
             for i in rows:
                 if path_rejects[i] is not None:
                     rejects.append({"id": df[id_col].iat[i], "path": paths[i], "reason": path_rejects[i]})
-            results = predictor.predict(items, config.top_k) if items else []
-            for i, r in zip(kept, results):
-                if r["error"]:
-                    reason, _, detail = r["error"].partition(": ")
+            kept = [i for i in rows if path_rejects[i] is None]
+            items = [{"image": paths[i], **{c: df[c].iat[i] for c in text_cols if c in df.columns}} for i in kept]
+            ok, extras, res = predictor.forward_items(items) if items else ([], [], None)
+            for j, e in enumerate(extras):
+                if e["error"]:
+                    reason, _, detail = e["error"].partition(": ")
+                    i = kept[j]
                     rejects.append({"id": df[id_col].iat[i], "path": paths[i], "reason": reason, "detail": detail})
-                else:
-                    parts.append((i, r))
+            if ok:
+                rows_ok = [kept[j] for j in ok]
+                img_c, txt_c = contributions(res)
+                tables.append(
+                    prediction_table(
+                        df[id_col].to_numpy()[rows_ok],
+                        res["probs"],
+                        run.classes,
+                        config.top_k,
+                        img_c,
+                        txt_c,
+                        id_col=id_col,
+                        true_labels=df[label].to_numpy()[rows_ok] if with_label else None,
+                        label_col=label or "label",
+                    )
+                )
             if on_batch:
                 on_batch(min(n, s + CATALOG_BATCH), n)
-        import numpy as np
-
-        k = max(1, min(config.top_k, len(run.classes)))
-        probs = np.zeros((len(parts), len(run.classes)))
-        # prediction_table wants full probability rows; only the top k are known here, which is all it writes.
-        index = {c: j for j, c in enumerate(run.classes)}
-        for row, (_, r) in enumerate(parts):
-            for lab, p in zip(r["labels"][:k], r["probs"][:k]):
-                probs[row, index[lab]] = p
-        table = prediction_table(
-            [df[id_col].iat[i] for i, _ in parts],
-            probs,
-            run.classes,
-            k,
-            [r["image_contribution"] if r["image_contribution"] is not None else np.nan for _, r in parts],
-            [r["text_contribution"] if r["text_contribution"] is not None else np.nan for _, r in parts],
-            id_col=id_col,
-            true_labels=[df[label].iat[i] for i, _ in parts] if with_label else None,
-            label_col=label or "label",
+        table = (
+            pd.concat(tables, ignore_index=True)
+            if tables
+            else prediction_table(
+                [],
+                np.zeros((0, len(run.classes))),
+                run.classes,
+                config.top_k,
+                id_col=id_col,
+                true_labels=[] if with_label else None,
+                label_col=label or "label",
+            )
         )
         with open(rejects_path(out), "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["id", "path", "reason", "detail"])
@@ -106,15 +113,12 @@ def predict(config: PredictConfig, predictor: Predictor | None = None, on_batch=
         "predictions": str(out),
         "n": len(table),
         "rejected": len(rejects),
-        "rejected_by_reason": dict(pd.Series([r["reason"] for r in rejects], dtype=object).value_counts())
-        if rejects
-        else {},
+        "rejected_by_reason": dict(Counter(r["reason"] for r in rejects)),
         "temperature": run.temperature,
         "calibrated": run.calibrated,
         "run": str(run.path),
         "model": run.model.name,
         "rejects": str(rejects_path(out)) if config.catalog else None,
-        "gated": "gate" in [layer.name for layer in getattr(run.model, "layers", [])] or None,
     }
     label_col = run.label_col if config.embeddings else (config.label_col or "label")
     if with_label and len(table):

@@ -199,14 +199,20 @@ class Predictor:
             arrays["tokens"] = text_encoders.tokenize(texts, self.vocabulary)
         return arrays, ok, extras
 
+    def forward_items(self, items: list[dict]) -> tuple[list[int], list[dict], dict | None]:
+        """(positions of the items that embedded, per-item extras with "error" and "ocr_text", and the forward
+        pass over those items: calibrated "probs" over every class, ablations, gate; None when none embedded)."""
+        arrays, ok, extras = self.embed(items)
+        res = forward(self.run.model, arrays, self.run.temperature, self.batch_size) if ok else None
+        return ok, extras, res
+
     def predict(self, items: list[dict], top_k: int = 5) -> list[dict]:
         """For each item (a dict with `image`: path, bytes, PIL.Image or uint8 array, and/or the run's text columns
         by name), in order: {"labels", "probs" (calibrated, top_k of them), "ocr_text", "image_contribution",
         "text_contribution", "error"}; an item that cannot be embedded has only its "error" set."""
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be an integer >= 1; got {top_k!r}")
-        items = list(items)
-        arrays, ok, extras = self.embed(items)
+        ok, extras, res = self.forward_items(list(items))
         out = [
             {
                 "labels": [],
@@ -220,7 +226,6 @@ class Predictor:
         ]
         if not ok:
             return out
-        res = forward(self.run.model, arrays, self.run.temperature, self.batch_size)
         img_c, txt_c = contributions(res)
         k = min(top_k, len(self.run.classes))
         order = np.argsort(-res["probs"], axis=1, kind="stable")[:, :k]

@@ -20,8 +20,8 @@ class TrainConfig:
     """One training run: which shards, which model, how it is fitted, where the run folder goes.
 
     `label_col=None` takes the label column recorded in the shards' manifest at extraction; `split_col=None` the
-    split column recorded there. `out=None` writes runs/<embeddings name>-<fusion>. An existing run folder is
-    refused unless `overwrite`, which clears it first: a run folder never mixes two runs.
+    split column recorded there. `out=None` writes runs/<embeddings name>-<fusion> (-2, -3, ... when taken). An
+    existing `out` is refused unless `overwrite`, which clears it first: a run folder never mixes two runs.
     """
 
     embeddings: str | None = None  # None: the demo's embeddings/demo

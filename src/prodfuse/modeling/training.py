@@ -161,8 +161,15 @@ def plot_curves(history: dict, path: Path) -> None:
 
 
 def default_run_folder(config: TrainConfig) -> Path:
+    """runs/<embeddings name>-<fusion>, or -2, -3, ... after it: without --out each run gets its own folder (an
+    explicit --out that exists is refused unless overwrite)."""
     emb = Path(config.embeddings or DEMO_EMBEDDINGS)
-    return Path("runs") / f"{emb.name}-{config.fusion if config.both_streams else 'unimodal'}"
+    base = Path("runs") / f"{emb.name}-{config.fusion if config.both_streams else 'unimodal'}"
+    path, k = base, 1
+    while path.exists() and not config.overwrite and any(path.iterdir()):
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    return path
 
 
 def train(config: TrainConfig) -> Run:
