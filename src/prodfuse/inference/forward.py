@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from prodfuse.inference.calibration import apply_temperature
 from prodfuse.modeling.probabilities import STREAMS, has_stream, predict_arrays, zero_stream
+
+_GATE_MODELS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def gate_values(model, arrays: dict[str, np.ndarray], batch_size: int = 1024) -> np.ndarray | None:
@@ -14,15 +18,18 @@ def gate_values(model, arrays: dict[str, np.ndarray], batch_size: int = 1024) ->
 
     if not hasattr(model, "get_layer"):
         return None
-    gm = gate_model(model)
+    if model not in _GATE_MODELS:  # built once per model: a new sub-model per call would be traced each time
+        _GATE_MODELS[model] = gate_model(model)
+    gm = _GATE_MODELS[model]
     if gm is None:
         return None
     n = len(next(iter(arrays.values())))
     if n == 0:
         return np.zeros(0)
     from prodfuse.data.sequence import with_view
+    from prodfuse.modeling.probabilities import model_outputs
 
-    g = np.asarray(gm.predict(with_view(arrays, 0), batch_size=batch_size, verbose=0))  # the whole photo's gate
+    g = model_outputs(gm, with_view(arrays, 0), batch_size)  # the whole photo's gate
     return g.reshape(n, -1).mean(axis=1)
 
 

@@ -24,7 +24,8 @@ def has_stream(arrays: dict, stream: str) -> bool:
 DIRECT_CALL_ROWS = 4096
 
 
-def _probs(model, x: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
+def model_outputs(model, x: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
+    """`model`'s output on `x`: one direct call for few rows, `model.predict` in batches otherwise."""
     rows = len(next(iter(x.values())))
     if rows <= min(batch_size, DIRECT_CALL_ROWS):
         import keras
@@ -46,5 +47,5 @@ def predict_arrays(model, arrays: dict[str, np.ndarray], batch_size: int = 1024)
     per_view = [with_view(arrays, v) for v in range(views)]
     if views > 1 and n * views <= min(batch_size, DIRECT_CALL_ROWS):
         stacked = {k: np.concatenate([x[k] for x in per_view]) for k in per_view[0]}
-        return _probs(model, stacked, batch_size).reshape(views, n, -1).mean(axis=0)
-    return np.mean([_probs(model, x, batch_size) for x in per_view], axis=0)
+        return model_outputs(model, stacked, batch_size).reshape(views, n, -1).mean(axis=0)
+    return np.mean([model_outputs(model, x, batch_size) for x in per_view], axis=0)
