@@ -38,6 +38,20 @@ def check_choice(name: str, value, choices, *, optional: bool = False) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}; got {value!r}")
 
 
+def comma_list(value) -> tuple[str, ...]:
+    """("title", "description") from "title, description" (a flag or an older manifest) or from any sequence."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return tuple(value)
+
+
+def blank_to_none(config, *names: str) -> None:
+    """In a frozen config's __post_init__: "" means "no such column", as on the command line; store None."""
+    for name in names:
+        if getattr(config, name) == "":
+            object.__setattr__(config, name, None)
+
+
 def as_dict(config) -> dict:
     """A config's fields as plain JSON types (tuples become lists), for config.json and manifests."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prodfuse.checks import check_choice, check_range
+from prodfuse.checks import check_choice, check_range, comma_list
 from prodfuse.modeling.config import FUSIONS
 
 SPLITS = ("test", "val", "all")
@@ -34,7 +34,7 @@ class EvaluateConfig:
 
 
 def parse_models(value) -> tuple[str, ...]:
-    names = [m.strip() for m in value.split(",") if m.strip()] if isinstance(value, str) else list(value)
+    names = list(comma_list(value))
     bad = [m for m in names if m not in MODELS]
     if bad or not names:
         raise ValueError(f"models {value!r}: unknown {bad or 'empty list'}; choose from {','.join(MODELS)}")

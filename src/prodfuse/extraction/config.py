@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prodfuse.checks import check_choice, check_range
+from prodfuse.checks import blank_to_none, check_choice, check_range, comma_list
 from prodfuse.encoders.views import MAX_VIEWS
 
 BACKBONES = ("resnet50", "mobilenet_v2", "efficientnet_b0")
@@ -104,13 +104,9 @@ class ExtractConfig:
         check_range("shard_rows", self.shard_rows, 1, None, integer=True, optional=True)
         if self.views is not None:
             object.__setattr__(self, "views", parse_views(self.views))
-        if isinstance(self.text_cols, str):  # "title,description" from a flag or a JSON file
-            object.__setattr__(self, "text_cols", tuple(c.strip() for c in self.text_cols.split(",") if c.strip()))
-        elif self.text_cols is not None:
-            object.__setattr__(self, "text_cols", tuple(self.text_cols))
-        for name in ("label_col", "split_col"):  # "" means "no such column", as on the command line
-            if getattr(self, name) == "":
-                object.__setattr__(self, name, None)
+        if self.text_cols is not None:
+            object.__setattr__(self, "text_cols", comma_list(self.text_cols))
+        blank_to_none(self, "label_col", "split_col")
         if not self.id_col or not self.image_col:
             raise ValueError(f"id_col and image_col must name columns; got {self.id_col!r}, {self.image_col!r}")
         import codecs

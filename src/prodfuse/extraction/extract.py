@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prodfuse.checks import comma_list
 from prodfuse.data import shards
 from prodfuse.data.catalog import Columns, file_sha256, present_text_columns, read_catalog, resolve_image_paths
 from prodfuse.extraction.config import (  # noqa: F401  (ExtractionStopped re-exported)
@@ -68,10 +69,8 @@ def resolve_settings(config: ExtractConfig) -> dict:
         given = getattr(config, key, None)
         if key in LIKE_KEYS and like:
             recorded = like.get(key, 1 if key == "views" else None)  # shards from before views had one
-            if key == "text_cols" and isinstance(recorded, str):  # manifests up to 0.1 stored the flag's text
-                recorded = tuple(c.strip() for c in recorded.split(",") if c.strip())
-            elif key == "text_cols" and recorded is not None:
-                recorded = tuple(recorded)
+            if key == "text_cols" and recorded is not None:  # recorded as the flag's text, "title,description"
+                recorded = comma_list(recorded)
             if given is not None and given != recorded:
                 raise ValueError(
                     f"--{key.replace('_', '-')} {given!r} contradicts --like {config.like!r}, which "

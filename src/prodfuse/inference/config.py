@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prodfuse.checks import check_range
+from prodfuse.checks import blank_to_none, check_range, comma_list
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,6 @@ class PredictConfig:
         check_range("top_k", self.top_k, 1, 1000, integer=True)
         check_range("batch_size", self.batch_size, 1, 1 << 20, integer=True)
         check_range("ocr_workers", self.ocr_workers, 1, 256, integer=True, optional=True)
-        if isinstance(self.text_cols, str):
-            object.__setattr__(self, "text_cols", tuple(c.strip() for c in self.text_cols.split(",") if c.strip()))
-        for name in ("label_col", "split_col"):
-            if getattr(self, name) == "":
-                object.__setattr__(self, name, None)
+        if self.text_cols is not None:
+            object.__setattr__(self, "text_cols", comma_list(self.text_cols))
+        blank_to_none(self, "label_col", "split_col")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prodfuse.checks import check_choice, check_range
+from prodfuse.checks import blank_to_none, check_choice, check_range
 
 FUSIONS = ("concat", "gated", "cross_attention")
 TEXT_BRANCHES = ("mlp", "cnn", "none")
@@ -78,8 +78,7 @@ class TrainConfig:
             raise ValueError("image_branch and text_branch are both 'none': the model would have no input")
         if self.ensemble > 1 and self.staged:
             raise ValueError(f"ensemble {self.ensemble} cannot be combined with staged training; choose one")
-        if self.label_col == "":
-            object.__setattr__(self, "label_col", None)
+        blank_to_none(self, "label_col")
 
     @property
     def both_streams(self) -> bool:

@@ -207,23 +207,22 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path) -> Run:
     from prodfuse.modeling.metrics import classification_metrics
     from prodfuse.modeling.model import build_model
 
-    args = config
-    keras.utils.set_random_seed(args.seed)
-    inputs = (["image"] if args.image_branch == "mlp" else []) + (
-        ["text"] if args.text_branch == "mlp" else ["tokens"] if args.text_branch == "cnn" else []
+    keras.utils.set_random_seed(config.seed)
+    inputs = (["image"] if config.image_branch == "mlp" else []) + (
+        ["text"] if config.text_branch == "mlp" else ["tokens"] if config.text_branch == "cnn" else []
     )
     if "image" in inputs and manifest["encoders"].get("image", {}).get("views", 1) > 1:
         inputs.append("image_views")
     data = load_split_data(
         emb,
-        args.label_col,
-        args.split_col,
-        args.seed,
+        config.label_col,
+        config.split_col,
+        config.seed,
         inputs,
-        val_embeddings=args.val_embeddings,
-        test_embeddings=args.test_embeddings,
-        folds=args.folds,
-        fold=args.fold,
+        val_embeddings=config.val_embeddings,
+        test_embeddings=config.test_embeddings,
+        folds=config.folds,
+        fold=config.fold,
     )
     arrays, labels_all, splits = data["arrays"], data["labels"], data["splits"]
     too_small, split_source = data["too_small"], data["source"]
@@ -244,17 +243,21 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path) -> Run:
             unseen[name] = dict(Counter(labels_all[bad].tolist()))
             splits[name] = splits[name][y_all[splits[name]] >= 0]
     y_train = y_all[splits["train"]]
-    class_weight = balanced_class_weights(y_train, len(classes)) if args.class_weight == "balanced" else None
-    seq_kw = dict(arrays=arrays, labels=np.maximum(y_all, 0), num_classes=len(classes), batch_size=args.batch_size)
-    train_seq = ShardSequence(
-        rows=splits["train"],
-        training=True,
-        class_weight=class_weight,
-        mixup=args.mixup,
-        modality_dropout=args.modality_dropout,
-        seed=args.seed,
-        **seq_kw,
-    )
+    class_weight = balanced_class_weights(y_train, len(classes)) if config.class_weight == "balanced" else None
+    seq_kw = dict(arrays=arrays, labels=np.maximum(y_all, 0), num_classes=len(classes), batch_size=config.batch_size)
+
+    def train_sequence(seed: int) -> ShardSequence:
+        return ShardSequence(
+            rows=splits["train"],
+            training=True,
+            class_weight=class_weight,
+            mixup=config.mixup,
+            modality_dropout=config.modality_dropout,
+            seed=seed,
+            **seq_kw,
+        )
+
+    train_seq = train_sequence(config.seed)
     val_seq = ShardSequence(rows=splits["val"], **seq_kw)
 
     image_dim = arrays["image"].shape[1] if "image" in arrays else None
@@ -263,21 +266,21 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path) -> Run:
         num_classes=len(classes),
         image_dim=image_dim,
         text_dim=text_dim,
-        image_branch=args.image_branch,
-        text_branch=args.text_branch,
-        fusion=args.fusion,
-        wide=args.wide,
-        input_norm=args.input_norm,
+        image_branch=config.image_branch,
+        text_branch=config.text_branch,
+        fusion=config.fusion,
+        wide=config.wide,
+        input_norm=config.input_norm,
     )
     if "tokens" in arrays:  # the token ids' range and length as extraction recorded them
         tokens = manifest["encoders"].get("tokens", {})
         build.update(vocab_size=int(tokens.get("vocab_size") or VOCAB_SIZE), seq_len=int(arrays["tokens"].shape[1]))
     t0 = time.perf_counter()
-    both = args.image_branch != "none" and args.text_branch != "none"
-    if args.staged and both:
+    both = config.image_branch != "none" and config.text_branch != "none"
+    if config.staged and both:
         branch_models = []
         for branch in ("image", "text"):
-            m = build_model(**{**build, f"{'text' if branch == 'image' else 'image'}_branch": "none"}, seed=args.seed)
+            m = build_model(**{**build, f"{'text' if branch == 'image' else 'image'}_branch": "none"}, seed=config.seed)
             names = [t.name for t in m.inputs]
             sub = {
                 k: arrays[k] for k in names + (["image_views"] if "image_views" in arrays and "image" in names else [])
@@ -290,41 +293,33 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path) -> Run:
                     rows=splits["train"],
                     training=True,
                     class_weight=class_weight,
-                    seed=args.seed,
+                    seed=config.seed,
                 ),
                 ShardSequence(**{**seq_kw, "arrays": sub}, rows=splits["val"]),
-                args,
+                config,
                 run,
             )
             branch_models.append(m)
-        model = build_model(**build, seed=args.seed)
+        model = build_model(**build, seed=config.seed)
         for m in branch_models:
             for layer in m.layers:
                 if layer.name not in ("probs", "deep_logits", "wide_logits") and layer.weights:
                     model.get_layer(layer.name).set_weights(layer.get_weights())
         log.info("stage 2: fusion, branches at 1/10 of the rate")
-        history = fit_model(model, train_seq, val_seq, args, run, branch_rate=0.1)
+        history = fit_model(model, train_seq, val_seq, config, run, branch_rate=0.1)
     else:
         members = []
-        for i in range(args.ensemble):
+        for i in range(config.ensemble):
             if i:
-                log.info("ensemble member %d: seed %d", i + 1, args.seed + i)
-                train_seq = ShardSequence(
-                    rows=splits["train"],
-                    training=True,
-                    class_weight=class_weight,
-                    mixup=args.mixup,
-                    modality_dropout=args.modality_dropout,
-                    seed=args.seed + i,
-                    **seq_kw,
-                )
-            m = build_model(**build, seed=args.seed + i, name=f"member_{i}" if args.ensemble > 1 else None)
-            history = fit_model(m, train_seq, val_seq, args, run)  # history.csv and curves: the last member's
+                log.info("ensemble member %d: seed %d", i + 1, config.seed + i)
+                train_seq = train_sequence(config.seed + i)
+            m = build_model(**build, seed=config.seed + i, name=f"member_{i}" if config.ensemble > 1 else None)
+            history = fit_model(m, train_seq, val_seq, config, run)  # history.csv and curves: the last member's
             members.append(m)
         model = members[0] if len(members) == 1 else average_members(members)
     train_seconds = time.perf_counter() - t0
     # Re-compile with plain Adam so the saved file holds only standard Keras objects besides our layers.
-    model.compile(optimizer=keras.optimizers.Adam(args.lr), loss="categorical_crossentropy", metrics=["accuracy"])
+    model.compile(optimizer=keras.optimizers.Adam(config.lr), loss="categorical_crossentropy", metrics=["accuracy"])
     model.optimizer.build(model.trainable_variables)  # saved state then matches what loading builds: no warnings
     model.save(run / "model.keras")
     (run / "checkpoint.keras").unlink(missing_ok=True)
@@ -342,8 +337,8 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path) -> Run:
         "train": as_dict(config),
         "model_sha256": model_fingerprint(run),
         "embeddings": str(emb.resolve()),
-        "val_embeddings": str(Path(args.val_embeddings).resolve()) if args.val_embeddings else None,
-        "test_embeddings": str(Path(args.test_embeddings).resolve()) if args.test_embeddings else None,
+        "val_embeddings": str(Path(config.val_embeddings).resolve()) if config.val_embeddings else None,
+        "test_embeddings": str(Path(config.test_embeddings).resolve()) if config.test_embeddings else None,
         "manifest_sha256": file_sha256(emb / shards.MANIFEST),
         "extraction": {
             "catalog_path": manifest["catalog_path"],
@@ -352,7 +347,7 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path) -> Run:
             "encoders": manifest["encoders"],
         },
         "inputs": inputs,
-        "label_col": args.label_col,
+        "label_col": config.label_col,
         "num_classes": len(classes),
         "splits": {
             "source": split_source,
