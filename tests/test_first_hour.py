@@ -268,16 +268,8 @@ def test_demo_random_weight_fallback_is_recorded(tmp_path, monkeypatch):
     from prodfuse.data import demo
     from prodfuse.encoders import image as image_encoders
 
-    if (
-        Path.home() / ".keras" / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
-    ).exists():
-        pytest.skip("ImageNet weights for mobilenet_v2 are cached: no fallback happens")
-    model = image_encoders.build_backbone("mobilenet_v2", "imagenet", 32, allow_random_fallback=True)
-    if model.weights_source == "imagenet":
-        pytest.skip("this machine could download the ImageNet weights")
-    assert model.weights_source == "random (fallback)"
-
-    # the demo path of extract, on a tiny catalog and with the download failing without the network
+    # The demo path of extract, on a tiny catalog, with the ImageNet download failing as it does offline (no test
+    # touches the network: the download is replaced, not attempted).
     catalog = write_catalog(tmp_path / "cat", 9)
     monkeypatch.setattr(demo, "write_demo_catalog", lambda *a, **k: catalog)
     real = image_encoders._construct
