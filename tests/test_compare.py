@@ -150,3 +150,29 @@ def test_compare_folds_report_mean_and_std(tmp_path, eager):
     assert len(values) == 3 and row["accuracy"] == pytest.approx(np.mean(values))
     assert row["accuracy_std"] == pytest.approx(np.std(values, ddof=1))
     assert "±" in (out / "compare.md").read_text()
+
+
+def test_probe_cache_returns_the_same_figures_without_fitting_again(tmp_path, monkeypatch):
+    from prodfuse.evaluation import probes
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 20)
+    arrays = {
+        "image": (rng.normal(size=(60, 8)) + y[:, None]).astype(np.float32),
+        "text": rng.normal(size=(60, 4)).astype(np.float32),
+    }
+    splits = {"train": np.arange(0, 60, 2), "val": np.arange(1, 60, 4), "test": np.arange(3, 60, 4)}
+    run = lambda a: probes.run_probes(a, y, splits, 3, "test", ("lr_image", "lr_concat"), cache_dir=str(tmp_path))
+    first = run(arrays)
+    assert len(list(tmp_path.glob("*.npz"))) == 2
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted again although the cache holds this probe")
+
+    monkeypatch.setattr(probes, "fit_probe", no_fit)
+    again = run(arrays)
+    for name in first:
+        assert again[name]["metrics"] == first[name]["metrics"]
+    changed = {**arrays, "text": arrays["text"] + 1.0}  # other inputs: another key, so a fit
+    with pytest.raises(AssertionError, match="fitted again"):
+        run(changed)

@@ -23,6 +23,7 @@ LAYERS = [
     "modeling",
     "inference",
     "evaluation",
+    "serving",
     "cli",
 ]
 

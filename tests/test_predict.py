@@ -315,3 +315,22 @@ def test_prediction_table_orders_labels_by_probability():
     assert t.loc[0, ["label_1", "label_2", "label_3"]].tolist() == ["b", "c", "a"]
     assert t.loc[1, ["label_1", "label_2", "label_3"]].tolist() == ["a", "b", "c"]  # tie -> lower index first
     assert t["prob_1"].tolist() == [0.6, 0.5]
+
+
+def test_an_item_without_a_photo_is_classified_from_its_text(trained):
+    """No photo: the image stream is blank (zeros, as modality dropout showed the model in training), so the item
+    gets exactly the probabilities of the photo-ablated item; with neither photo nor text it gets an error."""
+    from prodfuse.inference.forward import forward
+
+    predictor = prodfuse.Predictor.from_run(trained / "run")
+    title = "red cotton shirt size 1"
+    image = str(trained / "train" / "img" / "1.png")
+    got = predictor.predict([{"title": title}, {"title": "  "}, {}], top_k=3)
+    assert got[0]["error"] is None and len(got[0]["labels"]) == 3
+    assert got[0]["image_contribution"] == pytest.approx(0.0, abs=1e-7)
+    assert [g["error"] is not None and "no image and no text" in g["error"] for g in got[1:]] == [True, True]
+    arrays, ok, _ = predictor.embed([{"image": image, "title": title}])
+    ablated = forward(predictor.run.model, arrays, predictor.run.temperature)["no_image"][0]
+    order = np.argsort(-ablated, kind="stable")[:3]
+    assert got[0]["labels"] == [predictor.run.classes[c] for c in order]
+    np.testing.assert_allclose(got[0]["probs"], ablated[order], atol=1e-6)

@@ -14,13 +14,14 @@ import signal
 import sys
 import threading
 
-COMMANDS = ("extract", "train", "evaluate", "predict", "compare")
+COMMANDS = ("extract", "train", "evaluate", "predict", "compare", "serve")
 HELPS = {
     "extract": "catalog -> OCR + image/text embeddings -> parquet shards",
     "train": "shards -> fusion MLP run folder",
     "evaluate": "metrics, ablation and calibration of a run",
     "predict": "top-k labels for a new catalog or shards",
     "compare": "unimodal vs fusion models and linear probes on the same splits",
+    "serve": "REST service + web page: classify a product from its photo and title",
 }
 
 

@@ -43,6 +43,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--models", default=",".join(MODELS), help=f"comma list of models to compare (default {','.join(MODELS)})"
     )
     p.add_argument("--out", default=None, help="output folder (default runs/compare-<embeddings name>)")
+    p.add_argument(
+        "--probe-cache",
+        default=None,
+        help="folder keeping the linear probes' results, keyed by a hash of their inputs: a rerun on the same "
+        "shards and splits skips the fits",
+    )
 
 
 def config(args: argparse.Namespace) -> CompareConfig:

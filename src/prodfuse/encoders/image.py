@@ -390,6 +390,18 @@ def _predict_fn(model):
     return _PREDICT_FNS[model]
 
 
+def embed_decoded(model, images, views=1, predict=None):
+    """Embeddings float32 [n, D] (or [n, views, D]) of decoded photos, each as `load_image` returns it: the one
+    backbone call that extraction, the Predictor and the service share."""
+    dim = model.output_shape[-1]
+    if not len(images):
+        return np.zeros((0, dim) if views == 1 else (0, views, dim), dtype=np.float32)
+    batch = np.stack(images)
+    predict = predict or _predict_fn(model)
+    embeddings = np.asarray(predict(batch.reshape(-1, *batch.shape[-3:])), dtype=np.float32)
+    return embeddings.reshape(len(images), views, dim) if views > 1 else embeddings
+
+
 def _load_or_reject(path, image_size, max_pixels, views=1):
     try:
         return load_image(path, image_size, max_pixels=max_pixels, views=views)
@@ -419,7 +431,6 @@ def iter_image_embeddings(
         raise ValueError(f"batch_size must be >= 1 (got {batch_size}).")
     batch_size = max(1, batch_size // views)
     workers = int(workers or min(16, os.cpu_count() or 1))
-    dim = model.output_shape[-1]
     predict = _predict_fn(model)
     starts = range(0, len(paths), batch_size)
 
@@ -451,13 +462,7 @@ def iter_image_embeddings(
                 else:
                     ok_rows.append(start + offset)
                     ok_images.append(result)
-            if ok_images:
-                batch = np.stack(ok_images)
-                embeddings = np.asarray(predict(batch.reshape(-1, *batch.shape[-3:])), dtype=np.float32)
-                if views > 1:
-                    embeddings = embeddings.reshape(len(ok_images), views, dim)
-            else:
-                embeddings = np.zeros((0, dim) if views == 1 else (0, views, dim), dtype=np.float32)
+            embeddings = embed_decoded(model, ok_images, views, predict)
             bar.update(len(futures))
             yield np.asarray(ok_rows, dtype=np.int64), embeddings, rejects
     finally:

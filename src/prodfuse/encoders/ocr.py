@@ -455,6 +455,41 @@ def _open_pool(engine: str, langs: tuple[str, ...], processes: int):
     return pool, mod
 
 
+def open_executor(engine: str, langs: str | Sequence[str] | None, workers: int):
+    """A started ``concurrent.futures.ProcessPoolExecutor`` of ``workers`` single-threaded OCR processes (the
+    same workers as extraction's pool), and ``read(path) -> (index, text, error)`` to submit to it. For a long-
+    lived caller (the service): a worker that dies breaks this executor; the caller opens a new one."""
+    import concurrent.futures
+    import multiprocessing as mp
+
+    langs_t = resolve_langs(engine, langs)
+    _check_engine(engine)
+    ns = {"name": _WORKER_MODULE, "path": os.path.abspath(__file__), "engine": engine, "langs": langs_t}
+    mod = _standalone_module()
+    executor = concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=mp.get_context("spawn"), initializer=exec, initargs=(_WORKER_BOOTSTRAP, ns)
+    )
+    with _blank_main():  # the workers start on the first submit
+        executor.submit(mod._loaded_modules, ()).result()
+    return executor, mod._worker_task
+
+
+def cache_lookup(image_sha: str, engine: str, langs: str | Sequence[str] | None, cache_dir=None):
+    """(cache file, cached text or None) for an image's sha256 under these settings: the cache ``ocr_images``
+    reads and writes, so the service and extraction share results."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    langs_t = resolve_langs(engine, langs)
+    path = _cache_path(cache, _cache_key(image_sha, engine, langs_t))
+    return path, _cache_read(path)
+
+
+def cache_store(path: Path, text: str, image_sha: str, engine: str, langs: str | Sequence[str] | None) -> None:
+    """Record a successful read at ``path`` (from ``cache_lookup``)."""
+    _cache_write(
+        path, {"text": text, "engine": engine, "langs": list(resolve_langs(engine, langs)), "image_sha256": image_sha}
+    )
+
+
 # --------------------------------------------------------------------------- driver
 
 

@@ -147,7 +147,9 @@ def _probe_rows(
     splits = {k: v[y[v] >= 0] for k, v in data["splits"].items()}  # as train: unseen labels are not scored
     key = hash(tuple(splits[k].tobytes() for k in ("train", "val", eval_split)))
     if key not in cache:
-        cache[key] = run_probes(data["arrays"], y, splits, len(classes), eval_split, probes)
+        cache[key] = run_probes(
+            data["arrays"], y, splits, len(classes), eval_split, probes, cache_dir=config.probe_cache
+        )
     return cache[key]
 
 

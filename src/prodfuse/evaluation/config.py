@@ -61,6 +61,7 @@ class CompareConfig:
     models: tuple[str, ...] = MODELS
     out: str | None = None  # None: runs/compare-<embeddings name>
     overwrite: bool = False
+    probe_cache: str | None = None  # a folder keeping the linear probes' results, keyed by their exact inputs
 
     def __post_init__(self):
         object.__setattr__(self, "models", parse_models(self.models))

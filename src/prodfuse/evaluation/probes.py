@@ -9,6 +9,8 @@ photo, their probabilities averaged over the views at prediction.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from prodfuse.evaluation.config import PROBES  # noqa: E402,F401  (the names, defined with the configs)
@@ -57,8 +59,13 @@ def run_probes(
     eval_split: str,
     probes=PROBES,
     seed: int = 0,
+    cache_dir: str | None = None,
 ) -> dict[str, dict]:
-    """{probe: {"metrics": ..., "seconds": ...}} scored on `eval_split`; `y` holds class ids of every row."""
+    """{probe: {"metrics": ..., "seconds": ...}} scored on `eval_split`; `y` holds class ids of every row.
+
+    With `cache_dir`, each probe's probabilities are kept there under a hash of everything the fit sees (features,
+    labels, C, seed, scikit-learn's version): the fits are deterministic, so a repeated comparison on the same
+    shards reads them back instead of fitting again ("seconds" is then the original fit's)."""
     import time
 
     tr, va, ev = splits["train"], splits["val"], splits[eval_split]
@@ -70,12 +77,19 @@ def run_probes(
             continue
         t0 = time.perf_counter()
         fit_views = probe_features(arrays, streams[name], tr)
-        predict = fit_probe(np.concatenate(fit_views), np.tile(y[tr], len(fit_views)), num_classes, seed=seed)
-        probs[name] = {
-            k: np.mean([predict(x) for x in probe_features(arrays, streams[name], rows)], axis=0)
-            for k, rows in (("val", va), ("eval", ev))
-        }
+        x_fit, y_fit = np.concatenate(fit_views), np.tile(y[tr], len(fit_views))
+        scored = {k: probe_features(arrays, streams[name], rows) for k, rows in (("val", va), ("eval", ev))}
+        cached = _cache_file(cache_dir, name, x_fit, y_fit, scored, num_classes, seed)
+        if cached is not None and cached.is_file():
+            with np.load(cached) as f:
+                probs[name] = {"val": f["val"], "eval": f["eval"]}
+                seconds[name] = float(f["seconds"])
+            continue
+        predict = fit_probe(x_fit, y_fit, num_classes, seed=seed)
+        probs[name] = {k: np.mean([predict(x) for x in views], axis=0) for k, views in scored.items()}
         seconds[name] = time.perf_counter() - t0
+        if cached is not None:
+            _save(cached, seconds=seconds[name], **probs[name])
     if "lr_late" in want:
         t = {s: fit_temperature(y[va], probs[s]["val"]) for s in ("lr_image", "lr_text")}
         cal = {s: {k: apply_temperature(p, t[s]) for k, p in probs[s].items()} for s in t}
@@ -88,3 +102,34 @@ def run_probes(
         if name == "lr_late":
             out[name]["late_fusion"] = out_late
     return out
+
+
+def _cache_file(cache_dir, name, x_fit, y_fit, scored, num_classes, seed):
+    if cache_dir is None:
+        return None
+    import hashlib
+
+    import sklearn
+
+    h = hashlib.sha256(f"{name} C={PROBE_C} seed={seed} k={num_classes} sklearn={sklearn.__version__}".encode())
+    for a in (x_fit, y_fit, *scored["val"], *scored["eval"]):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.data)
+    return Path(cache_dir) / f"{name}-{h.hexdigest()[:32]}.npz"
+
+
+def _save(path: Path, **arrays) -> None:
+    """Written to a temporary name and renamed: a reader sees the whole file or none."""
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

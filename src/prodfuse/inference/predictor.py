@@ -25,6 +25,7 @@ from prodfuse.inference.predict import check_compatible, prediction_table
 from prodfuse.modeling.run import Run
 
 log = logging.getLogger(__name__)
+STREAMS_TEXT = {"text", "tokens"}  # model inputs that carry text
 
 
 def _materialise(image, folder: Path, i: int) -> str:
@@ -50,6 +51,11 @@ def _materialise(image, folder: Path, i: int) -> str:
         path.write_bytes(buf.getvalue())
         return str(path)
     raise ValueError(f"an item's image must be a path, bytes, a PIL.Image or a uint8 array; got {type(image).__name__}")
+
+
+def _check_top_k(top_k) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be an integer >= 1; got {top_k!r}")
 
 
 class Predictor:
@@ -96,7 +102,8 @@ class Predictor:
             Run.load(path), None, None, None, ocr_workers=ocr_workers, ocr_cache=ocr_cache, batch_size=batch_size
         )
 
-    def _load_encoders(self) -> None:
+    def load_encoders(self) -> None:
+        """Build the backbone and load the fitted text encoder now (otherwise on the first new item)."""
         from prodfuse.encoders import image as image_encoders
         from prodfuse.encoders import text as text_encoders
 
@@ -131,9 +138,8 @@ class Predictor:
         joined text and error). A bad image is that item's error, never the batch's."""
         from prodfuse.encoders import image as image_encoders
         from prodfuse.encoders import ocr
-        from prodfuse.encoders import text as text_encoders
 
-        self._load_encoders()
+        self.load_encoders()
         extras = [{"ocr_text": "", "text": "", "error": None} for _ in items]
         with tempfile.TemporaryDirectory(prefix="prodfuse-predict-") as tmp:
             paths: list[str | None] = []
@@ -152,7 +158,7 @@ class Predictor:
             if "image" in self.run.inputs:
                 for i in range(len(items)):
                     if paths[i] is None and extras[i]["error"] is None:
-                        extras[i]["error"] = "no image: this run's model needs one ('image' key)"
+                        extras[i]["error"] = self._missing_image(items[i])
             emb = {}
             for local, vectors, bad in image_encoders.iter_image_embeddings(
                 self.backbone,
@@ -179,25 +185,53 @@ class Predictor:
                 for i, r in zip(ocr_rows, results):
                     extras[i]["ocr_text"] = r.text  # an OCR failure leaves the item without OCR text, as extraction
         ok = [i for i in range(len(items)) if extras[i]["error"] is None]
+        image_emb = None
+        if ok and "image" in self.run.inputs:
+            image_emb = np.stack([emb[i] if i in emb else self._blank_image() for i in ok])
+        arrays = self._arrays(image_emb, [items[i] for i in ok], [extras[i] for i in ok])
+        return arrays, ok, extras
+
+    def _missing_image(self, item: dict) -> str | None:
+        """None when an item without a photo can still be classified (the model also reads text, and the item has
+        some: its image stream is then blank, as modality dropout showed the model in training); else why not."""
+        if not STREAMS_TEXT.intersection(self.run.inputs):
+            return "no image: this run's model reads only the photo ('image' key)"
+        if not any(isinstance(item.get(c), str) and item.get(c).strip() for c in self.text_cols):
+            return f"no image and no text: give an 'image' or one of {self.text_cols}"
+        return None
+
+    def _blank_image(self) -> np.ndarray:
+        """A missing photo's embedding: zeros, what the model saw when training dropped the image stream."""
+        dim = int(self.backbone.output_shape[-1])
+        return np.zeros((self.views, dim) if self.views > 1 else (dim,), np.float32)
+
+    def _arrays(self, image_emb: np.ndarray | None, items: list[dict], extras: list[dict]) -> dict[str, np.ndarray]:
+        """Model inputs of embedded items: image embeddings [n, (views,) D] and the items' text columns joined
+        with their OCR text (each extra's "text" is set to what the text encoder read)."""
+        from prodfuse.encoders import text as text_encoders
+
         texts = [
-            text_encoders.join_text([items[i].get(c) for c in self.text_cols] + [extras[i]["ocr_text"]]) for i in ok
+            text_encoders.join_text([item.get(c) for c in self.text_cols] + [extra["ocr_text"]])
+            for item, extra in zip(items, extras)
         ]
-        for i, t in zip(ok, texts):
-            extras[i]["text"] = t
+        for extra, t in zip(extras, texts):
+            extra["text"] = t
+        n = len(items)
         arrays: dict[str, np.ndarray] = {}
         if "image" in self.run.inputs:
-            stack = np.stack([emb[i] for i in ok]) if ok else np.zeros((0, self.views, 0), np.float32)
+            if not n:
+                image_emb = np.zeros((0, self.views, 0) if self.views > 1 else (0, 0), np.float32)
             if self.views > 1:
-                arrays["image"] = stack[:, 0] if ok else np.zeros((0, 0), np.float32)
+                arrays["image"] = image_emb[:, 0]
                 if "image_views" in self.run.inputs:
-                    arrays["image_views"] = stack[:, 1:].reshape(len(ok), -1)
+                    arrays["image_views"] = image_emb[:, 1:].reshape(n, (self.views - 1) * image_emb.shape[-1])
             else:
-                arrays["image"] = stack
+                arrays["image"] = image_emb
         if "text" in self.run.inputs:
             arrays["text"] = self.text_encoder.encode(texts)
         if "tokens" in self.run.inputs:
             arrays["tokens"] = text_encoders.tokenize(texts, self.vocabulary)
-        return arrays, ok, extras
+        return arrays
 
     def forward_items(self, items: list[dict]) -> tuple[list[int], list[dict], dict | None]:
         """(positions of the items that embedded, per-item extras with "error" and "ocr_text", and the forward
@@ -210,9 +244,38 @@ class Predictor:
         """For each item (a dict with `image`: path, bytes, PIL.Image or uint8 array, and/or the run's text columns
         by name), in order: {"labels", "probs" (calibrated, top_k of them), "ocr_text", "image_contribution",
         "text_contribution", "error"}; an item that cannot be embedded has only its "error" set."""
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be an integer >= 1; got {top_k!r}")
+        _check_top_k(top_k)
         ok, extras, res = self.forward_items(list(items))
+        return self._results(ok, extras, res, top_k)
+
+    def predict_prepared(
+        self, images: list[np.ndarray | None], items: list[dict], ocr_texts: list[str], top_k: int = 5
+    ) -> list[dict]:
+        """`predict` for items whose photos are already decoded (each as `load_image` returns it for this run's
+        image size and views, or None) and read by OCR: the same backbone call, text encoder and model, so an
+        item gets the same result as through `predict`. The service gathers concurrent requests into one call."""
+        from prodfuse.encoders import image as image_encoders
+
+        _check_top_k(top_k)
+        self.load_encoders()
+        extras = [{"ocr_text": t or "", "text": "", "error": None} for t in ocr_texts]
+        if "image" in self.run.inputs:
+            for image, item, extra in zip(images, items, extras):
+                if image is None:
+                    extra["error"] = self._missing_image(item)
+        ok = [i for i, e in enumerate(extras) if e["error"] is None]
+        image_emb = None
+        if "image" in self.run.inputs:
+            photos = [i for i in ok if images[i] is not None]
+            embedded = dict(
+                zip(photos, image_encoders.embed_decoded(self.backbone, [images[i] for i in photos], self.views))
+            )
+            image_emb = np.stack([embedded[i] if i in embedded else self._blank_image() for i in ok]) if ok else None
+        arrays = self._arrays(image_emb, [items[i] for i in ok], [extras[i] for i in ok])
+        res = forward(self.run.model, arrays, self.run.temperature, self.batch_size) if ok else None
+        return self._results(ok, extras, res, top_k)
+
+    def _results(self, ok: list[int], extras: list[dict], res: dict | None, top_k: int) -> list[dict]:
         out = [
             {
                 "labels": [],

@@ -1,0 +1,543 @@
+"""The service: `create_app(config, predictor)` -> a FastAPI app that classifies products from a photo and text.
+
+Every item goes the `Predictor`'s way (the photo decoded like a catalog image, OCR with the shared cache, the
+run's text encoder and model), so a request gets what `Predictor.predict` gives for the same item. Request
+handlers only parse and hand over: decoding runs in a thread pool, OCR in worker processes, the backbone and the
+model in one thread that takes items of concurrent requests in batches (see `MicroBatcher`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime
+import hmac
+import json
+import logging
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from prodfuse.encoders.image import ImageRejected
+from prodfuse.inference.predictor import Predictor
+from prodfuse.serving.batcher import MicroBatcher
+from prodfuse.serving.config import ServeConfig
+from prodfuse.serving.metrics import Metrics
+from prodfuse.serving.ocr_pool import OcrPool, OcrWorkerDied
+from prodfuse.serving.uploads import decode_upload, remove, save_upload
+
+log = logging.getLogger(__name__)
+
+PUBLIC = ("/health/live", "/health/ready", "/", "/favicon.ico")  # everything else needs the key, when one is set
+ENDPOINTS = ("/", "/v1/predict", "/v1/predict/batch", "/v1/model", "/health/live", "/health/ready", "/metrics")
+DEFAULT_TOP_K = 5
+FORM_SLACK = 256 * 1024  # multipart boundaries and text fields beside the photo bytes
+
+
+class ApiError(Exception):
+    """An answer other than 200: its status, a reason name (extraction's reject reasons for photos) and a detail."""
+
+    def __init__(self, status: int, error: str, detail: str, headers: dict | None = None):
+        super().__init__(detail)
+        self.status, self.error, self.detail, self.headers = status, error, detail, headers or {}
+
+    def body(self) -> dict:
+        return {"error": self.error, "detail": self.detail}
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _error_response(status: int, error: str, detail: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+
+
+class _LimitBody:
+    """ASGI wrapper: a body over the endpoint's limit is refused with 413 from its Content-Length, or stopped as
+    soon as the bytes received pass the limit (chunked uploads), before it is parsed or spooled."""
+
+    def __init__(self, app, limit_for):
+        self.app, self.limit_for = app, limit_for
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit_for(scope["path"])
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await _error_response(413, "upload_too_large", _too_large(int(length), limit))(scope, receive, send)
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _BodyTooLarge(_too_large(received, limit))
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _too_large(size: int, limit: int) -> str:
+    return f"the request body has {size} bytes, over the limit of {limit} (--max-upload-mb)"
+
+
+class Service:
+    """What the app's handlers share: the predictor, the OCR pool, the batcher, the metrics and the limits."""
+
+    def __init__(self, config: ServeConfig, predictor: Predictor):
+        self.config = config
+        self.predictor = predictor
+        self.run = predictor.run
+        self.metrics = Metrics()
+        self.key = config.api_key()
+        self.pool = OcrPool(predictor.ocr_engine, predictor.ocr_lang, config.ocr_workers, config.ocr_cache)
+        self.batcher = MicroBatcher(self._compute, config.max_batch, config.max_wait_ms, self._on_batch)
+        self.decode = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="prodfuse-decode")
+        self._tmp = tempfile.TemporaryDirectory(prefix="prodfuse-serve-")
+        self.tmp = Path(self._tmp.name)
+        self.ready = False
+        self.load_error: str | None = None
+        self.inflight = 0
+        self.text_fields = list(predictor.text_cols)
+        self.num_classes = len(self.run.classes)
+
+    # ---------------------------------------------------------------------------------------------- life
+
+    def _load(self) -> None:
+        """Encoders, OCR workers and one item through the whole path, so the first request pays no start-up."""
+        self.predictor.load_encoders()
+        self.pool.start()
+        size, views = self.predictor.image_size, self.predictor.views
+        grey = np.full((views, size, size, 3) if views > 1 else (size, size, 3), 128, np.uint8)
+        self._compute([(grey if "image" in self.run.inputs else None, {c: "warm up" for c in self.text_fields}, "", 1)])
+
+    async def start(self) -> None:
+        try:
+            await asyncio.to_thread(self._load)
+        except Exception as e:  # reported by /health/ready and the log; the process stays up for diagnosis
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.error("the service could not load its model: %s", self.load_error)
+            return
+        self.ready = True
+        log.info("ready: %s (%d classes)", self.run.path, self.num_classes)
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        await asyncio.to_thread(self.pool.close)
+        self.decode.shutdown(wait=True, cancel_futures=True)
+        self._tmp.cleanup()
+
+    # ---------------------------------------------------------------------------------------------- work
+
+    def _compute(self, payloads: list) -> list:
+        """Runs in the model thread: one backbone and model call for every item of the batch."""
+        started = time.perf_counter()
+        results = self.predictor.predict_prepared(
+            [p[0] for p in payloads], [p[1] for p in payloads], [p[2] for p in payloads], max(p[3] for p in payloads)
+        )
+        ms = (time.perf_counter() - started) * 1000
+        return [(r, ms) for r in results]
+
+    def _on_batch(self, size: int, seconds: float) -> None:
+        self.metrics.batch_size.observe(size)
+        self.metrics.batch_seconds.observe(seconds)
+
+    def admit(self, n: int) -> None:
+        if not self.ready:
+            detail = self.load_error or "the model is loading; retry shortly"
+            raise ApiError(503, "not_ready", detail, {"Retry-After": "5"})
+        if self.inflight + n > self.config.max_queue:
+            raise ApiError(
+                503,
+                "overloaded",
+                f"{self.inflight} items are being classified and this request adds {n}: over the limit of "
+                f"{self.config.max_queue} (--max-queue); retry shortly",
+                {"Retry-After": "1"},
+            )
+        self.inflight += n
+        self.metrics.queue_depth.set(self.inflight)
+
+    def release(self, n: int) -> None:
+        self.inflight -= n
+        self.metrics.queue_depth.set(self.inflight)
+
+    def top_k(self, value) -> int:
+        if value is None or value == "":
+            return min(DEFAULT_TOP_K, self.num_classes)
+        try:
+            k = int(value)
+            if isinstance(value, float) or isinstance(value, bool) or str(k) != str(value).strip():
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ApiError(422, "bad_top_k", f"top_k must be an integer; got {value!r}") from None
+        if not 1 <= k <= self.num_classes:
+            raise ApiError(422, "bad_top_k", f"top_k must be in 1..{self.num_classes} (the classes); got {k}")
+        return k
+
+    def texts(self, fields: dict, allowed_extra: tuple[str, ...]) -> dict:
+        unknown = sorted(set(fields) - set(self.text_fields) - set(allowed_extra))
+        if unknown:
+            accepted = ", ".join(list(allowed_extra) + self.text_fields)
+            raise ApiError(422, "unknown_field", f"unknown field(s) {unknown}; this model accepts: {accepted}")
+        out = {}
+        for c in self.text_fields:
+            v = fields.get(c)
+            if v is not None and not isinstance(v, str):
+                raise ApiError(422, "bad_field", f"{c!r} must be text; got {type(v).__name__}")
+            out[c] = v or ""
+        return out
+
+    async def item(self, data: bytes | None, texts: dict, top_k: int) -> dict:
+        """Classify one item: decode and OCR its photo (if any), then wait for its place in a model batch."""
+        started = time.perf_counter()
+        timings = {}
+        if data is None and not any(t.strip() for t in texts.values()):
+            fields = " or ".join(["image"] + self.text_fields)
+            raise ApiError(422, "empty_item", f"an item needs an image or text; give {fields}")
+        if data is not None and len(data) > self.config.max_upload_bytes:
+            raise ApiError(413, "upload_too_large", _too_large(len(data), self.config.max_upload_bytes))
+        path, decoded, ocr_text = None, None, ""
+        loop = asyncio.get_running_loop()
+        try:
+            if data is not None:
+                t = time.perf_counter()
+                path, sha = await loop.run_in_executor(self.decode, save_upload, data, self.tmp)
+                try:
+                    decoded = await loop.run_in_executor(
+                        self.decode, decode_upload, path, self.predictor.image_size, self.predictor.views
+                    )
+                except ImageRejected as e:
+                    raise ApiError(422, e.reason, e.detail) from None
+                timings["decode"] = (time.perf_counter() - t) * 1000
+                t = time.perf_counter()
+                try:
+                    ocr_text = await self.pool.read(path, sha)
+                except OcrWorkerDied as e:
+                    self.metrics.ocr_restarts.inc()
+                    raise ApiError(503, "ocr_worker_died", str(e), {"Retry-After": "1"}) from None
+                timings["ocr"] = (time.perf_counter() - t) * 1000
+            (result, model_ms), queued = await self.batcher.submit((decoded, texts, ocr_text, top_k))
+        finally:
+            remove(path)
+        if result["error"] is not None:
+            reason = "no_image" if result["error"].startswith("no image") else "unprocessable"
+            raise ApiError(422, reason, result["error"])
+        timings.update(queue=queued * 1000, model=model_ms, total=(time.perf_counter() - started) * 1000)
+        return {
+            "top_k": [{"label": lb, "probability": p} for lb, p in zip(result["labels"][:top_k], result["probs"])],
+            "ocr_text": result["ocr_text"],
+            "contributions": {"image": result["image_contribution"], "text": result["text_contribution"]},
+            "model": {"name": self.run.path.name, "fingerprint": self.run.fingerprint},
+            "timings_ms": {k: round(v, 2) for k, v in timings.items()},
+        }
+
+    async def item_or_error(self, job: tuple | ApiError) -> dict:
+        """A batch item's result, or its error as {"error", "detail", "status"}."""
+        try:
+            if isinstance(job, ApiError):
+                raise job
+            out = await self.item(*job)
+            self.metrics.items.labels("ok").inc()
+            return out
+        except ApiError as e:
+            self.metrics.items.labels(e.error).inc()
+            return {"error": e.error, "detail": e.detail, "status": e.status}
+
+    def model_info(self) -> dict:
+        run, settings = self.run, self.run.extraction.get("settings", {})
+        encoders = self.run.extraction.get("encoders", {})
+        model_file = run.path / "model.keras"
+        return {
+            "name": run.path.name,
+            "fingerprint": run.fingerprint,
+            "labels": run.classes,
+            "inputs": run.inputs,
+            "text_fields": self.text_fields,
+            "backbone": settings.get("backbone"),
+            "weights": settings.get("weights"),
+            "image_size": self.predictor.image_size,
+            "views": self.predictor.views,
+            "text_encoder": (encoders.get("text") or {}).get("kind") or settings.get("text_encoder"),
+            "ocr_engine": self.predictor.ocr_engine,
+            "fusion": (run.config.get("train") or {}).get("fusion"),
+            "temperature": run.temperature,
+            "calibrated": run.calibrated,
+            "metrics": {k: v for k, v in run.metrics.items() if k != "model_sha256"},
+            "created": datetime.datetime.fromtimestamp(model_file.stat().st_mtime, datetime.timezone.utc).isoformat(),
+            "limits": {
+                "max_upload_mb": self.config.max_upload_mb,
+                "max_items": self.config.max_items,
+                "max_batch": self.config.max_batch,
+            },
+        }
+
+
+# -------------------------------------------------------------------------------------------------- app
+
+_PREDICT_FORM = {
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "image": {"type": "string", "format": "binary", "description": "the product photo"},
+                    "title": {"type": "string", "description": "a text column of the run (see GET /v1/model)"},
+                    "description": {"type": "string"},
+                    "top_k": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K},
+                },
+            }
+        }
+    }
+}
+_BATCH_FORM = {
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                    "items": {
+                        "type": "string",
+                        "description": 'JSON list: [{"image": 0, "title": "..."}, {"title": "..."}]; "image" '
+                        "is an index into images. Without it, one item per image.",
+                    },
+                    "top_k": {"type": "integer", "minimum": 1},
+                },
+            }
+        },
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "items": {
+                        "type": "array",
+                        "items": {"type": "object", "properties": {"image_base64": {"type": "string"}}},
+                    },
+                    "top_k": {"type": "integer", "minimum": 1},
+                },
+            }
+        },
+    }
+}
+
+
+def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastAPI:
+    """The service for `config.run` (or an already loaded `predictor` of it). Ready once the model, backbone
+    and OCR workers are loaded and one item went through (`GET /health/ready`)."""
+    predictor = predictor or Predictor.from_run(config.run)
+    service = Service(config, predictor)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        service.batcher.start()
+        loading = asyncio.create_task(service.start())  # live at once, ready when loaded
+        try:
+            yield
+        finally:
+            loading.cancel()
+            await service.stop()
+
+    app = FastAPI(
+        title="prodfuse",
+        version="1",
+        summary="Classify a product from its photo and title.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    single = config.max_upload_bytes + FORM_SLACK
+    batch = (config.max_upload_bytes * 4 // 3 + FORM_SLACK) * config.max_items  # base64 in JSON is 4/3 larger
+    app.add_middleware(_LimitBody, limit_for=lambda path: batch if path == "/v1/predict/batch" else single)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        return _error_response(e.status, e.error, e.detail, e.headers)
+
+    @app.exception_handler(_BodyTooLarge)
+    async def body_too_large(request, e):
+        return _error_response(413, "upload_too_large", str(e))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        reason = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "error")
+        return _error_response(e.status_code, reason, str(e.detail), getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, e: Exception):
+        log.exception("internal error on %s", request.url.path)  # the trace goes to the log, never to the client
+        return _error_response(500, "internal", "internal error; the server log has the details")
+
+    @app.middleware("http")
+    async def guard_and_measure(request: Request, call_next):
+        path = request.url.path
+        endpoint = path if path in ENDPOINTS else "other"
+        started = time.perf_counter()
+        if service.key is not None and path not in PUBLIC and not _authorised(request, service.key):
+            response = _error_response(
+                401, "unauthorized", "send the key as 'Authorization: Bearer KEY'", {"WWW-Authenticate": "Bearer"}
+            )
+        else:
+            response = await call_next(request)
+        service.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        service.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        return HTMLResponse(resources.files("prodfuse.serving").joinpath("page.html").read_text(encoding="utf-8"))
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():
+        return Response(status_code=204)
+
+    @app.get("/health/live")
+    async def live():
+        return {"status": "live"}
+
+    @app.get("/health/ready")
+    async def ready():
+        if service.ready:
+            return {"status": "ready", "model": service.run.path.name}
+        detail = service.load_error or "loading"
+        return JSONResponse({"status": "not_ready", "detail": detail}, status_code=503, headers={"Retry-After": "5"})
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/model")
+    async def model():
+        return service.model_info()
+
+    @app.post("/v1/predict", openapi_extra={"requestBody": _PREDICT_FORM})
+    async def predict(request: Request):
+        """One product: multipart `image` (a file) and/or the run's text fields (`title`, `description`), `top_k`."""
+        form = await request.form(max_files=2, max_fields=64)
+        try:
+            images = form.getlist("image")
+            if len(images) > 1:
+                raise ApiError(422, "bad_field", f"one 'image' per request; got {len(images)} (see /v1/predict/batch)")
+            if images and not isinstance(images[0], UploadFile):
+                raise ApiError(422, "bad_field", "'image' must be a file upload (multipart/form-data)")
+            fields = {k: v for k, v in form.multi_items() if k != "image"}
+            texts = service.texts(fields, ("image", "top_k"))
+            k = service.top_k(fields.get("top_k"))
+            data = await images[0].read() if images else None
+        finally:
+            await form.close()
+        service.admit(1)
+        try:
+            out = await service.item(data, texts, k)
+        except ApiError as e:
+            service.metrics.items.labels(e.error).inc()
+            raise
+        finally:
+            service.release(1)
+        service.metrics.items.labels("ok").inc()
+        return out
+
+    @app.post("/v1/predict/batch", openapi_extra={"requestBody": _BATCH_FORM})
+    async def predict_batch(request: Request):
+        """Several products: multipart `images` + a JSON `items` field, or a JSON body with base64 images. One
+        result or one error ({"error", "detail", "status"}) per item, in order."""
+        jobs = await _batch_jobs(request, service)
+        service.admit(len(jobs))
+        try:
+            results = await asyncio.gather(*(service.item_or_error(job) for job in jobs))
+        finally:
+            service.release(len(jobs))
+        return {"results": results}
+
+    return app
+
+
+def _authorised(request: Request, key: str) -> bool:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+async def _batch_jobs(request: Request, service: Service) -> list[tuple | ApiError]:
+    """(bytes or None, texts, top_k) per item of a batch request, or an ApiError for the whole request; an
+    item's own bad value (bad base64, a missing image index) becomes that item's error."""
+    limit = service.config.max_items
+    if request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(422, "bad_json", f"the body is not JSON: {e}") from None
+        if not isinstance(body, dict) or not isinstance(body.get("items"), list):
+            raise ApiError(422, "bad_json", 'the body must be {"items": [...], "top_k": K}')
+        unknown = sorted(set(body) - {"items", "top_k"})
+        if unknown:
+            raise ApiError(422, "unknown_field", f"unknown field(s) {unknown}; accepted: items, top_k")
+        items, images = body["items"], None
+        default_k = body.get("top_k")
+    else:
+        form = await request.form(max_files=limit + 1, max_fields=64)
+        try:
+            unknown = sorted(set(form) - {"images", "items", "top_k"})
+            if unknown:
+                raise ApiError(422, "unknown_field", f"unknown field(s) {unknown}; accepted: images, items, top_k")
+            files = form.getlist("images")
+            if any(not isinstance(f, UploadFile) for f in files):
+                raise ApiError(422, "bad_field", "'images' must be file uploads (multipart/form-data)")
+            if len(files) > limit:
+                raise ApiError(413, "too_many_items", f"{len(files)} images; at most {limit} per request (--max-items)")
+            images = [await f.read() for f in files]
+            raw = form.get("items")
+            default_k = form.get("top_k")
+        finally:
+            await form.close()
+        if raw is None:
+            items = [{"image": i} for i in range(len(images))]
+        else:
+            try:
+                items = json.loads(raw)
+            except ValueError as e:
+                raise ApiError(422, "bad_json", f"'items' is not JSON: {e}") from None
+            if not isinstance(items, list):
+                raise ApiError(422, "bad_json", "'items' must be a JSON list of objects")
+    if not items:
+        raise ApiError(422, "empty_batch", "the request holds no item")
+    if len(items) > limit:
+        raise ApiError(413, "too_many_items", f"{len(items)} items; at most {limit} per request (--max-items)")
+    k_default = service.top_k(default_k)
+    return [_batch_item(item, images, service, k_default) for item in items]
+
+
+def _batch_item(item, images: list[bytes] | None, service: Service, k_default: int) -> tuple | ApiError:
+    """One job (data, texts, top_k), or the item's own error."""
+    try:
+        if not isinstance(item, dict):
+            raise ApiError(422, "bad_item", f"an item must be a JSON object; got {type(item).__name__}")
+        image_key = "image_base64" if images is None else "image"
+        texts = service.texts({k: v for k, v in item.items() if k not in (image_key, "top_k")}, (image_key, "top_k"))
+        k = service.top_k(item["top_k"]) if "top_k" in item else k_default
+        ref, data = item.get(image_key), None
+        if ref is not None and images is None:
+            if not isinstance(ref, str):
+                raise ApiError(422, "bad_base64", "image_base64 must be a base64 string")
+            try:
+                data = base64.b64decode(ref, validate=True)
+            except (binascii.Error, ValueError) as e:
+                raise ApiError(422, "bad_base64", f"image_base64 is not valid base64: {e}") from None
+        elif ref is not None:
+            if isinstance(ref, bool) or not isinstance(ref, int) or not 0 <= ref < len(images):
+                raise ApiError(422, "bad_image_index", f"'image' must index the {len(images)} images; got {ref!r}")
+            data = images[ref]
+        return data, texts, k
+    except ApiError as e:
+        return e
