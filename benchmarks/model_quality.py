@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--models", default=DEFAULT_MODELS)
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--patience", type=int, default=10)
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="as train's --weight-decay")
+    ap.add_argument("--monitor", default="val_accuracy", help="as train's --monitor")
     ap.add_argument("--out", default=None, help="compare folders (default: a temporary folder)")
     args = ap.parse_args()
 
@@ -72,6 +74,8 @@ def main() -> None:
             models=args.models,
             epochs=args.epochs,
             patience=args.patience,
+            weight_decay=args.weight_decay,
+            monitor=args.monitor,
             out=str(out / name),
             overwrite=True,
         )

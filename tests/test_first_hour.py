@@ -160,6 +160,9 @@ BAD_FLAGS = [
     ("evaluate", ["--top-confusions", "-1"], "--top-confusions", "-1"),
     ("compare", ["--seeds", "0"], "--seeds", "0"),
     ("compare", ["--folds", "2"], "--folds", "2"),
+    ("serve", ["--max-batch", "0"], "--max-batch", "0"),
+    ("serve", ["--port", "70000"], "--port", "70000"),
+    ("serve", ["--max-upload-mb", "0"], "--max-upload-mb", "0"),
 ]
 
 
@@ -172,6 +175,7 @@ def test_out_of_range_flag_exits_2_before_any_work(command, flags, flag, value, 
         "predict": ["--run", str(tmp_path / "run"), "--embeddings", str(small_shards), "--out", str(out / "p.csv")],
         "evaluate": ["--run", str(tmp_path / "run"), "--out", str(out)],
         "compare": ["--embeddings", str(small_shards), "--out", str(out)],
+        "serve": ["--run", str(out)],
     }[command]
     t0 = time.perf_counter()
     proc = subprocess.run(

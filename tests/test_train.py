@@ -227,3 +227,18 @@ def test_without_out_each_run_gets_its_own_folder(synth, tmp_path, monkeypatch):
     assert (first.path, second.path) == (Path("runs") / name, Path("runs") / f"{name}-2")
     assert (second.path / "model.keras").is_file()
     assert (first.path / "model.keras").is_file()  # the first run is untouched
+
+
+def test_monitor_val_loss_restores_the_lowest_loss_epoch_and_weight_decay_shrinks_weights(synth, tmp_path):
+    from prodfuse.modeling.optimizer import make_optimizer
+
+    r = train(synth, tmp_path / "r", "--fusion", "concat", "--lr", "0.5", "--patience", "3", "--monitor", "val_loss")
+    hist = pd.read_csv(tmp_path / "r" / "history.csv")
+    assert r["best_epoch"] == int(hist["val_loss"].idxmin()) + 1
+    assert r["metrics"]["val"]["accuracy"] == pytest.approx(hist["val_accuracy"][hist["val_loss"].idxmin()], abs=1e-6)
+    # decoupled decay: with a zero gradient, one step multiplies each weight by (1 - lr * weight_decay)
+    w = keras.Variable(np.ones(3, np.float32))
+    opt = make_optimizer(0.1, "plateau", 1, 1, weight_decay=0.05)
+    opt.apply_gradients([(keras.ops.zeros(3), w)])
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(w), 1 - 0.1 * 0.05, rtol=1e-6)
+    assert make_optimizer(0.1, "plateau", 1, 1).weight_decay is None

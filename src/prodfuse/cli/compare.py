@@ -39,6 +39,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
         choices=["logloss", "accuracy"],
         help="what the late-fusion weight minimises/maximises on validation (default logloss)",
     )
+    p.add_argument("--weight-decay", type=float, default=0.0, help="as for train: decoupled weight decay (AdamW)")
+    p.add_argument("--monitor", default="val_accuracy", choices=["val_accuracy", "val_loss"], help="as for train")
     p.add_argument(
         "--models", default=",".join(MODELS), help=f"comma list of models to compare (default {','.join(MODELS)})"
     )

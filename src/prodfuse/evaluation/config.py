@@ -55,6 +55,8 @@ class CompareConfig:
     epochs: int = 100
     patience: int = 20
     batch_size: int = 32
+    weight_decay: float = 0.0  # as TrainConfig
+    monitor: str = "val_accuracy"  # as TrainConfig
     seed: int = 42
     text_branch: str = "auto"  # auto: mlp when the shards hold text embeddings, else the token CNN
     late_objective: str = "logloss"
@@ -71,6 +73,8 @@ class CompareConfig:
         check_range("patience", self.patience, 1, 100_000, integer=True)
         check_range("batch_size", self.batch_size, 1, 65536, integer=True)
         check_range("seed", self.seed, 0, 2**31 - 1, integer=True)
+        check_range("weight_decay", self.weight_decay, 0.0, 1.0)
+        check_choice("monitor", self.monitor, ("val_accuracy", "val_loss"))
         check_choice("text_branch", self.text_branch, ("auto", "mlp", "cnn"))
         check_choice("late_objective", self.late_objective, ("logloss", "accuracy"))
         if self.folds and self.seeds > 1:

@@ -13,6 +13,7 @@ INPUT_NORMS = ("l2", "none")
 LR_SCHEDULES = ("plateau", "cosine")
 CLASS_WEIGHTS = ("balanced", "none")
 PRECISIONS = ("float32", "mixed_float16")
+MONITORS = ("val_accuracy", "val_loss")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     lr_schedule: str = "plateau"
+    weight_decay: float = 0.0  # decoupled (AdamW); 0.05 with monitor val_loss: see README "Model quality"
+    monitor: str = "val_accuracy"  # what early stopping and the best checkpoint follow
     class_weight: str = "none"
     label_smoothing: float = 0.1
     mixup: float = 0.0
@@ -61,10 +64,12 @@ class TrainConfig:
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("class_weight", self.class_weight, CLASS_WEIGHTS)
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("monitor", self.monitor, MONITORS)
         check_choice("verbose", self.verbose, (0, 1, 2))
         check_range("epochs", self.epochs, 1, 100_000, integer=True)
         check_range("batch_size", self.batch_size, 1, 65536, integer=True)
         check_range("lr", self.lr, 1e-7, 10.0)
+        check_range("weight_decay", self.weight_decay, 0.0, 1.0)
         check_range("label_smoothing", self.label_smoothing, 0.0, 0.99)
         check_range("mixup", self.mixup, 0.0, 10.0)
         check_range("modality_dropout", self.modality_dropout, 0.0, 1.0)

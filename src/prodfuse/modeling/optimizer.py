@@ -33,7 +33,11 @@ class BranchRateAdam(keras.optimizers.Adam):
         return {**super().get_config(), "branch_rate": self.branch_rate, "branch_prefixes": list(self.branch_prefixes)}
 
 
-def make_optimizer(lr: float, schedule: str, epochs: int, steps: int, branch_rate: float | None = None):
+def make_optimizer(
+    lr: float, schedule: str, epochs: int, steps: int, branch_rate: float | None = None, weight_decay: float = 0.0
+):
+    """Adam (clipnorm 1) with an optional cosine schedule; `weight_decay` > 0 adds decoupled weight decay (AdamW:
+    each step w -= w * weight_decay * lr)."""
     rate = lr
     if schedule == "cosine":
         total = max(epochs * steps, 2)
@@ -41,6 +45,7 @@ def make_optimizer(lr: float, schedule: str, epochs: int, steps: int, branch_rat
         rate = keras.optimizers.schedules.CosineDecay(
             initial_learning_rate=lr / 100, decay_steps=total - warmup, warmup_target=lr, warmup_steps=warmup
         )
+    decay = {"weight_decay": weight_decay} if weight_decay else {}
     if branch_rate is not None:
-        return BranchRateAdam(branch_rate=branch_rate, learning_rate=rate, clipnorm=1.0)
-    return keras.optimizers.Adam(learning_rate=rate, clipnorm=1.0)
+        return BranchRateAdam(branch_rate=branch_rate, learning_rate=rate, clipnorm=1.0, **decay)
+    return keras.optimizers.Adam(learning_rate=rate, clipnorm=1.0, **decay)

@@ -97,13 +97,14 @@ def load_split_data(
     }
 
 
-def _callbacks(run: Path, patience: int, schedule: str, verbose: int):
+def _callbacks(run: Path, patience: int, schedule: str, verbose: int, monitor: str = "val_accuracy"):
+    mode = "min" if monitor == "val_loss" else "max"
     cbs = [
         keras.callbacks.EarlyStopping(
-            monitor="val_accuracy", mode="max", patience=patience, restore_best_weights=True, verbose=0
+            monitor=monitor, mode=mode, patience=patience, restore_best_weights=True, verbose=0
         ),
         keras.callbacks.ModelCheckpoint(
-            str(run / "checkpoint.keras"), monitor="val_accuracy", mode="max", save_best_only=True, verbose=0
+            str(run / "checkpoint.keras"), monitor=monitor, mode=mode, save_best_only=True, verbose=0
         ),
         keras.callbacks.CSVLogger(str(run / "history.csv")),
     ]
@@ -124,7 +125,9 @@ def average_members(members: list) -> keras.Model:
 def fit_model(model, train_seq, val_seq, config: TrainConfig, run: Path, branch_rate=None, epochs=None):
     epochs = epochs or config.epochs
     model.compile(
-        optimizer=make_optimizer(config.lr, config.lr_schedule, epochs, len(train_seq), branch_rate),
+        optimizer=make_optimizer(
+            config.lr, config.lr_schedule, epochs, len(train_seq), branch_rate, config.weight_decay
+        ),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=["accuracy"],
     )
@@ -133,7 +136,7 @@ def fit_model(model, train_seq, val_seq, config: TrainConfig, run: Path, branch_
         validation_data=val_seq,
         epochs=epochs,
         verbose=config.verbose,
-        callbacks=_callbacks(run, config.patience, config.lr_schedule, config.verbose),
+        callbacks=_callbacks(run, config.patience, config.lr_schedule, config.verbose, config.monitor),
     )
 
 
@@ -330,7 +333,8 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path) -> Run:
             probs = predict_probs(model, arrays, splits[name])
             metrics[name] = classification_metrics(y_all[splits[name]], probs)
     hist = history.history
-    best_epoch = int(np.argmax(hist["val_accuracy"])) + 1
+    best = np.argmin(hist["val_loss"]) if config.monitor == "val_loss" else np.argmax(hist["val_accuracy"])
+    best_epoch = int(best) + 1
     (run / "labels.json").write_text(json.dumps(classes, indent=1))
     record = {
         "schema_version": CONFIG_SCHEMA_VERSION,
