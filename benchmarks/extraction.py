@@ -91,9 +91,8 @@ def time_extract(catalog: Path, out: Path, args, model=None, rows: int | None = 
     that (already built and traced) backbone instead of building its own.
 
     Parts: `build` (build_backbone), `images` (first to last batch of iter_image_embeddings: decode + forward
-    passes), `forward` (the compiled forward passes alone), `first_batch` (the first one, which traces the
-    model), `trace` (its excess over the later batches' pace; None with a single batch), `text_fit` (fitting the
-    text encoder) and `total` (the whole call); `build_cpu`, `total_cpu`: CPU seconds of this process."""
+    passes), `forward` (the compiled forward passes alone), `text_fit` (fitting the text encoder) and `total` (the
+    whole call); `build_cpu`, `total_cpu`: CPU seconds of this process."""
     from prodfuse.data import shards
     from prodfuse.encoders import image as image_encoders
     from prodfuse.encoders import text as text_encoders
@@ -113,8 +112,7 @@ def time_extract(catalog: Path, out: Path, args, model=None, rows: int | None = 
         views=1,
         progress=False,
     )
-    parts = {"build": 0.0, "images": 0.0, "forward": 0.0, "first_batch": None, "trace": None, "text_fit": 0.0}
-    calls = []  # (batch rows, seconds) of every forward pass
+    parts = {"build": 0.0, "images": 0.0, "forward": 0.0, "text_fit": 0.0}
 
     def timed(key):
         def wrap(fn):
@@ -145,7 +143,7 @@ def time_extract(catalog: Path, out: Path, args, model=None, rows: int | None = 
             def call(batch):
                 t = time.perf_counter()
                 out = predict(batch)
-                calls.append((len(batch), time.perf_counter() - t))
+                parts["forward"] += time.perf_counter() - t
                 return out
 
             return call
@@ -162,11 +160,6 @@ def time_extract(catalog: Path, out: Path, args, model=None, rows: int | None = 
         t, c = time.perf_counter(), time.process_time()
         summary = extract(config)
         parts["total"], parts["total_cpu"] = time.perf_counter() - t, time.process_time() - c
-    parts["forward"] = sum(sec for _, sec in calls)
-    parts["first_batch"] = calls[0][1]
-    later_rows = sum(rows for rows, _ in calls[1:])
-    if later_rows:  # the first call's excess over the later calls' per-image pace: tracing + graph optimisation
-        parts["trace"] = max(0.0, calls[0][1] - calls[0][0] * sum(sec for _, sec in calls[1:]) / later_rows)
     rows = args.images if rows is None else rows
     if summary["embedded_rows"] != rows:
         raise RuntimeError(f"extract embedded {summary['embedded_rows']} of {rows} images: {summary}")

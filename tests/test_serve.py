@@ -329,6 +329,7 @@ def test_a_dead_ocr_worker_fails_one_request_then_the_pool_is_replaced(served):
     r = ask()
     assert r.status_code == 200, r.text
     assert set(pool.pids()).isdisjoint(pids)
+    assert _metric(served["url"], "prodfuse_ocr_pool_restarts_total") == 1  # one pool replaced, counted once
 
 
 def test_sigterm_finishes_accepted_requests_refuses_new_ones_and_exits_0(served):

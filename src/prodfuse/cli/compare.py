@@ -7,6 +7,7 @@ import argparse
 from prodfuse.cli.common import make_config
 from prodfuse.cli.train import add_shared_args
 from prodfuse.evaluation.config import MODELS, CompareConfig
+from prodfuse.modeling.config import MONITORS
 
 HELP = "unimodal vs fusion models and linear probes on the same splits"
 
@@ -40,7 +41,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="what the late-fusion weight minimises/maximises on validation (default logloss)",
     )
     p.add_argument("--weight-decay", type=float, default=0.0, help="as for train: decoupled weight decay (AdamW)")
-    p.add_argument("--monitor", default="val_accuracy", choices=["val_accuracy", "val_loss"], help="as for train")
+    p.add_argument("--monitor", default="val_accuracy", choices=MONITORS, help="as for train")
     p.add_argument(
         "--models", default=",".join(MODELS), help=f"comma list of models to compare (default {','.join(MODELS)})"
     )

@@ -566,10 +566,7 @@ def iter_ocr(
         def finish(i: int, text: str, error: str | None) -> Iterator[tuple[int, OcrResult]]:
             key = key_of[i]
             if error is None:  # errors are not cached: a fixed file should be retried
-                _cache_write(
-                    _cache_path(cache, key),
-                    {"text": text, "engine": engine, "langs": list(langs_t), "image_sha256": shas[key]},
-                )
+                cache_store(_cache_path(cache, key), text, shas[key], engine, langs_t)
             for j in pending[key]:
                 bar.update(1)
                 yield j, OcrResult(text, False, error)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prodfuse.checks import check_choice, check_range, comma_list
-from prodfuse.modeling.config import FUSIONS
+from prodfuse.modeling.config import FUSIONS, MONITORS
 
 SPLITS = ("test", "val", "all")
 PROBES = ("lr_image", "lr_text", "lr_concat", "lr_late")  # the linear probes of probes.py
@@ -74,7 +74,7 @@ class CompareConfig:
         check_range("batch_size", self.batch_size, 1, 65536, integer=True)
         check_range("seed", self.seed, 0, 2**31 - 1, integer=True)
         check_range("weight_decay", self.weight_decay, 0.0, 1.0)
-        check_choice("monitor", self.monitor, ("val_accuracy", "val_loss"))
+        check_choice("monitor", self.monitor, MONITORS)
         check_choice("text_branch", self.text_branch, ("auto", "mlp", "cnn"))
         check_choice("late_objective", self.late_objective, ("logloss", "accuracy"))
         if self.folds and self.seeds > 1:

@@ -185,11 +185,7 @@ class Predictor:
                 for i, r in zip(ocr_rows, results):
                     extras[i]["ocr_text"] = r.text  # an OCR failure leaves the item without OCR text, as extraction
         ok = [i for i in range(len(items)) if extras[i]["error"] is None]
-        image_emb = None
-        if ok and "image" in self.run.inputs:
-            image_emb = np.stack([emb[i] if i in emb else self._blank_image() for i in ok])
-        arrays = self._arrays(image_emb, [items[i] for i in ok], [extras[i] for i in ok])
-        return arrays, ok, extras
+        return self._arrays(ok, emb, items, extras), ok, extras
 
     def _missing_image(self, item: dict) -> str | None:
         """None when an item without a photo can still be classified (the model also reads text, and the item has
@@ -200,31 +196,27 @@ class Predictor:
             return f"no image and no text: give an 'image' or one of {self.text_cols}"
         return None
 
-    def _blank_image(self) -> np.ndarray:
-        """A missing photo's embedding: zeros, what the model saw when training dropped the image stream."""
-        dim = int(self.backbone.output_shape[-1])
-        return np.zeros((self.views, dim) if self.views > 1 else (dim,), np.float32)
-
-    def _arrays(self, image_emb: np.ndarray | None, items: list[dict], extras: list[dict]) -> dict[str, np.ndarray]:
-        """Model inputs of embedded items: image embeddings [n, (views,) D] and the items' text columns joined
-        with their OCR text (each extra's "text" is set to what the text encoder read)."""
+    def _arrays(self, ok: list[int], embedded: dict[int, np.ndarray], items: list[dict], extras: list[dict]):
+        """Model inputs of the items at positions `ok`: their photo embeddings [(views,) D] from `embedded` (zeros
+        for an item without a photo: what the model saw when training dropped the image stream) and their text
+        columns joined with their OCR text (each extra's "text" is set to what the text encoder read)."""
         from prodfuse.encoders import text as text_encoders
 
         texts = [
-            text_encoders.join_text([item.get(c) for c in self.text_cols] + [extra["ocr_text"]])
-            for item, extra in zip(items, extras)
+            text_encoders.join_text([items[i].get(c) for c in self.text_cols] + [extras[i]["ocr_text"]]) for i in ok
         ]
-        for extra, t in zip(extras, texts):
-            extra["text"] = t
-        n = len(items)
+        for i, t in zip(ok, texts):
+            extras[i]["text"] = t
+        n = len(ok)
         arrays: dict[str, np.ndarray] = {}
         if "image" in self.run.inputs:
-            if not n:
-                image_emb = np.zeros((0, self.views, 0) if self.views > 1 else (0, 0), np.float32)
+            dim = int(self.backbone.output_shape[-1])
+            blank = np.zeros((self.views, dim) if self.views > 1 else (dim,), np.float32)
+            image_emb = np.stack([embedded.get(i, blank) for i in ok]) if n else blank[None][:0]
             if self.views > 1:
                 arrays["image"] = image_emb[:, 0]
                 if "image_views" in self.run.inputs:
-                    arrays["image_views"] = image_emb[:, 1:].reshape(n, (self.views - 1) * image_emb.shape[-1])
+                    arrays["image_views"] = image_emb[:, 1:].reshape(n, (self.views - 1) * dim)
             else:
                 arrays["image"] = image_emb
         if "text" in self.run.inputs:
@@ -264,14 +256,13 @@ class Predictor:
                 if image is None:
                     extra["error"] = self._missing_image(item)
         ok = [i for i, e in enumerate(extras) if e["error"] is None]
-        image_emb = None
+        embedded = {}
         if "image" in self.run.inputs:
             photos = [i for i in ok if images[i] is not None]
             embedded = dict(
                 zip(photos, image_encoders.embed_decoded(self.backbone, [images[i] for i in photos], self.views))
             )
-            image_emb = np.stack([embedded[i] if i in embedded else self._blank_image() for i in ok]) if ok else None
-        arrays = self._arrays(image_emb, [items[i] for i in ok], [extras[i] for i in ok])
+        arrays = self._arrays(ok, embedded, items, extras)
         res = forward(self.run.model, arrays, self.run.temperature, self.batch_size) if ok else None
         return self._results(ok, extras, res, top_k)
 

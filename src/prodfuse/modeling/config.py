@@ -13,7 +13,8 @@ INPUT_NORMS = ("l2", "none")
 LR_SCHEDULES = ("plateau", "cosine")
 CLASS_WEIGHTS = ("balanced", "none")
 PRECISIONS = ("float32", "mixed_float16")
-MONITORS = ("val_accuracy", "val_loss")
+MONITOR_MODES = {"val_accuracy": "max", "val_loss": "min"}  # what early stopping follows, and which way is better
+MONITORS = tuple(MONITOR_MODES)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from prodfuse.checks import as_dict
 from prodfuse.data import shards
 from prodfuse.data.catalog import file_sha256
 from prodfuse.encoders.text import VOCAB_SIZE
-from prodfuse.modeling.config import TrainConfig
+from prodfuse.modeling.config import MONITOR_MODES, TrainConfig
 from prodfuse.modeling.optimizer import make_optimizer
 from prodfuse.modeling.run import CONFIG_SCHEMA_VERSION, Run, model_fingerprint, prepare_run_folder
 
@@ -98,7 +98,7 @@ def load_split_data(
 
 
 def _callbacks(run: Path, patience: int, schedule: str, verbose: int, monitor: str = "val_accuracy"):
-    mode = "min" if monitor == "val_loss" else "max"
+    mode = MONITOR_MODES[monitor]
     cbs = [
         keras.callbacks.EarlyStopping(
             monitor=monitor, mode=mode, patience=patience, restore_best_weights=True, verbose=0
@@ -333,8 +333,8 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path) -> Run:
             probs = predict_probs(model, arrays, splits[name])
             metrics[name] = classification_metrics(y_all[splits[name]], probs)
     hist = history.history
-    best = np.argmin(hist["val_loss"]) if config.monitor == "val_loss" else np.argmax(hist["val_accuracy"])
-    best_epoch = int(best) + 1
+    best = np.argmin if MONITOR_MODES[config.monitor] == "min" else np.argmax
+    best_epoch = int(best(hist[config.monitor])) + 1
     (run / "labels.json").write_text(json.dumps(classes, indent=1))
     record = {
         "schema_version": CONFIG_SCHEMA_VERSION,

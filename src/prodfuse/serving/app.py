@@ -104,7 +104,13 @@ class Service:
         self.run = predictor.run
         self.metrics = Metrics()
         self.key = config.api_key()
-        self.pool = OcrPool(predictor.ocr_engine, predictor.ocr_lang, config.ocr_workers, config.ocr_cache)
+        self.pool = OcrPool(
+            predictor.ocr_engine,
+            predictor.ocr_lang,
+            config.ocr_workers,
+            config.ocr_cache,
+            on_replace=self.metrics.ocr_restarts.inc,
+        )
         self.batcher = MicroBatcher(self._compute, config.max_batch, config.max_wait_ms, self._on_batch)
         self.decode = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="prodfuse-decode")
         self._tmp = tempfile.TemporaryDirectory(prefix="prodfuse-serve-")
@@ -202,7 +208,17 @@ class Service:
         return out
 
     async def item(self, data: bytes | None, texts: dict, top_k: int) -> dict:
-        """Classify one item: decode and OCR its photo (if any), then wait for its place in a model batch."""
+        """Classify one item (ApiError when it cannot be), counted by outcome in the metrics."""
+        try:
+            out = await self._item(data, texts, top_k)
+        except ApiError as e:
+            self.metrics.items.labels(e.error).inc()
+            raise
+        self.metrics.items.labels("ok").inc()
+        return out
+
+    async def _item(self, data: bytes | None, texts: dict, top_k: int) -> dict:
+        """Decode and OCR the item's photo (if any), then wait for its place in a model batch."""
         started = time.perf_counter()
         timings = {}
         if data is None and not any(t.strip() for t in texts.values()):
@@ -227,7 +243,6 @@ class Service:
                 try:
                     ocr_text = await self.pool.read(path, sha)
                 except OcrWorkerDied as e:
-                    self.metrics.ocr_restarts.inc()
                     raise ApiError(503, "ocr_worker_died", str(e), {"Retry-After": "1"}) from None
                 timings["ocr"] = (time.perf_counter() - t) * 1000
             (result, model_ms), queued = await self.batcher.submit((decoded, texts, ocr_text, top_k))
@@ -247,14 +262,12 @@ class Service:
 
     async def item_or_error(self, job: tuple | ApiError) -> dict:
         """A batch item's result, or its error as {"error", "detail", "status"}."""
+        if isinstance(job, ApiError):  # refused while parsing the request
+            self.metrics.items.labels(job.error).inc()
+            return {"error": job.error, "detail": job.detail, "status": job.status}
         try:
-            if isinstance(job, ApiError):
-                raise job
-            out = await self.item(*job)
-            self.metrics.items.labels("ok").inc()
-            return out
+            return await self.item(*job)
         except ApiError as e:
-            self.metrics.items.labels(e.error).inc()
             return {"error": e.error, "detail": e.detail, "status": e.status}
 
     def model_info(self) -> dict:
@@ -440,14 +453,9 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
             await form.close()
         service.admit(1)
         try:
-            out = await service.item(data, texts, k)
-        except ApiError as e:
-            service.metrics.items.labels(e.error).inc()
-            raise
+            return await service.item(data, texts, k)
         finally:
             service.release(1)
-        service.metrics.items.labels("ok").inc()
-        return out
 
     @app.post("/v1/predict/batch", openapi_extra={"requestBody": _BATCH_FORM})
     async def predict_batch(request: Request):

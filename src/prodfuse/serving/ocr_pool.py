@@ -17,7 +17,7 @@ class OcrWorkerDied(RuntimeError):
 class OcrPool:
     """`await pool.read(path, sha)` -> the photo's filtered OCR text, exactly as extraction reads it."""
 
-    def __init__(self, engine: str, langs, workers: int, cache_dir=None):
+    def __init__(self, engine: str, langs, workers: int, cache_dir=None, on_replace=None):
         self.engine = engine
         self.langs = langs
         self.workers = workers
@@ -25,7 +25,7 @@ class OcrPool:
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
         self._task = None
         self._lock = threading.Lock()
-        self.replaced = 0
+        self.on_replace = on_replace  # called once per pool replaced (metrics)
 
     @property
     def enabled(self) -> bool:
@@ -44,13 +44,14 @@ class OcrPool:
             if self._executor is broken:  # another request may have replaced it already
                 broken.shutdown(wait=False, cancel_futures=True)
                 self._executor = None
-                self.replaced += 1
                 self.start()
+                if self.on_replace is not None:
+                    self.on_replace()
 
     async def read(self, path: str, sha: str) -> str:
         if not self.enabled:
             return ""
-        cache_file, text = ocr.cache_lookup(sha, self.engine, self.langs, self.cache_dir)
+        cache_file, text = await asyncio.to_thread(ocr.cache_lookup, sha, self.engine, self.langs, self.cache_dir)
         if text is not None:
             return text
         executor = self._executor
