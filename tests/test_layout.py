@@ -22,6 +22,7 @@ LAYERS = [
     "extraction",
     "modeling",
     "inference",
+    "retrieval",
     "evaluation",
     "serving",
     "cli",

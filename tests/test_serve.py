@@ -63,9 +63,13 @@ def served(tmp_path_factory):
         assert main(train) == 0
     finally:
         tf.config.run_functions_eagerly(False)
+    index = ["index", "--embeddings", str(root / "emb"), "--space", "fused", "--run", str(root / "run")]
+    assert main([*index, "--out", str(root / "index"), "--quiet"]) == 0
     predictor = Predictor.from_run(root / "run", ocr_workers=1, ocr_cache=cache)
     port = _free_port()
-    config = ServeConfig(run=str(root / "run"), port=port, ocr_cache=cache, max_wait_ms=50)
+    config = ServeConfig(
+        run=str(root / "run"), port=port, ocr_cache=cache, max_wait_ms=50, index=str(root / "index"), similar_k=5
+    )
     server = uvicorn.Server(uvicorn.Config(create_app(config, predictor), port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -157,6 +161,31 @@ def test_text_only_item_and_model_info(served):
     _assert_same(r.json(), expected)
     assert r.json()["contributions"]["image"] == pytest.approx(0.0, abs=1e-6)
     assert "ocr" not in r.json()["timings_ms"]
+
+
+def test_answers_list_similar_products_from_the_index(served, tmp_path):
+    data, _, label = _photo(served, 5)
+    row = served["catalog"].iloc[5]
+    texts = {c: row[c] for c in served["predictor"].text_cols}  # every text column, as extraction read them
+    r = httpx.post(f"{served['url']}/v1/predict", files={"image": ("p.png", data)}, data=texts, timeout=60)
+    assert r.status_code == 200, r.text
+    similar = r.json()["similar"]
+    # the indexed product itself comes first: the same photo, title and OCR text give the same fused vector
+    assert len(similar) == 5 and similar[0]["id"] == served["catalog"].iloc[5]["product_id"]
+    assert similar[0]["score"] == pytest.approx(1.0, abs=1e-3) and similar[0]["label"] == label
+    assert [s["score"] for s in similar] == sorted((s["score"] for s in similar), reverse=True)
+    info = httpx.get(f"{served['url']}/v1/model").json()
+    assert info["index"]["space"] == "fused" and info["index"]["count"] == len(served["catalog"])
+    # an index built from another model is refused when the service starts, naming the fix
+    other = tmp_path / "other"
+    shutil.copytree(served["root"] / "index", other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "run_model_sha256": "0" * 64}))
+    from prodfuse.serving.app import Service
+
+    config = ServeConfig(run=str(served["root"] / "run"), index=str(other))
+    with pytest.raises(ValueError, match="not from the served run"):
+        Service(config, served["predictor"])
 
 
 def test_batch_multipart_and_json_answer_per_item(served):
@@ -404,6 +433,8 @@ def test_web_page_classifies_an_uploaded_photo_in_a_real_browser(served, tmp_pat
         assert [r.text for r in rows] == expected["labels"]
         assert driver.find_element(By.ID, "ocr").text == (expected["ocr_text"] or "(no text read)")
         assert len(driver.find_elements(By.CSS_SELECTOR, "#contrib .row")) == 2
+        similar = driver.find_elements(By.CSS_SELECTOR, "#similar tr")
+        assert len(similar) == 5 and served["catalog"].iloc[8]["product_id"] in similar[0].text
         if os.environ.get("PRODFUSE_SCREENSHOT"):
             driver.save_screenshot(os.environ["PRODFUSE_SCREENSHOT"])
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]

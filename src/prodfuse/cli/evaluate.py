@@ -34,6 +34,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch-size", type=int, default=default(EvaluateConfig, "batch_size"), help="items per model batch"
     )
+    p.add_argument(
+        "--exclude-duplicates-of",
+        default=None,
+        metavar="TRAIN_SHARDS",
+        help="also report the figures on the items with no near-duplicate photo in these shards (the run's own "
+        "training shards: its train rows)",
+    )
+    p.add_argument(
+        "--duplicate-threshold",
+        type=float,
+        default=default(EvaluateConfig, "duplicate_threshold"),
+        help="image cosine at or above which two photos are near duplicates (default 0.95)",
+    )
 
 
 def config(args: argparse.Namespace) -> EvaluateConfig:
@@ -75,6 +88,13 @@ def print_summary(r: dict) -> None:
     )
     for g, m in r["per_group"].items():
         print(f"  {r['group_col']}={g}: accuracy {m['accuracy']:.4f}  weighted F1 {m['weighted_f1']:.4f}  (n={m['n']})")
+    wd = r.get("without_duplicates")
+    if wd:
+        line = f"accuracy {wd['accuracy']:.4f}  weighted F1 {wd['weighted_f1']:.4f}" if wd["n"] else "no item left"
+        print(
+            f"  without the {wd['duplicates']} items that have a near duplicate (cosine >= {wd['threshold']}) in "
+            f"{wd['against']}: {line}  (n={wd['n']})"
+        )
     if r["unknown_label_rows"]:
         print(f"  {r['unknown_label_rows']} rows have labels the run never saw (not scored): {r['unknown_labels']}")
     if r.get("note"):

@@ -35,6 +35,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="file holding one key; every endpoint but /health/* then needs 'Authorization: Bearer KEY'",
     )
 
+    p.add_argument(
+        "--index",
+        default=None,
+        help="index folder (prodfuse index) built from this run (fused space) or its shards: each answer then "
+        "lists the most similar products",
+    )
+    p.add_argument("--similar-k", type=int, default=d("similar_k"), help="similar products per answer (default 5)")
+
 
 def config(args: argparse.Namespace) -> ServeConfig:
     return make_config(ServeConfig, args)

@@ -213,6 +213,21 @@ def build_backbone(
     return model
 
 
+def backbone_from_settings(settings: dict):
+    """The backbone a shard folder was embedded with, rebuilt from its manifest's settings (the same seeded random
+    weights when extraction fell back to them)."""
+    if "backbone" not in settings:
+        raise ValueError(
+            "these shards record no image backbone (not made by `prodfuse extract`); new photos cannot be embedded like them"
+        )
+    weights = settings["weights"]
+    if weights == RANDOM_FALLBACK:
+        weights = "none"
+    return build_backbone(
+        settings["backbone"], weights, int(settings["image_size"]), settings.get("precision") or "float32"
+    )
+
+
 def image_settings(name, weights, image_size, precision):
     """Manifest record of the image stage; a weights path is recorded with its file's sha256."""
     normalized = RANDOM_FALLBACK if weights == RANDOM_FALLBACK else _normalize_weights(weights)

@@ -26,9 +26,14 @@ class EvaluateConfig:
     out: str | None = None  # None: <run>/eval-<split>
     top_confusions: int = 20
     batch_size: int = 1024
+    # Also score the items that have no near duplicate (image cosine >= duplicate_threshold) in these shards; the
+    # run's own training shards mean its train rows.
+    exclude_duplicates_of: str | None = None
+    duplicate_threshold: float = 0.95
 
     def __post_init__(self):
         check_choice("split", self.split, SPLITS, optional=True)
+        check_range("duplicate_threshold", self.duplicate_threshold, -1.0, 1.0)
         check_range("top_confusions", self.top_confusions, 0, 10_000, integer=True)
         check_range("batch_size", self.batch_size, 1, 1 << 20, integer=True)
 

@@ -352,8 +352,20 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                 "top_confusions": gtop[:5],
             }
 
+    without_duplicates = None
+    if cfg.exclude_duplicates_of:
+        dup = _has_duplicate_in(cfg, run_config, folder, rows)[known]
+        kept = ~dup
+        without_duplicates = {
+            "against": cfg.exclude_duplicates_of,
+            "threshold": cfg.duplicate_threshold,
+            "duplicates": int(dup.sum()),
+            **(classification_metrics(y[kept], probs[kept]) if kept.any() else {"n": 0}),
+        }
+
     result = {
         **metrics,
+        "without_duplicates": without_duplicates,
         "split": split,
         "rows": note,
         "unknown_label_rows": int((~known).sum()),
@@ -384,6 +396,27 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     return result
 
 
+def _has_duplicate_in(cfg: EvaluateConfig, run_config: dict, folder: Path, rows) -> np.ndarray:
+    """Per scored row: has it a near duplicate (image cosine >= threshold) among the reference items? The run's own
+    training shards as reference mean its train rows; any other folder, all of its rows."""
+    from prodfuse.retrieval.duplicates import best_match
+
+    ref = Path(cfg.exclude_duplicates_of)
+    ref_rows = run_splits(run_config)["train"][1] if _same_folder(ref, run_config["embeddings"]) else None
+    col = "image_embedding"
+    for f in (folder, ref):
+        if col not in shard_columns(f):
+            raise ValueError(f"exclude_duplicates_of compares photos, and shards {str(f)!r} hold no {col}")
+    a = shards.read_shards(folder, [col], rows)[col]
+    b = shards.read_shards(ref, [col], ref_rows)[col]
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"exclude_duplicates_of {str(ref)!r} holds {b.shape[1]}-d image embeddings, the scored shards "
+            f"{a.shape[1]}-d: use shards made with the same backbone"
+        )
+    return best_match(a, b)[1] >= cfg.duplicate_threshold
+
+
 def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     import pandas as pd
 
@@ -400,6 +433,16 @@ def _jsonable(obj):
     if isinstance(obj, np.integer):
         return int(obj)
     return obj
+
+
+def _duplicates_lines(wd: dict) -> list[str]:
+    return [
+        f"Without the {wd['duplicates']} items that have a near-duplicate photo (image cosine >= {wd['threshold']}) "
+        f"in `{wd['against']}`:",
+        "",
+        _md_table([wd], ["accuracy", "weighted_f1", "macro_f1", "n"]) if wd["n"] else "(no item left)",
+        "",
+    ]
 
 
 def _report(r: dict, classes: list[str]) -> str:
@@ -421,6 +464,7 @@ def _report(r: dict, classes: list[str]) -> str:
         _md_table([r], ["accuracy", "top3_accuracy", "top5_accuracy", "weighted_f1", "macro_f1", "n"]),
         "",
         *([r["note"], ""] if r.get("note") else []),
+        *(_duplicates_lines(r["without_duplicates"]) if r.get("without_duplicates") else []),
         "Per class: [per_class.csv](per_class.csv). Per item: [predictions.csv](predictions.csv).",
         "",
         "## Calibration",

@@ -124,12 +124,7 @@ class Predictor:
                     f"the run {str(self.run.path)!r} records no extraction settings (shards not made "
                     f"by `prodfuse extract`): it can only predict shards"
                 )
-            weights = settings["weights"]
-            if weights == image_encoders.RANDOM_FALLBACK:
-                weights = "none"  # the same seeded random weights extraction fell back to
-            self.backbone = image_encoders.build_backbone(
-                settings["backbone"], weights, int(settings["image_size"]), settings.get("precision") or "float32"
-            )
+            self.backbone = image_encoders.backbone_from_settings(settings)
 
     # ------------------------------------------------------------------------------------------------ items
 
@@ -246,9 +241,18 @@ class Predictor:
         """`predict` for items whose photos are already decoded (each as `load_image` returns it for this run's
         image size and views, or None) and read by OCR: the same backbone call, text encoder and model, so an
         item gets the same result as through `predict`. The service gathers concurrent requests into one call."""
+        _check_top_k(top_k)
+        ok, extras, arrays = self.prepare_arrays(images, items, ocr_texts)
+        res = forward(self.run.model, arrays, self.run.temperature, self.batch_size) if ok else None
+        return self._results(ok, extras, res, top_k)
+
+    def prepare_arrays(
+        self, images: list[np.ndarray | None], items: list[dict], ocr_texts: list[str]
+    ) -> tuple[list[int], list[dict], dict[str, np.ndarray]]:
+        """(positions of the items that can be classified, per-item extras, the model input arrays of those items)
+        for decoded photos and their OCR text: what `predict_prepared` feeds the model."""
         from prodfuse.encoders import image as image_encoders
 
-        _check_top_k(top_k)
         self.load_encoders()
         extras = [{"ocr_text": t or "", "text": "", "error": None} for t in ocr_texts]
         if "image" in self.run.inputs:
@@ -262,7 +266,11 @@ class Predictor:
             embedded = dict(
                 zip(photos, image_encoders.embed_decoded(self.backbone, [images[i] for i in photos], self.views))
             )
-        arrays = self._arrays(ok, embedded, items, extras)
+        return ok, extras, self._arrays(ok, embedded, items, extras)
+
+    def results(self, ok: list[int], extras: list[dict], arrays: dict[str, np.ndarray], top_k: int = 5) -> list[dict]:
+        """`predict`'s answers for arrays from `prepare_arrays`."""
+        _check_top_k(top_k)
         res = forward(self.run.model, arrays, self.run.temperature, self.batch_size) if ok else None
         return self._results(ok, extras, res, top_k)
 

@@ -120,6 +120,13 @@ class Service:
         self.inflight = 0
         self.text_fields = list(predictor.text_cols)
         self.num_classes = len(self.run.classes)
+        self.index, self.to_space = None, None
+        if config.index:
+            from prodfuse.retrieval.index import Index
+            from prodfuse.retrieval.spaces import ArraysToSpace
+
+            self.index = Index.load(config.index)
+            self.to_space = ArraysToSpace(self.index.manifest, self.run)  # refuses an index the run cannot query
 
     # ---------------------------------------------------------------------------------------------- life
 
@@ -152,11 +159,23 @@ class Service:
     def _compute(self, payloads: list) -> list:
         """Runs in the model thread: one backbone and model call for every item of the batch."""
         started = time.perf_counter()
-        results = self.predictor.predict_prepared(
-            [p[0] for p in payloads], [p[1] for p in payloads], [p[2] for p in payloads], max(p[3] for p in payloads)
+        ok, extras, arrays = self.predictor.prepare_arrays(
+            [p[0] for p in payloads], [p[1] for p in payloads], [p[2] for p in payloads]
         )
+        results = self.predictor.results(ok, extras, arrays, max(p[3] for p in payloads))
+        if self.index is not None and ok:
+            for i, vector in zip(ok, self.to_space(arrays)):
+                results[i]["similar"] = [] if vector is None else self._similar(vector)
         ms = (time.perf_counter() - started) * 1000
         return [(r, ms) for r in results]
+
+    def _similar(self, vector) -> list[dict]:
+        table = self.index.search(vector, self.config.similar_k)[0]
+        keep = [c for c in ("id", "score", "label", "text", "image_path") if c in table.columns]
+        return [
+            {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+            for row in table[keep].to_dict("records")
+        ]
 
     def _on_batch(self, size: int, seconds: float) -> None:
         self.metrics.batch_size.observe(size)
@@ -258,6 +277,7 @@ class Service:
             "contributions": {"image": result["image_contribution"], "text": result["text_contribution"]},
             "model": {"name": self.run.path.name, "fingerprint": self.run.fingerprint},
             "timings_ms": {k: round(v, 2) for k, v in timings.items()},
+            **({"similar": result["similar"]} if "similar" in result else {}),
         }
 
     async def item_or_error(self, job: tuple | ApiError) -> dict:
@@ -291,6 +311,9 @@ class Service:
             "calibrated": run.calibrated,
             "metrics": {k: v for k, v in run.metrics.items() if k != "model_sha256"},
             "created": datetime.datetime.fromtimestamp(model_file.stat().st_mtime, datetime.timezone.utc).isoformat(),
+            "index": None
+            if self.index is None
+            else {"space": self.index.space, "count": len(self.index), "path": str(self.index.path)},
             "limits": {
                 "max_upload_mb": self.config.max_upload_mb,
                 "max_items": self.config.max_items,

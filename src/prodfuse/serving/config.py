@@ -33,6 +33,8 @@ class ServeConfig:
     decode_threads: int = 2
     api_key_file: str | None = None
     warm_up: bool = True
+    index: str | None = None  # a `prodfuse index` folder: each answer then lists the most similar indexed products
+    similar_k: int = 5
 
     def __post_init__(self):
         check_range("port", self.port, 0, 65535, integer=True)
@@ -43,6 +45,7 @@ class ServeConfig:
         check_range("max_upload_mb", self.max_upload_mb, 0.001, 1024.0)
         check_range("ocr_workers", self.ocr_workers, 1, 256, integer=True)
         check_range("decode_threads", self.decode_threads, 1, 256, integer=True)
+        check_range("similar_k", self.similar_k, 1, 100, integer=True)
         if self.api_key_file is not None and not os.path.isfile(self.api_key_file):
             raise ValueError(f"api_key_file {self.api_key_file!r} is not a file; write one key into it")
 

@@ -1,0 +1,1 @@
+"""Retrieval over product embeddings: spaces (image, text, fused, joint), FAISS indexes, search, duplicate audit."""
