@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import prodfuse  # noqa: E402
+from prodfuse.modeling.config import TrainConfig  # noqa: E402
 
 DEFAULT_MODELS = "image,text,late,gated,lr_image,lr_text,lr_concat,lr_late"
 
@@ -41,8 +42,8 @@ def main() -> None:
     ap.add_argument("--models", default=DEFAULT_MODELS)
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--patience", type=int, default=10)
-    ap.add_argument("--weight-decay", type=float, default=0.0, help="as train's --weight-decay")
-    ap.add_argument("--monitor", default="val_accuracy", help="as train's --monitor")
+    ap.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay, help="as train's --weight-decay")
+    ap.add_argument("--monitor", default=TrainConfig.monitor, help="as train's --monitor")
     ap.add_argument("--out", default=None, help="compare folders (default: a temporary folder)")
     args = ap.parse_args()
 

@@ -177,3 +177,16 @@ def test_hand_damaged_shard_is_detected(tmp_path):
 def test_not_a_shard_folder(tmp_path):
     with pytest.raises(ValueError, match="no manifest.json"):
         shards.read_shards(tmp_path)
+
+
+def test_the_same_weights_at_another_path_are_the_same_setting():
+    """A cache extracted where ../shared lay elsewhere (CI's checkout) stays valid: weights compare by content."""
+    from prodfuse.data.shards import settings_difference
+
+    def manifest(path, digest):
+        image = {"backbone": "mobilenet_v2", "weights": path, "weights_sha256": digest}
+        return {"settings": {"weights": path, "image": image, "views": 1}, "columns": {}, "encoders": {}}
+
+    assert settings_difference(manifest("/a/w.h5", "abc"), manifest("/b/w.h5", "abc")) == []
+    diff = settings_difference(manifest("/a/w.h5", "abc"), manifest("/b/w.h5", "def"))
+    assert any(d.startswith("settings.image.weights_sha256") for d in diff) and any("/b/w.h5" in d for d in diff)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from prodfuse.cli.common import make_config
+from prodfuse.cli.common import default, make_config
 from prodfuse.cli.train import add_shared_args
 from prodfuse.evaluation.config import MODELS, CompareConfig
 from prodfuse.modeling.config import MONITORS
@@ -40,8 +40,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
         choices=["logloss", "accuracy"],
         help="what the late-fusion weight minimises/maximises on validation (default logloss)",
     )
-    p.add_argument("--weight-decay", type=float, default=0.0, help="as for train: decoupled weight decay (AdamW)")
-    p.add_argument("--monitor", default="val_accuracy", choices=MONITORS, help="as for train")
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=default(CompareConfig, "weight_decay"),
+        help="as for train: decoupled weight decay (AdamW)",
+    )
+    p.add_argument("--monitor", default=default(CompareConfig, "monitor"), choices=MONITORS, help="as for train")
     p.add_argument(
         "--models", default=",".join(MODELS), help=f"comma list of models to compare (default {','.join(MODELS)})"
     )

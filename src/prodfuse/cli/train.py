@@ -84,8 +84,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--lr", type=float, default=d("lr"), help=f"learning rate, 1e-7..10 (default {d('lr')})")
     p.add_argument("--lr-schedule", default=d("lr_schedule"), choices=LR_SCHEDULES)
-    p.add_argument("--weight-decay", type=float, default=d("weight_decay"), help="AdamW decay, 0..1 (default 0: off)")
-    p.add_argument("--monitor", default=d("monitor"), choices=MONITORS, help="what early stopping follows")
+    p.add_argument(
+        "--weight-decay", type=float, default=d("weight_decay"), help="AdamW decay, 0..1 (default 0.05; 0: off)"
+    )
+    p.add_argument(
+        "--monitor", default=d("monitor"), choices=MONITORS, help="what early stopping follows (default val_loss)"
+    )
     p.add_argument(
         "--class-weight",
         default=d("class_weight"),

@@ -87,6 +87,13 @@ def settings_difference(old: dict, new: dict) -> list[str]:
     """Human-readable list of the resume-relevant settings that differ between two manifests."""
     a = _flatten({k: old.get(k) for k in RESUME_KEYS})
     b = _flatten({k: new.get(k) for k in RESUME_KEYS})
+    digest = "settings.image.weights_sha256"
+    if a.get(digest) is not None and a.get(digest) == b.get(digest):
+        # The same weights file seen at another path (a clone elsewhere, ../shared mounted at another place): the
+        # embeddings are the same, so a cache made there stays valid here.
+        for k in ("settings.weights", "settings.image.weights"):
+            a.pop(k, None)
+            b.pop(k, None)
     return [
         f"{k}: existing {a.get(k)!r}, requested {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
     ]
@@ -144,6 +151,9 @@ def open_shards(folder: str | os.PathLike, header: dict, overwrite: bool = False
             for p in folder.glob("*.tmp"):
                 p.unlink()
             old.update({k: header[k] for k in header if k not in RESUME_KEYS})
+            # Equal settings, except perhaps where the same weights file lies now: record today's path, which
+            # `--like` this folder and predictors read.
+            old["settings"] = header["settings"]
             return old
     elif overwrite:
         _clear(folder)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prodfuse.checks import check_choice, check_range, comma_list
-from prodfuse.modeling.config import FUSIONS, MONITORS
+from prodfuse.modeling.config import FUSIONS, MONITORS, TrainConfig
 
 SPLITS = ("test", "val", "all")
 PROBES = ("lr_image", "lr_text", "lr_concat", "lr_late")  # the linear probes of probes.py
@@ -60,8 +60,8 @@ class CompareConfig:
     epochs: int = 100
     patience: int = 20
     batch_size: int = 32
-    weight_decay: float = 0.0  # as TrainConfig
-    monitor: str = "val_accuracy"  # as TrainConfig
+    weight_decay: float = TrainConfig.weight_decay
+    monitor: str = TrainConfig.monitor
     seed: int = 42
     text_branch: str = "auto"  # auto: mlp when the shards hold text embeddings, else the token CNN
     late_objective: str = "logloss"

@@ -42,8 +42,10 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     lr_schedule: str = "plateau"
-    weight_decay: float = 0.0  # decoupled (AdamW); 0.05 with monitor val_loss: see README "Model quality"
-    monitor: str = "val_accuracy"  # what early stopping and the best checkpoint follow
+    # Decoupled weight decay (AdamW) with early stopping on the validation loss: +1.5 points on grocery, fashion
+    # unchanged within its noise (README "Model quality"); either alone does nothing.
+    weight_decay: float = 0.05
+    monitor: str = "val_loss"  # what early stopping and the best checkpoint follow
     class_weight: str = "none"
     label_smoothing: float = 0.1
     mixup: float = 0.0
