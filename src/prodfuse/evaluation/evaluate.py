@@ -354,7 +354,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
     without_duplicates = None
     if cfg.exclude_duplicates_of:
-        dup = _has_duplicate_in(cfg, run_config, folder, rows)[known]
+        dup = _has_duplicate_in(cfg, run_config, folder, rows, data.get("image"))[known]
         kept = ~dup
         without_duplicates = {
             "against": cfg.exclude_duplicates_of,
@@ -396,9 +396,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     return result
 
 
-def _has_duplicate_in(cfg: EvaluateConfig, run_config: dict, folder: Path, rows) -> np.ndarray:
+def _has_duplicate_in(cfg: EvaluateConfig, run_config: dict, folder: Path, rows, scored=None) -> np.ndarray:
     """Per scored row: has it a near duplicate (image cosine >= threshold) among the reference items? The run's own
-    training shards as reference mean its train rows; any other folder, all of its rows."""
+    training shards as reference mean its train rows; any other folder, all of its rows. `scored`: the scored rows'
+    image embeddings when the caller has read them already."""
     from prodfuse.retrieval.duplicates import best_match
 
     ref = Path(cfg.exclude_duplicates_of)
@@ -407,7 +408,7 @@ def _has_duplicate_in(cfg: EvaluateConfig, run_config: dict, folder: Path, rows)
     for f in (folder, ref):
         if col not in shard_columns(f):
             raise ValueError(f"exclude_duplicates_of compares photos, and shards {str(f)!r} hold no {col}")
-    a = shards.read_shards(folder, [col], rows)[col]
+    a = scored if scored is not None else shards.read_shards(folder, [col], rows)[col]
     b = shards.read_shards(ref, [col], ref_rows)[col]
     if a.shape[1] != b.shape[1]:
         raise ValueError(

@@ -40,26 +40,39 @@ def prediction_table(
     return pd.DataFrame(cols)
 
 
-def check_compatible(config: dict, manifest: dict, folder: str | Path) -> None:
-    """Stop when shards were made with another backbone or text encoder than the run's training data."""
+def check_compatible(
+    config: dict, manifest: dict, folder: str | Path, streams=("image", "text"), strict: bool = False
+) -> None:
+    """Stop when shards were made with another backbone or text encoder than the run's training data (`config`: a
+    run's or an align run's config.json), for the given streams. A tfidf encoder fitted on other texts is a warning,
+    or with `strict` (vectors that are only compared, never checked by a label) an error."""
     trained = config["extraction"]["encoders"]
     got = manifest.get("encoders", {})
-    for stream, key in (("image", "backbone"), ("image", "dim"), ("text", "kind"), ("text", "dim")):
-        a, b = trained.get(stream, {}).get(key), got.get(stream, {}).get(key)
-        if a != b:
-            raise ValueError(
-                f"Shards {str(folder)!r} were made with {stream} {key} {b!r} but the run was trained on "
-                f"{a!r}. Embed the data like the run's: `prodfuse predict --catalog CSV` does it, or "
-                f"`python extract_embeddings.py --like {config['embeddings']}`."
-            )
+    keys = {"image": ("backbone", "dim"), "text": ("kind", "dim")}
+    for stream in streams:
+        for key in keys[stream]:
+            a, b = trained.get(stream, {}).get(key), got.get(stream, {}).get(key)
+            if a != b:
+                raise ValueError(
+                    f"Shards {str(folder)!r} were made with {stream} {key} {b!r} but the run was trained on "
+                    f"{a!r}. Embed the data like the run's: `prodfuse predict --catalog CSV` does it, or "
+                    f"`python extract_embeddings.py --like {config['embeddings']}`."
+                )
     # A tfidf encoder fitted on other texts gives vectors in another basis: same width, meaningless numbers.
     same = Path(folder).resolve() == Path(config["embeddings"]).resolve()
     like = manifest.get("settings", {}).get("like")
     if (
-        trained.get("text", {}).get("kind") == "tfidf"
+        "text" in streams
+        and trained.get("text", {}).get("kind") == "tfidf"
         and not same
         and (like is None or Path(like).resolve() != Path(config["embeddings"]).resolve())
     ):
+        if strict:
+            raise ValueError(
+                f"shards {str(folder)!r} have their own tfidf text encoder, fitted on other texts than the run's "
+                f"({config['embeddings']}): their text vectors would mean nothing to it. Extract them with "
+                f"`--like {config['embeddings']}`"
+            )
         log.warning(
             "%s was not extracted with --like %s; its tfidf text encoder may be fitted on other texts "
             "than the run's, which makes the text stream meaningless.",

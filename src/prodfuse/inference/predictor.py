@@ -241,10 +241,8 @@ class Predictor:
         """`predict` for items whose photos are already decoded (each as `load_image` returns it for this run's
         image size and views, or None) and read by OCR: the same backbone call, text encoder and model, so an
         item gets the same result as through `predict`. The service gathers concurrent requests into one call."""
-        _check_top_k(top_k)
-        ok, extras, arrays = self.prepare_arrays(images, items, ocr_texts)
-        res = forward(self.run.model, arrays, self.run.temperature, self.batch_size) if ok else None
-        return self._results(ok, extras, res, top_k)
+        _check_top_k(top_k)  # before any work
+        return self.results(*self.prepare_arrays(images, items, ocr_texts), top_k)
 
     def prepare_arrays(
         self, images: list[np.ndarray | None], items: list[dict], ocr_texts: list[str]

@@ -16,30 +16,9 @@ import pandas as pd
 
 from prodfuse.data import shards
 from prodfuse.data.catalog import file_sha256
+from prodfuse.inference.predict import check_compatible
 
 SPACE_COLUMN = {"image": "image_embedding", "text": "text_embedding"}
-
-
-def _check_same_extraction(trained: dict, manifest: dict, folder: Path, run_path, run_embeddings: str) -> None:
-    """Shards must be embedded like the run's training shards: same backbone, dims, text encoder and, for a fitted
-    tfidf encoder, the same fit (the run's own folder, or one extracted with --like it)."""
-    got = manifest.get("encoders", {})
-    for stream, key in (("image", "backbone"), ("image", "dim"), ("text", "kind"), ("text", "dim")):
-        a, b = trained["encoders"].get(stream, {}).get(key), got.get(stream, {}).get(key)
-        if a != b:
-            raise ValueError(
-                f"shards {str(folder)!r} were made with {stream} {key} {b!r} but the run {str(run_path)!r} was "
-                f"trained on {a!r}; extract them with `--like {run_embeddings}`"
-            )
-    same = folder.resolve() == Path(run_embeddings).resolve()
-    like = manifest.get("settings", {}).get("like")
-    if trained["encoders"].get("text", {}).get("kind") == "tfidf" and not same:
-        if like is None or Path(like).resolve() != Path(run_embeddings).resolve():
-            raise ValueError(
-                f"shards {str(folder)!r} have their own tfidf text encoder, fitted on other texts than the run "
-                f"{str(run_path)!r}'s ({run_embeddings}): its vectors would mean nothing to the run. Extract them "
-                f"with `--like {run_embeddings}`"
-            )
 
 
 def items_table(folder: Path, manifest: dict, rows=None) -> pd.DataFrame:
@@ -73,7 +52,12 @@ def space_vectors(folder, space: str, run=None, batch_size: int = 1024) -> tuple
         "space": space,
         "embeddings": str(folder.resolve()),
         "shards_manifest_sha256": file_sha256(folder / shards.MANIFEST),
-        "extraction": {"columns": manifest["columns"], "encoders": manifest["encoders"]},
+        # what a served run checks the index against (check_index_for_run), without the shards at hand
+        "extraction": {
+            "columns": manifest["columns"],
+            "encoders": manifest["encoders"],
+            "like": manifest.get("settings", {}).get("like"),
+        },
     }
     if space in SPACE_COLUMN:
         col = SPACE_COLUMN[space]
@@ -92,7 +76,7 @@ def space_vectors(folder, space: str, run=None, batch_size: int = 1024) -> tuple
         from prodfuse.modeling.run import Run
 
         r = run if isinstance(run, Run) else Run.load(run)
-        _check_same_extraction(r.extraction, manifest, folder, r.path, r.config["embeddings"])
+        check_compatible(r.config, manifest, folder, strict=True)
         data = read_items(folder, r.inputs)
         x = with_view({k: data[k] for k in r.inputs}, 0)  # the whole photo
         vectors = model_outputs(fused_model(r.model), x, batch_size) if len(x[r.inputs[0]]) else np.zeros((0, 1))
@@ -102,7 +86,7 @@ def space_vectors(folder, space: str, run=None, batch_size: int = 1024) -> tuple
         from prodfuse.retrieval.align import embed_side, load_align_run
 
         towers, config = load_align_run(run)
-        _check_same_extraction(config["extraction"], manifest, folder, run, config["embeddings"])
+        check_compatible(config, manifest, folder, strict=True)
         data = shards.read_shards(folder, ["image_embedding"])
         info.update(run=str(Path(run).resolve()), run_model_sha256=config["model_sha256"], side="image")
         return embed_side(towers, "image", data["image_embedding"]), items_table(folder, manifest), info
@@ -121,12 +105,15 @@ class QueryEmbedder:
         self._backbone = None
         self._text_encoder = None
         self._towers = None
+        self._shard_settings = None
 
     def _shards(self) -> Path:
         return Path(self.manifest["embeddings"])
 
     def _settings(self) -> dict:
-        return shards.read_manifest(self._shards())["settings"]
+        if self._shard_settings is None:  # read once, not per query
+            self._shard_settings = shards.read_manifest(self._shards())["settings"]
+        return self._shard_settings
 
     def _photo_embedding(self, image) -> np.ndarray:
         from prodfuse.encoders import image as image_encoders
@@ -203,24 +190,10 @@ def check_index_for_run(manifest: dict, run) -> None:
                 f"{run.path}`"
             )
         return
-    ex = manifest.get("extraction", {}).get("encoders", {})
-    stream = "text" if space == "text" else "image"
-    need = stream if space != "joint" else None
-    for s in [need] if need else ["image", "text"]:
-        a, b = run.extraction["encoders"].get(s), ex.get(s)
-        if not a or not b or any(a.get(k) != b.get(k) for k in ("dim", "backbone", "kind")):
-            raise ValueError(
-                f"the {space} index was built from shards with {s} encoder {b} but the run reads {a}: build the "
-                f"index from shards extracted like the run's (`--like {run.config['embeddings']}`)"
-            )
-    if space in ("text", "joint") and run.extraction["encoders"].get("text", {}).get("kind") == "tfidf":
-        if Path(manifest["embeddings"]).resolve() != Path(run.config["embeddings"]).resolve():
-            like = shards.read_manifest(manifest["embeddings"]).get("settings", {}).get("like")
-            if like is None or Path(like).resolve() != Path(run.config["embeddings"]).resolve():
-                raise ValueError(
-                    f"the {space} index's shards {manifest['embeddings']!r} have their own tfidf fit, not the run's; "
-                    f"build the index from the run's shards or shards extracted with `--like {run.config['embeddings']}`"
-                )
+    ex = manifest.get("extraction", {})
+    recorded = {"encoders": ex.get("encoders", {}), "settings": {"like": ex.get("like")}}
+    streams = {"image": ("image",), "text": ("text",), "joint": ("image", "text")}[space]
+    check_compatible(run.config, recorded, manifest["embeddings"], streams, strict=True)
 
 
 class ArraysToSpace:
