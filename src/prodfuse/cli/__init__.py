@@ -159,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         return _interrupted(args, received)
     except KeyboardInterrupt as e:
         return _interrupted(args, [signal.SIGTERM] if isinstance(e, _Terminated) else received)
-    except ValueError as e:
-        # Our errors say what was wrong and how to fix it; a traceback would only bury that.
+    except (ValueError, ImportError) as e:
+        # Our errors say what was wrong and how to fix it (an ImportError names the extra to install); a traceback
+        # would only bury that.
         if os.environ.get("PRODFUSE_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

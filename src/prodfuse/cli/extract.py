@@ -9,6 +9,7 @@ from prodfuse.cli.common import add_column_args, make_config
 from prodfuse.extraction.config import (
     AUTO_VIEWS_MAX_ROWS,
     BACKBONES,
+    ENGINES,
     OCR_ENGINES,
     PRECISIONS,
     TEXT_ENCODERS,
@@ -46,6 +47,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--like", help="copy every setting and the fitted text encoder from this shard folder")
     p.add_argument("--overwrite", action="store_true", help="replace shards made with other settings")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars or lines")
+    g = p.add_argument_group("Ray cluster (--engine ray; pip install -e .[ray])")
+    g.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="local",
+        help="local (default): this machine; ray: OCR and the backbone on a Ray cluster, same shard folder",
+    )
+    g.add_argument("--ray-address", help="auto | HOST:PORT | ray://HOST:PORT (default: start a local Ray)")
+    g.add_argument("--image-actors", type=int, help="backbone actors, each loads the model once (default 1 per GPU)")
+    g.add_argument("--ocr-actors", type=int, help="OCR actors, one CPU each (default: the cluster's CPUs)")
+    g.add_argument("--gpus-per-image-actor", type=float, help="GPUs per backbone actor (default 1 with GPUs, else 0)")
     add_column_args(p, text_default=None)
 
 
@@ -79,6 +91,13 @@ def print_summary(summary: dict) -> None:
             f"  OCR ({o['engine']}): {o['images']} images, {o.get('with_words', 0)} with words, "
             f"{o.get('cache_hits', 0)} from cache, {o.get('errors', 0)} errors"
             + (f" ({errors}; rows kept without OCR text, listed in {o['errors_file']})" if o.get("errors") else "")
+        )
+    if summary.get("engine") == "ray":
+        r = summary["ray"]
+        print(
+            f"  engine: ray ({r['ocr_actors']} OCR actors, {r['image_actors']} image actors with "
+            f"{r['gpus_per_image_actor']:g} GPU each; cluster {r['cluster'].get('CPU', 0):g} CPUs, "
+            f"{r['cluster'].get('GPU', 0):g} GPUs)"
         )
     if summary.get("images_per_s"):
         print(f"  images/s (backbone stage incl. decode): {summary['images_per_s']}")

@@ -11,6 +11,10 @@ BACKBONES = ("resnet50", "mobilenet_v2", "efficientnet_b0")
 PRECISIONS = ("float32", "mixed_float16")
 TEXT_ENCODERS = ("minilm", "tfidf", "none")
 OCR_ENGINES = ("rapidocr", "tesseract", "easyocr", "none")
+ENGINES = ("local", "ray")
+# The text encoder and vocabulary are fitted on every non-empty text up to this many, above it on a seeded sample
+# of this many (recorded in the manifest as text_fit).
+TEXT_FIT_MAX_ROWS = 1_000_000
 # --views auto: augmented views for catalogs up to this many rows. Small catalogs are where augmentation pays
 # (grocery, 2,640 photos: +7 points) and where 6x the backbone time is minutes; big ones have data enough.
 AUTO_VIEWS_MAX_ROWS = 5000
@@ -92,6 +96,12 @@ class ExtractConfig:
     label_col: str | None = "label"
     split_col: str | None = "split"
     encoding: str = "utf-8"
+    # Where stage A (OCR + backbone) runs: this process and its OCR workers, or a Ray cluster (see ray_engine).
+    engine: str = "local"
+    ray_address: str | None = None  # None: a local Ray cluster (or the caller's ray.init); auto; HOST:PORT
+    image_actors: int | None = None  # None: one per GPU, else 1
+    ocr_actors: int | None = None  # None: the cluster's CPUs (less one per GPU image actor)
+    gpus_per_image_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
 
     def __post_init__(self):
         check_choice("backbone", self.backbone, BACKBONES, optional=True)
@@ -102,6 +112,17 @@ class ExtractConfig:
         check_range("batch_size", self.batch_size, 1, 65536, integer=True, optional=True)
         check_range("ocr_workers", self.ocr_workers, 1, 256, integer=True, optional=True)
         check_range("shard_rows", self.shard_rows, 1, None, integer=True, optional=True)
+        check_choice("engine", self.engine, ENGINES)
+        check_range("image_actors", self.image_actors, 1, 4096, integer=True, optional=True)
+        check_range("ocr_actors", self.ocr_actors, 1, 100_000, integer=True, optional=True)
+        check_range("gpus_per_image_actor", self.gpus_per_image_actor, 0, 8, optional=True)
+        blank_to_none(self, "ray_address")
+        ray_only = ("ray_address", "image_actors", "ocr_actors", "gpus_per_image_actor")
+        given = [k for k in ray_only if getattr(self, k) is not None]
+        if self.engine != "ray" and given:
+            raise ValueError(
+                f"{', '.join(given)} apply to engine 'ray' only; got engine {self.engine!r}. Add --engine ray."
+            )
         if self.views is not None:
             object.__setattr__(self, "views", parse_views(self.views))
         if self.text_cols is not None:

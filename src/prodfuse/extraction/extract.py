@@ -18,6 +18,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from prodfuse.extraction.config import (  # noqa: F401  (ExtractionStopped re-ex
     DEFAULTS,
     LIKE_KEYS,
     MAX_VIEWS,
+    TEXT_FIT_MAX_ROWS,
     ExtractConfig,
     ExtractionStopped,
     parse_views,
@@ -95,16 +97,19 @@ def _chunk_file(folder: Path, k: int) -> Path:
     return folder / ".work" / f"images-{k:05d}.npz"
 
 
-def _save_chunk(path: Path, index: np.ndarray, emb: np.ndarray, rejects: list[dict]) -> None:
+def _save_chunk(path: Path, index: np.ndarray, emb: np.ndarray, rejects: list[dict], ocr: dict | None = None) -> None:
+    """`ocr` (the ray engine's): the chunk's OCR results, so a resumed run need not ask the cluster again."""
     path.parent.mkdir(exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, index=index, emb=emb, rejects=np.array(json.dumps(rejects)))
+    extra = {"ocr": np.array(json.dumps(ocr))} if ocr is not None else {}
+    np.savez(tmp, index=index, emb=emb, rejects=np.array(json.dumps(rejects)), **extra)
     os.replace(tmp, path)
 
 
-def _load_chunk(path: Path) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+def _load_chunk(path: Path) -> tuple[np.ndarray, np.ndarray, list[dict], dict | None]:
     with np.load(path) as z:
-        return z["index"], z["emb"], json.loads(str(z["rejects"]))
+        ocr = json.loads(str(z["ocr"])) if "ocr" in z.files else None
+        return z["index"], z["emb"], json.loads(str(z["rejects"])), ocr
 
 
 def _save_text_state(folder: Path, encoder, vocab: list[str]) -> None:
@@ -155,9 +160,157 @@ def _check_stop(stop: threading.Event | None) -> None:
         raise ExtractionStopped("extraction stopped on request; complete shards are kept, run it again to resume")
 
 
+@dataclass(frozen=True)
+class Job:
+    """What either engine's stage A works on: the catalog's chunks still to write, and how to record a row."""
+
+    out: Path
+    chunks: list[tuple[int, int]]  # catalog row ranges, one per future shard
+    shard_rows: int
+    ids: list
+    paths: list[str]
+    path_rejects: list[str | None]  # the driver's reason per row (None: the image is for the engine to read)
+    settings: dict
+    image_dim: int
+    views: int
+
+    def chunk_file(self, start: int) -> Path:
+        return _chunk_file(self.out, start // self.shard_rows)
+
+    def reject(self, i: int, reason: str, detail: str = "") -> dict:
+        return _reject(self.ids, self.paths, i, reason, detail)
+
+    def driver_rejects(self, start: int, end: int) -> list[dict]:
+        return [self.reject(i, self.path_rejects[i]) for i in range(start, end) if self.path_rejects[i] is not None]
+
+
+@dataclass
+class StageA:
+    """What stage A hands to stage B: OCR text per catalog row, OCR counts and errors, images embedded."""
+
+    ocr_texts: dict[int, str] = field(default_factory=dict)
+    ocr_stats: Counter = field(default_factory=Counter)
+    ocr_errors: dict[int, str] = field(default_factory=dict)
+    embedded_images: int = 0
+    resumed_chunks: int = 0  # chunks whose images an interrupted run had embedded
+
+
 def extract(config: ExtractConfig, stop: threading.Event | None = None) -> dict:
     """Embed `config.catalog` into the shard folder `config.out` (resuming a complete-settings match there);
-    returns the summary that is also stored in the manifest."""
+    returns the summary that is also stored in the manifest.
+
+    `config.engine == "ray"` runs OCR and the backbone on a Ray cluster (see ray_engine); it connects before
+    anything is written, and shuts down only a cluster it started itself."""
+    if config.engine != "ray":
+        return _extract(config, stop)
+    from prodfuse.extraction import ray_engine
+
+    cluster = ray_engine.connect(config.ray_address)
+    try:
+        pools = ray_engine.Pools.plan(
+            cluster.resources, config.image_actors, config.ocr_actors, config.gpus_per_image_actor
+        )
+        return _extract(config, stop, (cluster, pools))
+    finally:
+        cluster.close()
+
+
+def _text_fit_sample(texts: list[str], limit: int = TEXT_FIT_MAX_ROWS, seed: int = 0) -> tuple[list[str], dict]:
+    """The texts the text encoder and vocabulary are fitted on: every non-empty one, or a seeded sample of `limit`
+    above that (a TF-IDF fit on 10 million texts is memory and hours, and a million describe a catalog's words)."""
+    present = [t for t in texts if t]
+    record = {"texts": len(present), "fitted_on": len(present), "seed": None}
+    if len(present) <= limit:
+        return present, record
+    pick = np.sort(np.random.default_rng(seed).choice(len(present), size=limit, replace=False))
+    return [present[i] for i in pick], {**record, "fitted_on": limit, "seed": seed}
+
+
+def _local_stage_a(job: Job, config: ExtractConfig, ocr_rows: list[int], model, stop) -> StageA:
+    """Image embeddings per chunk in this process while OCR runs in worker processes."""
+    from prodfuse.encoders import image as image_encoders
+    from prodfuse.encoders import ocr
+
+    result = StageA(resumed_chunks=sum(job.chunk_file(s).is_file() for s, _ in job.chunks))
+    settings, paths, path_rejects, views, image_dim = (
+        job.settings,
+        job.paths,
+        job.path_rejects,
+        job.views,
+        job.image_dim,
+    )
+    progress = config.progress
+    pool = ThreadPoolExecutor(max_workers=1)
+    ocr_future = None
+    stop_ocr = threading.Event()  # set when stage A fails or is interrupted: the OCR thread then ends at once
+    if settings["ocr"] != "none" and ocr_rows:
+        ocr_future = pool.submit(
+            ocr.ocr_images,
+            [paths[i] for i in ocr_rows],
+            engine=settings["ocr"],
+            langs=settings["ocr_lang"],
+            workers=config.ocr_workers,
+            cache_dir=config.ocr_cache,
+            progress=progress,
+            stop=stop_ocr,
+        )
+
+    # Image embeddings per chunk (skipped for chunks already saved by an interrupted run).
+    try:
+        for s, e in job.chunks:
+            path = job.chunk_file(s)
+            if path.is_file():
+                continue
+            ok_rows = [i for i in range(s, e) if path_rejects[i] is None]
+            rejects = job.driver_rejects(s, e)
+            idx_parts, emb_parts = [], []
+            for local_idx, emb, bad in image_encoders.iter_image_embeddings(
+                model,
+                [paths[i] for i in ok_rows],
+                settings["image_size"],
+                batch_size=config.batch_size,
+                progress=progress,
+                views=views,
+            ):
+                _check_stop(stop)  # between batches: a signal's KeyboardInterrupt can be lost in a finaliser
+                idx_parts.append(np.asarray([ok_rows[j] for j in local_idx], dtype=np.int64))
+                emb_parts.append(emb)
+                rejects += [job.reject(ok_rows[j], reason, detail) for j, reason, detail in bad]
+            index = np.concatenate(idx_parts) if idx_parts else np.zeros(0, np.int64)
+            emb = (
+                np.concatenate(emb_parts)
+                if emb_parts
+                else np.zeros((0, image_dim) if views == 1 else (0, views, image_dim), np.float32)
+            )
+            result.embedded_images += len(index) * views
+            _save_chunk(path, index, emb, rejects)
+        if ocr_future is not None:
+            while True:  # wait for OCR, but notice a stop request within 0.2 s
+                _check_stop(stop)
+                try:
+                    results = ocr_future.result(timeout=0.2)
+                    break
+                except concurrent.futures.TimeoutError:
+                    continue
+            for i, r in zip(ocr_rows, results):
+                result.ocr_texts[i] = r.text
+                result.ocr_stats["cache_hits"] += bool(r.cached)
+                result.ocr_stats["with_words"] += bool(r.text)
+                if r.error is not None:
+                    result.ocr_errors[i] = r.error
+    except BaseException:
+        # Ctrl-C, SIGTERM (the CLI raises it as a KeyboardInterrupt) or an error: stop OCR now instead of
+        # reading every queued image first. Saved chunks (.work/) and OCR cache entries are kept for resume.
+        stop_ocr.set()
+        raise
+    finally:
+        # Waits for the OCR thread, which is quick once stop_ocr is set; it terminates its worker processes,
+        # so none outlives this call.
+        pool.shutdown(wait=True, cancel_futures=True)
+    return result
+
+
+def _extract(config: ExtractConfig, stop: threading.Event | None = None, ray=None) -> dict:
     from prodfuse.encoders import image as image_encoders
     from prodfuse.encoders import ocr
     from prodfuse.encoders import text as text_encoders
@@ -260,77 +413,15 @@ def extract(config: ExtractConfig, stop: threading.Event | None = None) -> dict:
     state_ready = encoder_source is not None or _has_text_state(out)
     ocr_from = start if state_ready else 0
     ocr_rows = [i for i in range(ocr_from, n) if path_rejects[i] is None]
-    ocr_texts = [""] * n
-    ocr_stats = Counter()
-    ocr_errors: dict[int, str] = {}
-    pool = ThreadPoolExecutor(max_workers=1)
-    ocr_future = None
-    stop_ocr = threading.Event()  # set when stage A fails or is interrupted: the OCR thread then ends at once
-    if settings["ocr"] != "none" and ocr_rows:
-        ocr_future = pool.submit(
-            ocr.ocr_images,
-            [paths[i] for i in ocr_rows],
-            engine=settings["ocr"],
-            langs=settings["ocr_lang"],
-            workers=config.ocr_workers,
-            cache_dir=config.ocr_cache,
-            progress=progress,
-            stop=stop_ocr,
-        )
+    job = Job(out, chunks, shard_rows, ids, paths, path_rejects, settings, image_dim, views)
+    if ray is not None:
+        from prodfuse.extraction import ray_engine
 
-    # Stage A: image embeddings per chunk (skipped for chunks already saved by an interrupted run).
-    embedded_images = 0
-    try:
-        for s, e in chunks:
-            path = _chunk_file(out, s // shard_rows)
-            if path.is_file():
-                continue
-            ok_rows = [i for i in range(s, e) if path_rejects[i] is None]
-            rejects = [_reject(ids, paths, i, path_rejects[i]) for i in range(s, e) if path_rejects[i] is not None]
-            idx_parts, emb_parts = [], []
-            for local_idx, emb, bad in image_encoders.iter_image_embeddings(
-                model,
-                [paths[i] for i in ok_rows],
-                settings["image_size"],
-                batch_size=config.batch_size,
-                progress=progress,
-                views=views,
-            ):
-                _check_stop(stop)  # between batches: a signal's KeyboardInterrupt can be lost in a finaliser
-                idx_parts.append(np.asarray([ok_rows[j] for j in local_idx], dtype=np.int64))
-                emb_parts.append(emb)
-                rejects += [_reject(ids, paths, ok_rows[j], reason, detail) for j, reason, detail in bad]
-            index = np.concatenate(idx_parts) if idx_parts else np.zeros(0, np.int64)
-            emb = (
-                np.concatenate(emb_parts)
-                if emb_parts
-                else np.zeros((0, image_dim) if views == 1 else (0, views, image_dim), np.float32)
-            )
-            embedded_images += len(index) * views
-            _save_chunk(path, index, emb, rejects)
-        if ocr_future is not None:
-            while True:  # wait for OCR, but notice a stop request within 0.2 s
-                _check_stop(stop)
-                try:
-                    results = ocr_future.result(timeout=0.2)
-                    break
-                except concurrent.futures.TimeoutError:
-                    continue
-            for i, r in zip(ocr_rows, results):
-                ocr_texts[i] = r.text
-                ocr_stats["cache_hits"] += bool(r.cached)
-                ocr_stats["with_words"] += bool(r.text)
-                if r.error is not None:
-                    ocr_errors[i] = r.error
-    except BaseException:
-        # Ctrl-C, SIGTERM (the CLI raises it as a KeyboardInterrupt) or an error: stop OCR now instead of
-        # reading every queued image first. Saved chunks (.work/) and OCR cache entries are kept for resume.
-        stop_ocr.set()
-        raise
-    finally:
-        # Waits for the OCR thread, which is quick once stop_ocr is set; it terminates its worker processes,
-        # so none outlives this call.
-        pool.shutdown(wait=True, cancel_futures=True)
+        cluster, pools = ray
+        stage = ray_engine.run_stage_a(job, pools, config.batch_size, config.ocr_cache, progress, stop)
+    else:
+        stage = _local_stage_a(job, config, ocr_rows, model, stop)
+    ocr_texts = [stage.ocr_texts.get(i, "") for i in range(n)]
     image_seconds = time.perf_counter() - t0
 
     texts = [text_encoders.join_text([df[c].iat[i] for c in text_cols] + [ocr_texts[i]]) for i in range(n)]
@@ -342,9 +433,15 @@ def extract(config: ExtractConfig, stop: threading.Event | None = None) -> dict:
     elif _has_text_state(out):
         encoder, vocab = _load_text_state(out)
     else:
-        encoder.fit([t for t in texts if t])
-        vocab = text_encoders.fit_vocabulary([t for t in texts if t])
+        fit_texts, manifest["text_fit"] = _text_fit_sample(texts)
+        encoder.fit(fit_texts)
+        vocab = text_encoders.fit_vocabulary(fit_texts)
         _save_text_state(out, encoder, vocab)
+    if encoder_source is not None and "text_fit" not in manifest:
+        manifest["text_fit"] = shards.read_manifest(encoder_source).get("text_fit")
+    encode = encoder.encode
+    if ray is not None and text_kind == "minilm":  # a transformer per batch on the cluster, not on the driver
+        encode = lambda chunk_texts: ray_engine.encode_texts(out, chunk_texts, pools, encoder.dim)  # noqa: E731
 
     carried = [c for c in df.columns if c not in text_cols]
     rows_written, with_text = 0, 0
@@ -352,7 +449,7 @@ def extract(config: ExtractConfig, stop: threading.Event | None = None) -> dict:
     for s, e in chunks:
         _check_stop(stop)
         path = _chunk_file(out, s // shard_rows)
-        index, emb, rejects = _load_chunk(path)
+        index, emb, rejects, _ = _load_chunk(path)
         rows = index.tolist()
         chunk_texts = [texts[i] for i in rows]
         data = {c: [str(df[c].iat[i]) if df[c].iat[i] is not None else None for i in rows] for c in carried}
@@ -361,7 +458,7 @@ def extract(config: ExtractConfig, stop: threading.Event | None = None) -> dict:
             data["image_views"] = emb[:, 1:].reshape(len(emb), (views - 1) * image_dim)
         else:
             data["image_embedding"] = emb
-        text_emb = encoder.encode(chunk_texts)
+        text_emb = encode(chunk_texts)
         if text_emb.shape[1] > 0:
             data["text_embedding"] = text_emb
         data["has_text"] = np.array([bool(t) for t in chunk_texts])
@@ -386,15 +483,18 @@ def extract(config: ExtractConfig, stop: threading.Event | None = None) -> dict:
         "rejected_rows": len(rejects),
         "rejected_by_reason": dict(Counter(r["reason"] for r in rejects)),
         "embedded_this_run": rows_written,
+        "image_chunks_resumed": stage.resumed_chunks,
         "with_text_this_run": int(with_text),
         "ocr": {
             "engine": settings["ocr"],
             "images": len(ocr_rows),
-            **ocr_stats,
-            **_ocr_error_report(out, ids, paths, written_rows, ocr_errors),
+            **(stage.ocr_stats if settings["ocr"] != "none" else {}),
+            **_ocr_error_report(out, ids, paths, written_rows, stage.ocr_errors),
         },
         "weights": settings["weights"],
-        "images_per_s": round(embedded_images / image_seconds, 1) if embedded_images else None,
+        "engine": "ray" if ray is not None else "local",
+        **({"ray": {**ray[1].record(), "cluster": ray[0].resources}} if ray is not None else {}),
+        "images_per_s": round(stage.embedded_images / image_seconds, 1) if stage.embedded_images else None,
         "seconds": round(seconds, 1),
     }
     manifest["text_encoder"] = encoder.settings()

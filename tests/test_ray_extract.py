@@ -1,0 +1,274 @@
+"""`--engine ray` on a local Ray cluster (2 CPUs): the same shard folder as the local engine, every row accounted for
+when images are bad, an OCR actor is killed, the driver is killed, or a worker cannot read a photo."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prodfuse.data import shards
+from prodfuse.data.demo import write_demo_catalog
+from prodfuse.extraction.config import ExtractConfig
+from prodfuse.extraction.extract import extract
+
+ray = pytest.importorskip("ray", reason="the ray extra: pip install -e .[ray]")
+
+HIDDEN = "hidden-from-workers"  # photos under a folder of this name exist for the driver only (see the fixture)
+FAST = dict(backbone="mobilenet_v2", weights="none", image_size=64, views=1, progress=False)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    def hide_from_workers():
+        # A worker node without the storage mounted: opening a photo under HIDDEN fails there, not on the driver.
+        import builtins
+
+        real_open = builtins.open
+
+        def open_(file, *args, **kwargs):
+            if HIDDEN in str(file):
+                raise FileNotFoundError(2, "not mounted on this worker", str(file))
+            return real_open(file, *args, **kwargs)
+
+        builtins.open = open_
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="WARNING",
+        runtime_env={"worker_process_setup_hook": hide_from_workers},
+    )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return write_demo_catalog(tmp_path_factory.mktemp("demo"))
+
+
+def both(catalog, tmp_path, **settings):
+    """(local summary, ray summary, local folder, ray folder) of the same extraction."""
+    out = {}
+    for engine in ("local", "ray"):
+        out[engine] = tmp_path / engine
+        out[engine + "_summary"] = extract(
+            ExtractConfig(catalog=str(catalog), out=str(out[engine]), engine=engine, **{**FAST, **settings})
+        )
+    return out["local_summary"], out["ray_summary"], out["local"], out["ray"]
+
+
+def rejects(folder):
+    with open(folder / shards.REJECTS) as f:
+        return [(r["id"], r["reason"]) for r in csv.DictReader(f)]
+
+
+def assert_same_folder(a, b, atol=1e-5):
+    x, y = shards.read_shards(a), shards.read_shards(b)
+    assert list(x["product_id"]) == list(y["product_id"])  # same rows, same order
+    assert sorted(x) == sorted(y)
+    for col in x:
+        if x[col].dtype.kind == "f":
+            np.testing.assert_allclose(x[col], y[col], atol=atol, rtol=0, err_msg=col)
+        else:
+            np.testing.assert_array_equal(x[col], y[col], err_msg=col)
+    assert rejects(a) == rejects(b)
+    ma, mb = shards.read_manifest(a), shards.read_manifest(b)
+    assert sorted(ma) == sorted(mb)
+    assert ma["settings"] == mb["settings"] and ma["encoders"] == mb["encoders"]
+    assert [s["rows"] for s in ma["shards"]] == [s["rows"] for s in mb["shards"]]
+    return x
+
+
+def test_demo_catalog_ray_equals_local(cluster, demo, tmp_path):
+    # rapidocr from the shared OCR cache (the demo's photos are read once per machine), several shards
+    local, remote, a, b = both(demo, tmp_path, ocr="rapidocr", shard_rows=200)
+    assert remote["engine"] == "ray" and local["engine"] == "local"
+    assert remote["ray"]["ocr_actors"] == 2 and remote["ray"]["image_actors"] == 1
+    got = assert_same_folder(a, b)
+    assert len(got["product_id"]) == 480 and got["has_text"].sum() == local["with_text_this_run"] > 400
+    assert remote["ocr"]["with_words"] == local["ocr"]["with_words"] > 100
+    assert shards.read_manifest(b)["text_fit"] == {"texts": 435, "fitted_on": 435, "seed": None}
+
+
+def test_bad_images_and_rows_a_worker_cannot_read_are_all_accounted_for(cluster, tiny_catalog, tmp_path):
+    img = tiny_catalog.parent / "img"
+    (img / "empty.png").write_bytes(b"")
+    (img / "text.jpg").write_text("this is not an image")
+    hidden = tiny_catalog.parent / "img" / HIDDEN
+    hidden.mkdir()
+    (hidden / "h.png").write_bytes((img / "1.png").read_bytes())
+    with open(tiny_catalog, "a") as f:
+        f.write("b1,img/missing.png,t,,red,a\n")
+        f.write("b2,img/empty.png,t,,red,a\n")
+        f.write("b3,img/text.jpg,t,,red,a\n")
+        f.write("b4,../outside.png,t,,red,a\n")
+        f.write("b5,,t,,red,a\n")
+        f.write(f"h1,img/{HIDDEN}/h.png,t,,red,a\n")
+    local, remote, a, b = both(tiny_catalog, tmp_path, ocr="none", shard_rows=5)
+    want = {
+        "b1": "missing_file",
+        "b2": "empty_file",
+        "b3": "not_an_image",
+        "b4": "outside_catalog_dir",
+        "b5": "missing_path",
+    }
+    assert dict(rejects(b)) == {**want, "h1": "unreadable_on_worker"}
+    assert dict(rejects(a)) == want  # the driver's own process reads h1 fine
+    assert remote["embedded_rows"] + remote["rejected_rows"] == remote["input_rows"] == 18
+    assert sorted(shards.read_shards(b)["product_id"]) == sorted(f"p{i}" for i in range(12))
+
+
+def _ocr_actor_pids():
+    """Ray names an actor's process after its class (`ray::MapWorker(MapBatches(OcrActor))`)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"OcrActor" in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_killing_an_ocr_actor_loses_no_row(cluster, demo, tmp_path):
+    rows = (demo.read_text().splitlines()[:1] + demo.read_text().splitlines()[1:481:12])[:41]  # 40 products
+    catalog = demo.parent / "forty.csv"
+    catalog.write_text("\n".join(rows) + "\n")
+    settings = dict(ocr="rapidocr", ocr_cache=str(tmp_path / "cold-ocr-cache"))  # cold: OCR takes seconds
+    ref = tmp_path / "ref"
+    extract(ExtractConfig(catalog=str(catalog), out=str(ref), **FAST, ocr="rapidocr"))
+    killed = []
+
+    def killer():
+        deadline = time.monotonic() + 120
+        while not killed and time.monotonic() < deadline:
+            pids = _ocr_actor_pids()
+            if pids and (tmp_path / "cold-ocr-cache").exists() and any((tmp_path / "cold-ocr-cache").rglob("*.json")):
+                os.kill(pids[0], signal.SIGKILL)  # mid-run: after its first results reached the cache
+                killed.append(pids[0])
+            time.sleep(0.2)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    out = tmp_path / "ray"
+    summary = extract(ExtractConfig(catalog=str(catalog), out=str(out), engine="ray", **FAST, **settings))
+    t.join()
+    assert killed, "no OCR actor was seen to kill"
+    assert summary["embedded_rows"] == 40 and summary["rejected_rows"] == 0
+    assert summary["ocr"]["cache_hits"] < 40  # it really read photos, so the kill landed mid-run
+    x, y = shards.read_shards(ref), shards.read_shards(out)
+    assert list(x["ocr_text"]) == list(y["ocr_text"]) and list(x["product_id"]) == list(y["product_id"])
+
+
+def test_killing_the_driver_resumes_after_the_last_saved_chunk(cluster, demo, tmp_path):
+    ref = tmp_path / "ref"
+    extract(ExtractConfig(catalog=str(demo), out=str(ref), **FAST, ocr="none", shard_rows=60))
+    out = tmp_path / "ray"
+    address = ray.get_runtime_context().gcs_address  # the driver joins the test's cluster, which outlives it
+    argv = [sys.executable, "-m", "prodfuse.cli", "extract", "--engine", "ray", "--ray-address", address]
+    argv += [
+        "--catalog",
+        str(demo),
+        "--out",
+        str(out),
+        "--backbone",
+        "mobilenet_v2",
+        "--weights",
+        "none",
+        "--image-size",
+        "64",
+    ]
+    argv += ["--views", "1", "--ocr", "none", "--shard-rows", "60", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    second_chunk = out / ".work" / "images-00001.npz"
+    deadline = time.monotonic() + 180
+    while not second_chunk.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    err = proc.communicate()[1].decode()
+    assert second_chunk.exists(), err[-2000:]
+    summary = extract(ExtractConfig(catalog=str(demo), out=str(out), engine="ray", **FAST, ocr="none", shard_rows=60))
+    assert summary["image_chunks_resumed"] >= 2  # the chunks saved before the kill were not embedded again
+    assert summary["embedded_rows"] == 480
+    assert_same_folder(ref, out)
+
+
+def test_unreachable_address_fails_fast_and_writes_nothing(demo, tmp_path):
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "prodfuse.cli", "extract", "--engine", "ray", "--ray-address", "10.255.255.1:6379"]
+    argv += ["--catalog", str(demo), "--out", str(out)]
+    t0 = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert time.monotonic() - t0 < 30
+    assert proc.returncode != 0
+    assert "error: cannot reach the Ray cluster at '10.255.255.1:6379'" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_without_ray_installed_the_error_names_the_extra(demo, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    with pytest.raises(ImportError, match=r"pip install -e \.\[ray\]"):
+        extract(ExtractConfig(catalog=str(demo), out=str(tmp_path / "o"), engine="ray"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_ray_flags_need_the_ray_engine():
+    with pytest.raises(ValueError, match="ocr_actors apply to engine 'ray' only"):
+        ExtractConfig(ocr_actors=2)
+    with pytest.raises(ValueError, match="engine must be one of"):
+        ExtractConfig(engine="spark")
+
+
+def test_pool_plan():
+    from prodfuse.extraction.ray_engine import Pools
+
+    assert Pools.plan({"CPU": 16}) == Pools(1, 16, 0.0)  # CPU backbone shares the cores, as locally
+    assert Pools.plan({"CPU": 16, "GPU": 4}) == Pools(4, 12, 1.0)
+    assert Pools.plan({"CPU": 8, "GPU": 1}, gpus_per_image_actor=0.5) == Pools(2, 6, 0.5)
+    with pytest.raises(ValueError, match="cluster has 2"):
+        Pools.plan({"CPU": 2}, ocr_actors=3)
+    with pytest.raises(ValueError, match="cluster has 0 GPUs"):
+        Pools.plan({"CPU": 2}, gpus_per_image_actor=1)
+
+
+@pytest.mark.realdata
+def test_grocery_val_ray_equals_local(cluster, tmp_path):
+    """Real shelf photos, 6 views each, RapidOCR (cached), embedded --like the train shards as the accuracy tests do."""
+    from test_accuracy import SHARED, grocery_shards
+
+    train, val = grocery_shards()
+    out = tmp_path / "ray"
+    catalog = SHARED / "data" / "grocery" / "val.csv"
+    summary = extract(ExtractConfig(catalog=str(catalog), out=str(out), like=str(train), engine="ray", progress=False))
+    got = assert_same_folder(val, out)
+    assert len(got["product_id"]) == 296 and got["image_views"].shape == (296, 5 * 1280)
+    assert summary["ocr"]["with_words"] > 50
+
+
+def test_cluster_yaml_example_parses_and_its_command_is_valid():
+    import shlex
+
+    import yaml
+
+    from prodfuse.cli import build_parser
+
+    text = (ROOT / "deploy" / "ray-cluster.yaml").read_text()
+    spec = yaml.safe_load(text)
+    assert spec["head_node_type"] in spec["available_node_types"]
+    lines = [ln.strip().lstrip("#").strip() for ln in text.splitlines()]
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("prodfuse extract --engine ray"))
+    command = lines[start].rstrip("\\") + " " + lines[start + 1]
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert args.engine == "ray" and args.ray_address == "auto" and args.gpus_per_image_actor == 1
