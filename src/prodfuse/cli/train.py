@@ -13,6 +13,7 @@ from prodfuse.modeling.config import (
     LR_SCHEDULES,
     MONITORS,
     PRECISIONS,
+    STRATEGIES,
     TEXT_BRANCHES,
     TrainConfig,
 )
@@ -118,6 +119,20 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="train each branch alone first, then the fusion with a 10x lower rate on the branches",
     )
     p.add_argument("--precision", default=d("precision"), choices=PRECISIONS)
+    p.add_argument(
+        "--strategy",
+        default=d("strategy"),
+        choices=STRATEGIES,
+        help="mirrored: one model replica per device (tf.distribute.MirroredStrategy over the visible GPUs, or "
+        "--devices), the same feed, each global batch of --batch-size split evenly between the replicas and their "
+        "gradients summed, so --lr stays right; default: one device",
+    )
+    p.add_argument(
+        "--devices",
+        default=None,
+        help="with --strategy mirrored: comma list of the devices to mirror over, e.g. /gpu:0,/gpu:1 (default: "
+        "every visible GPU, the CPU when there is none)",
+    )
     p.add_argument("--out", default=None, help="run folder (default runs/<embeddings name>-<fusion>)")
 
 
@@ -144,6 +159,12 @@ def print_summary(run) -> None:
         f"\ntrained {run.model.name} in {c['train_seconds']} s: best epoch {c['best_epoch']} of "
         f"{c['epochs_run']} ({s['source']}: {s['train']} train / {s['val']} val / {s['test']} test)"
     )
+    train = c.get("train", {})
+    if train.get("strategy", "default") != "default":
+        batch, replicas = train["batch_size"], c["replicas"]
+        print(
+            f"  {train['strategy']} strategy: {replicas} replica(s), global batch {batch} ({batch // replicas} per replica)"
+        )
     for name, m in run.metrics.items():
         print(
             f"  {name:5s} accuracy {m['accuracy']:.4f}  top-3 {m['top3_accuracy']:.4f}  weighted F1 "

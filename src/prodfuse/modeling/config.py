@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prodfuse.checks import blank_to_none, check_choice, check_range
+from prodfuse.checks import blank_to_none, check_choice, check_range, comma_list
 
 FUSIONS = ("concat", "gated", "cross_attention")
 TEXT_BRANCHES = ("mlp", "cnn", "none")
@@ -13,8 +13,19 @@ INPUT_NORMS = ("l2", "none")
 LR_SCHEDULES = ("plateau", "cosine")
 CLASS_WEIGHTS = ("balanced", "none")
 PRECISIONS = ("float32", "mixed_float16")
+STRATEGIES = ("default", "mirrored")  # default: one device; mirrored: tf.distribute.MirroredStrategy
 MONITOR_MODES = {"val_accuracy": "max", "val_loss": "min"}  # what early stopping follows, and which way is better
 MONITORS = tuple(MONITOR_MODES)
+
+
+def batch_split_message(batch_size: int, replicas: int) -> str:
+    """The error for a global batch that the replicas cannot share evenly."""
+    lower, upper = batch_size // replicas * replicas, -(-batch_size // replicas) * replicas
+    fix = f"{lower} or {upper}" if lower else f"{upper}"
+    return (
+        f"batch_size {batch_size} cannot be split evenly over {replicas} replicas (the global batch is divided "
+        f"between them); use a multiple of {replicas}, e.g. {fix}"
+    )
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,11 @@ class TrainConfig:
     ensemble: int = 1
     staged: bool = False
     precision: str = "float32"
+    # "mirrored": one model replica per device (tf.distribute.MirroredStrategy), gradients summed across replicas
+    # every step. `batch_size` stays the global batch: each replica gets batch_size / replicas of it, so the same
+    # lr fits (README "train"). `devices` None: every visible GPU (the CPU when there is none), else these names.
+    strategy: str = "default"
+    devices: tuple[str, ...] | None = None
     seed: int = 42
     out: str | None = None
     overwrite: bool = False
@@ -67,6 +83,7 @@ class TrainConfig:
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("class_weight", self.class_weight, CLASS_WEIGHTS)
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("strategy", self.strategy, STRATEGIES)
         check_choice("monitor", self.monitor, MONITORS)
         check_choice("verbose", self.verbose, (0, 1, 2))
         check_range("epochs", self.epochs, 1, 100_000, integer=True)
@@ -87,6 +104,23 @@ class TrainConfig:
         if self.ensemble > 1 and self.staged:
             raise ValueError(f"ensemble {self.ensemble} cannot be combined with staged training; choose one")
         blank_to_none(self, "label_col")
+        if self.devices is not None:
+            self._check_devices()
+
+    def _check_devices(self) -> None:
+        given = self.devices
+        devices = comma_list(given)  # "/gpu:0,/gpu:1" from the command line, a list from config.json
+        object.__setattr__(self, "devices", devices)
+        if self.strategy != "mirrored":
+            raise ValueError(
+                f"devices {list(devices)} only apply to strategy 'mirrored'; got strategy {self.strategy!r}"
+            )
+        if not devices or not all(isinstance(d, str) and d for d in devices):
+            raise ValueError(f"devices must name at least one device, e.g. '/gpu:0,/gpu:1'; got {given!r}")
+        if len(set(devices)) != len(devices):
+            raise ValueError(f"devices must not repeat a device; got {list(devices)}")
+        if self.batch_size % len(devices):
+            raise ValueError(batch_split_message(self.batch_size, len(devices)))
 
     @property
     def both_streams(self) -> bool:
