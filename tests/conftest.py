@@ -26,3 +26,37 @@ def tiny_catalog(tmp_path):
     path = tmp_path / "catalog.csv"
     path.write_text("\n".join(rows) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_st_model(tmp_path_factory):
+    """A 32-d, 1-layer BERT sentence-transformers model built and saved locally (no download)."""
+    pytest.importorskip("sentence_transformers")
+    torch = pytest.importorskip("torch")
+    from sentence_transformers import SentenceTransformer
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    try:
+        from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    except ImportError:  # older sentence-transformers
+        from sentence_transformers.models import Pooling, Transformer
+
+    root = tmp_path_factory.mktemp("tiny_st")
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + (
+        "red blue black white shirt shoe bag watch men women cotton leather steel canvas".split()
+    )
+    (root / "vocab.txt").write_text("\n".join(tokens) + "\n")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(tokens),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(root / "hf")
+    BertTokenizerFast(vocab_file=str(root / "vocab.txt"), do_lower_case=True).save_pretrained(root / "hf")
+    transformer = Transformer(str(root / "hf"), max_seq_length=32)
+    SentenceTransformer(modules=[transformer, Pooling(32)], device="cpu").save(str(root / "st"))
+    return root / "st"

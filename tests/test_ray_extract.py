@@ -89,18 +89,9 @@ def assert_same_folder(a, b, atol=1e-5):
     return x
 
 
-def test_demo_catalog_ray_equals_local(cluster, demo, tmp_path):
-    # rapidocr from the shared OCR cache (the demo's photos are read once per machine), several shards
-    local, remote, a, b = both(demo, tmp_path, ocr="rapidocr", shard_rows=200)
-    assert remote["engine"] == "ray" and local["engine"] == "local"
-    assert remote["ray"]["ocr_actors"] == 2 and remote["ray"]["image_actors"] == 1
-    got = assert_same_folder(a, b)
-    assert len(got["product_id"]) == 480 and got["has_text"].sum() == local["with_text_this_run"] > 400
-    assert remote["ocr"]["with_words"] == local["ocr"]["with_words"] > 100
-    assert shards.read_manifest(b)["text_fit"] == {"texts": 435, "fitted_on": 435, "seed": None}
-
-
-def test_bad_images_and_rows_a_worker_cannot_read_are_all_accounted_for(cluster, tiny_catalog, tmp_path):
+def test_bad_images_and_rows_a_worker_cannot_read_are_all_accounted_for_minilm_on_actors(
+    cluster, tiny_catalog, tiny_st_model, tmp_path
+):
     img = tiny_catalog.parent / "img"
     (img / "empty.png").write_bytes(b"")
     (img / "text.jpg").write_text("this is not an image")
@@ -114,7 +105,8 @@ def test_bad_images_and_rows_a_worker_cannot_read_are_all_accounted_for(cluster,
         f.write("b4,../outside.png,t,,red,a\n")
         f.write("b5,,t,,red,a\n")
         f.write(f"h1,img/{HIDDEN}/h.png,t,,red,a\n")
-    local, remote, a, b = both(tiny_catalog, tmp_path, ocr="none", shard_rows=5)
+    minilm = dict(text_encoder="minilm", text_model=str(tiny_st_model))  # encoded per chunk on actors, not the driver
+    local, remote, a, b = both(tiny_catalog, tmp_path, ocr="none", shard_rows=5, **minilm)
     want = {
         "b1": "missing_file",
         "b2": "empty_file",
@@ -125,7 +117,11 @@ def test_bad_images_and_rows_a_worker_cannot_read_are_all_accounted_for(cluster,
     assert dict(rejects(b)) == {**want, "h1": "unreadable_on_worker"}
     assert dict(rejects(a)) == want  # the driver's own process reads h1 fine
     assert remote["embedded_rows"] + remote["rejected_rows"] == remote["input_rows"] == 18
-    assert sorted(shards.read_shards(b)["product_id"]) == sorted(f"p{i}" for i in range(12))
+    x, y = shards.read_shards(a), shards.read_shards(b)
+    assert list(y["product_id"]) == [f"p{i}" for i in range(12)] and list(x["product_id"])[:12] == list(y["product_id"])
+    for col in ("image_embedding", "text_embedding"):
+        np.testing.assert_allclose(x[col][:12], y[col], atol=1e-5, rtol=0, err_msg=col)
+    assert y["text_embedding"].shape == (12, 32)  # the tiny test model's width
 
 
 def _ocr_actor_pids():
@@ -170,25 +166,17 @@ def test_killing_an_ocr_actor_loses_no_row(cluster, demo, tmp_path):
     assert list(x["ocr_text"]) == list(y["ocr_text"]) and list(x["product_id"]) == list(y["product_id"])
 
 
-def test_killing_the_driver_resumes_after_the_last_saved_chunk(cluster, demo, tmp_path):
+def test_demo_catalog_ray_equals_local_and_a_killed_driver_resumes(cluster, demo, tmp_path):
+    """The demo catalog through both engines (RapidOCR from the shared cache, 8 shards); the ray driver is killed
+    (SIGKILL) once two chunks are saved, and the same extraction run again resumes from them."""
+    settings = dict(**FAST, ocr="rapidocr", shard_rows=60)
     ref = tmp_path / "ref"
-    extract(ExtractConfig(catalog=str(demo), out=str(ref), **FAST, ocr="none", shard_rows=60))
+    local = extract(ExtractConfig(catalog=str(demo), out=str(ref), **settings))
     out = tmp_path / "ray"
     address = ray.get_runtime_context().gcs_address  # the driver joins the test's cluster, which outlives it
     argv = [sys.executable, "-m", "prodfuse.cli", "extract", "--engine", "ray", "--ray-address", address]
-    argv += [
-        "--catalog",
-        str(demo),
-        "--out",
-        str(out),
-        "--backbone",
-        "mobilenet_v2",
-        "--weights",
-        "none",
-        "--image-size",
-        "64",
-    ]
-    argv += ["--views", "1", "--ocr", "none", "--shard-rows", "60", "--no-progress"]
+    argv += ["--catalog", str(demo), "--out", str(out), "--backbone", "mobilenet_v2", "--weights", "none"]
+    argv += ["--image-size", "64", "--views", "1", "--ocr", "rapidocr", "--shard-rows", "60", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     second_chunk = out / ".work" / "images-00001.npz"
@@ -198,22 +186,28 @@ def test_killing_the_driver_resumes_after_the_last_saved_chunk(cluster, demo, tm
     proc.kill()
     err = proc.communicate()[1].decode()
     assert second_chunk.exists(), err[-2000:]
-    summary = extract(ExtractConfig(catalog=str(demo), out=str(out), engine="ray", **FAST, ocr="none", shard_rows=60))
-    assert summary["image_chunks_resumed"] >= 2  # the chunks saved before the kill were not embedded again
-    assert summary["embedded_rows"] == 480
-    assert_same_folder(ref, out)
+    remote = extract(ExtractConfig(catalog=str(demo), out=str(out), engine="ray", **settings))
+    assert remote["image_chunks_resumed"] >= 2  # the chunks saved before the kill were not embedded again
+    assert remote["engine"] == "ray" and local["engine"] == "local"
+    assert remote["ray"]["ocr_actors"] == 2 and remote["ray"]["image_actors"] == 1
+    got = assert_same_folder(ref, out)
+    assert len(got["product_id"]) == 480 and got["has_text"].sum() == local["with_text_this_run"] > 400
+    assert remote["ocr"]["with_words"] == local["ocr"]["with_words"] > 100
+    assert shards.read_manifest(out)["text_fit"] == {"texts": 435, "fitted_on": 435, "seed": None}
 
 
-def test_unreachable_address_fails_fast_and_writes_nothing(demo, tmp_path):
+def test_unreachable_address_fails_fast_and_writes_nothing(demo, tmp_path, monkeypatch):
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh process: the address is dialled
     out = tmp_path / "out"
-    argv = [sys.executable, "-m", "prodfuse.cli", "extract", "--engine", "ray", "--ray-address", "10.255.255.1:6379"]
-    argv += ["--catalog", str(demo), "--out", str(out)]
-    t0 = time.monotonic()
-    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-    assert time.monotonic() - t0 < 30
-    assert proc.returncode != 0
-    assert "error: cannot reach the Ray cluster at '10.255.255.1:6379'" in proc.stderr, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    for address, says in [
+        ("10.255.255.1:6379", "cannot reach the Ray cluster at '10.255.255.1:6379'"),
+        ("127.0.0.1:1", "cannot reach the Ray cluster at '127.0.0.1:1'"),
+        ("nohost", "is not HOST:PORT"),
+    ]:
+        t0 = time.monotonic()
+        with pytest.raises(ValueError, match=says):
+            extract(ExtractConfig(catalog=str(demo), out=str(out), engine="ray", ray_address=address))
+        assert time.monotonic() - t0 < 30
     assert not out.exists()
 
 

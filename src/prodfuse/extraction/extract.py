@@ -10,15 +10,12 @@ Two stages, both resumable:
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import logging
-import os
 import platform
 import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -27,6 +24,15 @@ import numpy as np
 from prodfuse.checks import comma_list
 from prodfuse.data import shards
 from prodfuse.data.catalog import Columns, file_sha256, present_text_columns, read_catalog, resolve_image_paths
+from prodfuse.extraction.chunks import (
+    Job,
+    StageA,
+    check_stop,
+    chunk_file,
+    chunk_index,
+    load_chunk,
+    save_chunk,
+)
 from prodfuse.extraction.config import (  # noqa: F401  (ExtractionStopped re-exported)
     AUTO_VIEWS_MAX_ROWS,
     DEFAULTS,
@@ -93,25 +99,6 @@ def resolve_views(views: int | str, rows: int) -> int:
     return MAX_VIEWS if rows <= AUTO_VIEWS_MAX_ROWS else 1
 
 
-def _chunk_file(folder: Path, k: int) -> Path:
-    return folder / ".work" / f"images-{k:05d}.npz"
-
-
-def _save_chunk(path: Path, index: np.ndarray, emb: np.ndarray, rejects: list[dict], ocr: dict | None = None) -> None:
-    """`ocr` (the ray engine's): the chunk's OCR results, so a resumed run need not ask the cluster again."""
-    path.parent.mkdir(exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    extra = {"ocr": np.array(json.dumps(ocr))} if ocr is not None else {}
-    np.savez(tmp, index=index, emb=emb, rejects=np.array(json.dumps(rejects)), **extra)
-    os.replace(tmp, path)
-
-
-def _load_chunk(path: Path) -> tuple[np.ndarray, np.ndarray, list[dict], dict | None]:
-    with np.load(path) as z:
-        ocr = json.loads(str(z["ocr"])) if "ocr" in z.files else None
-        return z["index"], z["emb"], json.loads(str(z["rejects"])), ocr
-
-
 def _save_text_state(folder: Path, encoder, vocab: list[str]) -> None:
     from prodfuse.encoders.text import save_vocabulary
 
@@ -149,50 +136,6 @@ def _ocr_error_report(out: Path, ids, paths, rows: list[int], errors: dict[int, 
         for i in failed:
             w.writerow([ids[i], paths[i], reasons[i], errors[i]])
     return {"errors": len(failed), "errors_by_reason": dict(Counter(reasons.values())), "errors_file": str(path)}
-
-
-def _reject(ids, paths, i, reason, detail="") -> dict:
-    return {"id": ids[i], "path": paths[i], "reason": reason, "detail": detail}
-
-
-def _check_stop(stop: threading.Event | None) -> None:
-    if stop is not None and stop.is_set():
-        raise ExtractionStopped("extraction stopped on request; complete shards are kept, run it again to resume")
-
-
-@dataclass(frozen=True)
-class Job:
-    """What either engine's stage A works on: the catalog's chunks still to write, and how to record a row."""
-
-    out: Path
-    chunks: list[tuple[int, int]]  # catalog row ranges, one per future shard
-    shard_rows: int
-    ids: list
-    paths: list[str]
-    path_rejects: list[str | None]  # the driver's reason per row (None: the image is for the engine to read)
-    settings: dict
-    image_dim: int
-    views: int
-
-    def chunk_file(self, start: int) -> Path:
-        return _chunk_file(self.out, start // self.shard_rows)
-
-    def reject(self, i: int, reason: str, detail: str = "") -> dict:
-        return _reject(self.ids, self.paths, i, reason, detail)
-
-    def driver_rejects(self, start: int, end: int) -> list[dict]:
-        return [self.reject(i, self.path_rejects[i]) for i in range(start, end) if self.path_rejects[i] is not None]
-
-
-@dataclass
-class StageA:
-    """What stage A hands to stage B: OCR text per catalog row, OCR counts and errors, images embedded."""
-
-    ocr_texts: dict[int, str] = field(default_factory=dict)
-    ocr_stats: Counter = field(default_factory=Counter)
-    ocr_errors: dict[int, str] = field(default_factory=dict)
-    embedded_images: int = 0
-    resumed_chunks: int = 0  # chunks whose images an interrupted run had embedded
 
 
 def extract(config: ExtractConfig, stop: threading.Event | None = None) -> dict:
@@ -272,7 +215,7 @@ def _local_stage_a(job: Job, config: ExtractConfig, ocr_rows: list[int], model, 
                 progress=progress,
                 views=views,
             ):
-                _check_stop(stop)  # between batches: a signal's KeyboardInterrupt can be lost in a finaliser
+                check_stop(stop)  # between batches: a signal's KeyboardInterrupt can be lost in a finaliser
                 idx_parts.append(np.asarray([ok_rows[j] for j in local_idx], dtype=np.int64))
                 emb_parts.append(emb)
                 rejects += [job.reject(ok_rows[j], reason, detail) for j, reason, detail in bad]
@@ -283,10 +226,10 @@ def _local_stage_a(job: Job, config: ExtractConfig, ocr_rows: list[int], model, 
                 else np.zeros((0, image_dim) if views == 1 else (0, views, image_dim), np.float32)
             )
             result.embedded_images += len(index) * views
-            _save_chunk(path, index, emb, rejects)
+            save_chunk(path, index, emb, rejects)
         if ocr_future is not None:
             while True:  # wait for OCR, but notice a stop request within 0.2 s
-                _check_stop(stop)
+                check_stop(stop)
                 try:
                     results = ocr_future.result(timeout=0.2)
                     break
@@ -441,15 +384,19 @@ def _extract(config: ExtractConfig, stop: threading.Event | None = None, ray=Non
         manifest["text_fit"] = shards.read_manifest(encoder_source).get("text_fit")
     encode = encoder.encode
     if ray is not None and text_kind == "minilm":  # a transformer per batch on the cluster, not on the driver
-        encode = lambda chunk_texts: ray_engine.encode_texts(out, chunk_texts, pools, encoder.dim)  # noqa: E731
+        chunk_rows = [chunk_index(chunk_file(out, s // shard_rows)) for s, _ in chunks]
+        embedded = ray_engine.iter_text_embeddings(
+            out, [[texts[i] for i in rows] for rows in chunk_rows], pools, encoder.dim
+        )
+        encode = lambda chunk_texts: next(embedded)  # noqa: E731  (chunks are written in the same order)
 
     carried = [c for c in df.columns if c not in text_cols]
     rows_written, with_text = 0, 0
     written_rows: list[int] = []
     for s, e in chunks:
-        _check_stop(stop)
-        path = _chunk_file(out, s // shard_rows)
-        index, emb, rejects, _ = _load_chunk(path)
+        check_stop(stop)
+        path = chunk_file(out, s // shard_rows)
+        index, emb, rejects, _ = load_chunk(path)
         rows = index.tolist()
         chunk_texts = [texts[i] for i in rows]
         data = {c: [str(df[c].iat[i]) if df[c].iat[i] is not None else None for i in rows] for c in carried}

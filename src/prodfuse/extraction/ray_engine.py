@@ -226,17 +226,20 @@ class TextActor:
         return {"emb": self.encoder.encode([str(t) for t in batch["text"]])}
 
 
-def encode_texts(folder, texts: list[str], pools: Pools, dim: int) -> np.ndarray:
-    """One chunk's texts through TextActor pools (on the image actors' GPUs), rows in order."""
+def iter_text_embeddings(folder, chunk_texts: list[list[str]], pools: Pools, dim: int):
+    """Yield each chunk's text embeddings [n, dim], in order, from one TextActor pool (on the image actors' GPUs)
+    that loads the shard folder's fitted encoder once for the whole run."""
     import ray
 
+    texts = [{"text": t} for chunk in chunk_texts for t in chunk]
     if not texts:
-        return np.zeros((0, dim), np.float32)
+        yield from (np.zeros((0, dim), np.float32) for _ in chunk_texts)
+        return
     ctx = ray.data.DataContext.get_current()
     saved_ctx = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
     ctx.execution_options.preserve_order, ctx.enable_progress_bars = True, False
     try:
-        ds = ray.data.from_items([{"text": t} for t in texts], override_num_blocks=max(1, len(texts) // 256))
+        ds = ray.data.from_items(texts, override_num_blocks=min(max(1, len(texts) // 256), MAX_BLOCKS))
         ds = ds.map_batches(
             TextActor,
             fn_constructor_args=(str(folder),),
@@ -246,7 +249,13 @@ def encode_texts(folder, texts: list[str], pools: Pools, dim: int) -> np.ndarray
             num_cpus=1 if pools.gpus_per_image_actor else 0,
             num_gpus=pools.gpus_per_image_actor,
         )
-        return np.concatenate([b["emb"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")])
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        pending = np.zeros((0, dim), np.float32)
+        for chunk in chunk_texts:
+            while len(pending) < len(chunk):
+                pending = np.concatenate([pending, next(batches)["emb"]])
+            yield pending[: len(chunk)]
+            pending = pending[len(chunk) :]
     finally:
         ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved_ctx
 
@@ -256,14 +265,14 @@ def run_stage_a(job, pools: Pools, batch_size, ocr_cache, progress: bool, stop=N
     Returns the extraction's StageA, as the local engine does."""
     import ray
 
-    from prodfuse.extraction.extract import StageA, _check_stop, _load_chunk
+    from prodfuse.extraction.chunks import StageA, check_stop, load_chunk
     from prodfuse.progress import progress_bar
 
     out = StageA()
     todo: list[int] = []  # chunk numbers still to compute
     for k, (s, _) in enumerate(job.chunks):
         path = job.chunk_file(s)
-        saved = _load_chunk(path) if path.is_file() else None
+        saved = load_chunk(path) if path.is_file() else None
         if saved is not None and saved[3] is not None:  # a chunk saved by this engine: its OCR is inside
             _collect_ocr(out, saved[3])
             out.resumed_chunks += 1
@@ -311,7 +320,7 @@ def run_stage_a(job, pools: Pools, batch_size, ocr_cache, progress: bool, stop=N
             )
             pending: list[dict] = []
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                _check_stop(stop)
+                check_stop(stop)
                 n = len(batch["row"])
                 pending += [_row(batch, j) for j in range(n)]
                 bar.update(n)
@@ -344,7 +353,7 @@ def _row(batch: dict, j: int) -> dict:
 def _finish_chunk(out, job, chunk: tuple[int, int], rows: list[dict]) -> None:
     """Save one `.work/` chunk as the local engine does, plus its OCR results, so a resumed run need not ask the
     cluster again."""
-    from prodfuse.extraction.extract import _save_chunk
+    from prodfuse.extraction.chunks import save_chunk
 
     s, e = chunk
     got = [r["row"] for r in rows]
@@ -355,7 +364,7 @@ def _finish_chunk(out, job, chunk: tuple[int, int], rows: list[dict]) -> None:
     emb = np.stack([r["emb"] for r in ok]).reshape(shape) if ok else np.zeros(shape, np.float32)
     rejects = job.driver_rejects(s, e) + [job.reject(r["row"], r["reason"], r["detail"]) for r in rows if r["reason"]]
     ocr = {key: [r[f"ocr_{key}"] for r in rows] for key in ("text", "cached", "error")}
-    _save_chunk(job.chunk_file(s), np.asarray([r["row"] for r in ok], np.int64), emb, rejects, ocr={"rows": got, **ocr})
+    save_chunk(job.chunk_file(s), np.asarray([r["row"] for r in ok], np.int64), emb, rejects, ocr={"rows": got, **ocr})
     out.embedded_images += len(ok) * job.views
     _collect_ocr(out, {"rows": got, **ocr})
 
