@@ -34,7 +34,7 @@ def import_ray():
         import ray.data  # noqa: F401
     except ImportError as e:
         raise ImportError(
-            "--engine ray needs Ray: `pip install -e .[ray]` (or `pip install 'ray[data]>=2.9'`); "
+            "--engine ray needs Ray: `pip install -e .[ray]` (or `pip install 'ray[data]>=2.40'`); "
             "--engine local (the default) needs nothing more."
         ) from e
     return ray
