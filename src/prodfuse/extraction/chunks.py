@@ -35,12 +35,14 @@ def load_chunk(path: Path) -> tuple[np.ndarray, np.ndarray, list[dict], dict | N
 
 
 def chunk_index(path: Path) -> list[int]:
-    with np.load(path) as z:
+    with np.load(path) as z:  # an .npz reads only the arrays asked for: not the embeddings here
         return z["index"].tolist()
 
 
-def reject(ids, paths, i, reason, detail="") -> dict:
-    return {"id": ids[i], "path": paths[i], "reason": reason, "detail": detail}
+def chunk_ocr(path: Path) -> dict | None:
+    """The OCR results saved with a chunk (the ray engine's chunks), or None."""
+    with np.load(path) as z:
+        return json.loads(str(z["ocr"])) if "ocr" in z.files else None
 
 
 def check_stop(stop: threading.Event | None) -> None:
@@ -66,7 +68,7 @@ class Job:
         return chunk_file(self.out, start // self.shard_rows)
 
     def reject(self, i: int, reason: str, detail: str = "") -> dict:
-        return reject(self.ids, self.paths, i, reason, detail)
+        return {"id": self.ids[i], "path": self.paths[i], "reason": reason, "detail": detail}
 
     def driver_rejects(self, start: int, end: int) -> list[dict]:
         return [self.reject(i, self.path_rejects[i]) for i in range(start, end) if self.path_rejects[i] is not None]

@@ -28,7 +28,6 @@ from prodfuse.extraction.chunks import (
     Job,
     StageA,
     check_stop,
-    chunk_file,
     chunk_index,
     load_chunk,
     save_chunk,
@@ -384,7 +383,7 @@ def _extract(config: ExtractConfig, stop: threading.Event | None = None, ray=Non
         manifest["text_fit"] = shards.read_manifest(encoder_source).get("text_fit")
     encode = encoder.encode
     if ray is not None and text_kind == "minilm":  # a transformer per batch on the cluster, not on the driver
-        chunk_rows = [chunk_index(chunk_file(out, s // shard_rows)) for s, _ in chunks]
+        chunk_rows = [chunk_index(job.chunk_file(s)) for s, _ in chunks]
         embedded = ray_engine.iter_text_embeddings(
             out, [[texts[i] for i in rows] for rows in chunk_rows], pools, encoder.dim
         )
@@ -395,7 +394,7 @@ def _extract(config: ExtractConfig, stop: threading.Event | None = None, ray=Non
     written_rows: list[int] = []
     for s, e in chunks:
         check_stop(stop)
-        path = chunk_file(out, s // shard_rows)
+        path = job.chunk_file(s)
         index, emb, rejects, _ = load_chunk(path)
         rows = index.tolist()
         chunk_texts = [texts[i] for i in rows]
@@ -440,7 +439,7 @@ def _extract(config: ExtractConfig, stop: threading.Event | None = None, ray=Non
         },
         "weights": settings["weights"],
         "engine": "ray" if ray is not None else "local",
-        **({"ray": {**ray[1].record(), "cluster": ray[0].resources}} if ray is not None else {}),
+        **({"ray": {**pools.record(), "cluster": cluster.resources}} if ray is not None else {}),
         "images_per_s": round(stage.embedded_images / image_seconds, 1) if stage.embedded_images else None,
         "seconds": round(seconds, 1),
     }

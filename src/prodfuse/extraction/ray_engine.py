@@ -14,6 +14,7 @@ Ray is an optional extra (`pip install -e .[ray]`); nothing here imports it at m
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass, field
@@ -214,6 +215,21 @@ class ImageActor:
         return batch
 
 
+@contextlib.contextmanager
+def _in_order_quietly():
+    """Ray Data's (driver-wide) context switched, for one run only, to rows in catalog order and no Ray progress
+    bars (ours stand instead); restored after."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
+    ctx.execution_options.preserve_order, ctx.enable_progress_bars = True, False
+    try:
+        yield
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+
+
 class TextActor:
     """The shard folder's fitted text encoder (MiniLM), loaded once per actor."""
 
@@ -235,10 +251,7 @@ def iter_text_embeddings(folder, chunk_texts: list[list[str]], pools: Pools, dim
     if not texts:
         yield from (np.zeros((0, dim), np.float32) for _ in chunk_texts)
         return
-    ctx = ray.data.DataContext.get_current()
-    saved_ctx = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
-    ctx.execution_options.preserve_order, ctx.enable_progress_bars = True, False
-    try:
+    with _in_order_quietly():
         ds = ray.data.from_items(texts, override_num_blocks=min(max(1, len(texts) // 256), MAX_BLOCKS))
         ds = ds.map_batches(
             TextActor,
@@ -256,8 +269,6 @@ def iter_text_embeddings(folder, chunk_texts: list[list[str]], pools: Pools, dim
                 pending = np.concatenate([pending, next(batches)["emb"]])
             yield pending[: len(chunk)]
             pending = pending[len(chunk) :]
-    finally:
-        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved_ctx
 
 
 def run_stage_a(job, pools: Pools, batch_size, ocr_cache, progress: bool, stop=None):
@@ -265,16 +276,16 @@ def run_stage_a(job, pools: Pools, batch_size, ocr_cache, progress: bool, stop=N
     Returns the extraction's StageA, as the local engine does."""
     import ray
 
-    from prodfuse.extraction.chunks import StageA, check_stop, load_chunk
+    from prodfuse.extraction.chunks import StageA, check_stop, chunk_ocr
     from prodfuse.progress import progress_bar
 
     out = StageA()
     todo: list[int] = []  # chunk numbers still to compute
     for k, (s, _) in enumerate(job.chunks):
         path = job.chunk_file(s)
-        saved = load_chunk(path) if path.is_file() else None
-        if saved is not None and saved[3] is not None:  # a chunk saved by this engine: its OCR is inside
-            _collect_ocr(out, saved[3])
+        saved = chunk_ocr(path) if path.is_file() else None
+        if saved is not None:  # a chunk saved by this engine: its OCR is inside
+            _collect_ocr(out, saved)
             out.resumed_chunks += 1
             continue
         if path.is_file():  # saved by the local engine (no OCR inside): redo it here
@@ -291,13 +302,9 @@ def run_stage_a(job, pools: Pools, batch_size, ocr_cache, progress: bool, stop=N
     k = next(order, None)
     if items:
         settings, views = job.settings, job.views
-        ctx = ray.data.DataContext.get_current()
-        saved_ctx = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
-        # Rows back in catalog order (chunks complete one after another); our own bar, not Ray's.
-        ctx.execution_options.preserve_order = True
-        ctx.enable_progress_bars = False
+        # Rows come back in catalog order, so chunks complete one after another.
         bar = progress_bar(len(items), "ray OCR+images", "img", enabled=progress)
-        try:
+        with _in_order_quietly(), contextlib.closing(bar):
             blocks = min(max(1, len(items) // BLOCK_ROWS), MAX_BLOCKS)
             ds = ray.data.from_items(items, override_num_blocks=blocks)
             if settings["ocr"] != "none":
@@ -328,9 +335,6 @@ def run_stage_a(job, pools: Pools, batch_size, ocr_cache, progress: bool, stop=N
                     rows, pending = pending[: expected[k]], pending[expected[k] :]
                     _finish_chunk(out, job, job.chunks[k], rows)
                     k = next(order, None)
-        finally:
-            bar.close()
-            ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved_ctx
     while k is not None:  # chunks whose every row was rejected on the driver
         _finish_chunk(out, job, job.chunks[k], [])
         k = next(order, None)
