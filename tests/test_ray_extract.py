@@ -198,9 +198,9 @@ def test_demo_catalog_ray_equals_local_and_a_killed_driver_resumes(cluster, demo
 
 def test_unreachable_address_fails_fast_and_writes_nothing(demo, tmp_path, monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh process: the address is dialled
+    # loopback only: no test touches the network
     out = tmp_path / "out"
     for address, says in [
-        ("10.255.255.1:6379", "cannot reach the Ray cluster at '10.255.255.1:6379'"),
         ("127.0.0.1:1", "cannot reach the Ray cluster at '127.0.0.1:1'"),
         ("nohost", "is not HOST:PORT"),
     ]:
