@@ -37,10 +37,17 @@ def op_determinism():
 
 
 def extract_cached(name: str, catalog: Path, **settings) -> Path:
+    """The cached shards, extracted under a file lock: pytest-xdist workers (tests/test_ray_extract.py reads these
+    too) take turns, and the second one's extraction resumes to a no-op."""
+    import fcntl
+
     out = CACHE / name
-    summary = prodfuse.extract(
-        prodfuse.ExtractConfig(catalog=str(catalog), out=str(out), overwrite=True, progress=False, **settings)
-    )
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        summary = prodfuse.extract(
+            prodfuse.ExtractConfig(catalog=str(catalog), out=str(out), overwrite=True, progress=False, **settings)
+        )
     assert summary["embedded_rows"] + summary["rejected_rows"] == summary["input_rows"]
     return out
 

@@ -235,6 +235,12 @@ def test_pool_plan():
         Pools.plan({"CPU": 2}, ocr_actors=3)
     with pytest.raises(ValueError, match="cluster has 0 GPUs"):
         Pools.plan({"CPU": 2}, gpus_per_image_actor=1)
+    # TensorFlow threads of a CPU image actor: the backbone's share (~1/11 of a core per view) of the OCR cores
+    assert Pools(1, 2, 0.0).image_threads(2, views=1, ocr=True) == 1  # this machine: one thread, not one per core
+    assert Pools(1, 64, 0.0).image_threads(64, views=1, ocr=True) == 6
+    assert Pools(2, 64, 0.0).image_threads(64, views=6, ocr=True) == 17
+    assert Pools(2, 64, 0.0).image_threads(64, views=1, ocr=False) == 32  # no OCR: the backbone is the work
+    assert Pools(4, 12, 1.0).image_threads(16, views=1, ocr=True) is None  # GPU actors keep TensorFlow's defaults
 
 
 @pytest.mark.realdata
