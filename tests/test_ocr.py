@@ -2,7 +2,6 @@
 
 import importlib.util
 import shutil
-import signal
 import sys
 from pathlib import Path
 
@@ -335,27 +334,6 @@ def test_workers_do_not_import_tensorflow_or_prodfuse():
     with pool:
         loaded = pool.apply(mod._loaded_modules, (["tensorflow", "keras", "prodfuse", "prodfuse.encoders.ocr"],))
     assert loaded == []
-
-
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread signal masks from Linux /proc")
-def test_only_an_ocr_workers_main_thread_takes_sigterm_so_terminate_returns(tmp_path):
-    """SIGTERM delivered to one of the engine's threads left an idle worker's main thread blocked on the task queue's
-    lock, and Pool.terminate() waiting for it for ever (a 10-photo catalog hung extraction)."""
-    import threading
-
-    pool, mod = ocr._open_pool("rapidocr", ocr.resolve_langs("rapidocr", None), 1)
-    pool.apply(mod._loaded_modules, ([],))  # the worker has started its engine
-    (pid,) = [p.pid for p in pool._pool]
-    masks = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        line = next(x for x in (task / "status").read_text().splitlines() if x.startswith("SigBlk:"))
-        masks[int(task.name)] = bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
-    assert len(masks) >= 2, masks  # the engine runs threads beside the main one
-    assert masks.pop(pid) is False and all(masks.values()), masks
-    done = threading.Thread(target=lambda: (pool.terminate(), pool.join()), daemon=True)
-    done.start()
-    done.join(timeout=30)
-    assert not done.is_alive(), "Pool.terminate() hung"
 
 
 def test_workers_are_not_told_to_rerun_main(monkeypatch, tmp_path):
