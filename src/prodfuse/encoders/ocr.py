@@ -388,11 +388,6 @@ def _worker_init(engine: str, langs: tuple[str, ...]) -> None:
     except Exception as e:
         # Raising here would make the pool respawn workers forever; report it from the first task.
         _WORKER_INIT_ERROR = f"{type(e).__name__}: {e}"
-    finally:
-        # Only the main thread takes SIGTERM (the engine's threads keep the bootstrap's block): delivered to another
-        # thread, it would leave an idle main thread blocked on the task queue's lock, and terminate() waiting on it
-        # for ever (seen on a 10-photo catalog).
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def _worker_task(job: tuple[int, str]) -> tuple[int, str, str | None]:
@@ -413,11 +408,8 @@ def _loaded_modules(names: Sequence[str]) -> list[str]:
 # (prodfuse/__init__ registers the Keras layers), costing each worker seconds
 # and hundreds of MB for nothing. This file imports only the stdlib at the top.
 _WORKER_MODULE = "_prodfuse_ocr_worker"
-# SIGTERM is blocked first thing, so the threads the OCR libraries start inherit the block, and unblocked in the main
-# thread alone once the engine is loaded (see _worker_init).
 _WORKER_BOOTSTRAP = """
-import importlib.util, signal, sys
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+import importlib.util, sys
 spec = importlib.util.spec_from_file_location(name, path)
 mod = importlib.util.module_from_spec(spec)
 sys.modules[name] = mod
