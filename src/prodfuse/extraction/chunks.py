@@ -28,10 +28,10 @@ def save_chunk(path: Path, index: np.ndarray, emb: np.ndarray, rejects: list[dic
     os.replace(tmp, path)
 
 
-def load_chunk(path: Path) -> tuple[np.ndarray, np.ndarray, list[dict], dict | None]:
+def load_chunk(path: Path) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """A chunk's embedded rows, their embeddings and its rejects (its OCR, if any: chunk_ocr)."""
     with np.load(path) as z:
-        ocr = json.loads(str(z["ocr"])) if "ocr" in z.files else None
-        return z["index"], z["emb"], json.loads(str(z["rejects"])), ocr
+        return z["index"], z["emb"], json.loads(str(z["rejects"]))
 
 
 def chunk_index(path: Path) -> list[int]:

@@ -395,7 +395,7 @@ def _extract(config: ExtractConfig, stop: threading.Event | None = None, ray=Non
     for s, e in chunks:
         check_stop(stop)
         path = job.chunk_file(s)
-        index, emb, rejects, _ = load_chunk(path)
+        index, emb, rejects = load_chunk(path)
         rows = index.tolist()
         chunk_texts = [texts[i] for i in rows]
         data = {c: [str(df[c].iat[i]) if df[c].iat[i] is not None else None for i in rows] for c in carried}
