@@ -3,6 +3,7 @@
 import importlib.util
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -330,10 +331,54 @@ def test_worker_pool_keeps_input_order(tmp_path):
 
 
 def test_workers_do_not_import_tensorflow_or_prodfuse():
-    pool, mod = ocr._open_pool("none", (), 1)
-    with pool:
-        loaded = pool.apply(mod._loaded_modules, (["tensorflow", "keras", "prodfuse", "prodfuse.encoders.ocr"],))
-    assert loaded == []
+    mod = ocr._standalone_module()
+    worker = ocr._start_worker("none", ())
+    try:
+        worker[1].send((mod._loaded_modules, (["tensorflow", "keras", "prodfuse", "prodfuse.encoders.ocr"],)))
+        assert worker[1].recv() == ("ok", [])
+    finally:
+        ocr._stop_workers([worker])
+    assert worker[0].exitcode is not None
+
+
+def test_stop_kills_busy_and_idle_workers_at_once():
+    # multiprocessing.Pool.terminate(), used before, could hang for ever on an idle worker that waited holding the
+    # task queue's lock; each worker now has its own pipe, and stopping kills a busy and an idle one alike.
+    mod = ocr._standalone_module()
+    busy, idle = ocr._start_worker("none", ()), ocr._start_worker("none", ())
+    busy[1].send((mod._loaded_modules, ([],)))  # both workers up before the test acts
+    idle[1].send((mod._loaded_modules, ([],)))
+    assert busy[1].recv() == idle[1].recv() == ("ok", [])
+    busy[1].send((time.sleep, (60,)))
+    t0 = time.monotonic()
+    ocr._stop_workers([busy, idle])
+    assert time.monotonic() - t0 < 10
+    assert busy[0].exitcode is not None and idle[0].exitcode is not None
+
+
+@pytest.mark.skipif(not HAS_TESSERACT, reason="tesseract not installed")
+def test_a_dead_worker_fails_its_image_and_is_replaced(monkeypatch, tmp_path):
+    started = []
+    real_start = ocr._start_worker
+
+    def start(engine, langs):
+        worker = real_start(engine, langs)
+        if not started:  # the first worker dies before it reads anything, as if the engine crashed
+            worker[0].kill()
+            worker[0].join()
+        started.append(worker)
+        return worker
+
+    monkeypatch.setattr(ocr, "_start_worker", start)
+    words = ["ALPRO", "OATLY", "SOYA"]
+    paths = [_text_image(tmp_path / f"{k}.png", word) for k, word in enumerate(words)]
+    res = ocr_images(paths, engine="tesseract", workers=2, cache_dir=tmp_path / "c", progress=False)
+    died = [k for k, r in enumerate(res) if r.error]
+    assert len(died) == 1, res
+    assert "OCR worker died" in res[died[0]].error and res[died[0]].text == ""
+    assert [r.text for k, r in enumerate(res) if k not in died] == [w for k, w in enumerate(words) if k not in died]
+    assert len(started) == 3  # two, then one replacement
+    assert all(w[0].exitcode is not None for w in started)  # none outlives the call
 
 
 def test_workers_are_not_told_to_rerun_main(monkeypatch, tmp_path):

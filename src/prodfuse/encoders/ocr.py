@@ -364,19 +364,11 @@ _WORKER_READ: Callable[[str], Words] | None = None
 _WORKER_INIT_ERROR: str | None = None
 
 
-def _worker_exit(signum, frame) -> None:
-    raise SystemExit(128 + signum)
-
-
 def _worker_init(engine: str, langs: tuple[str, ...]) -> None:
     global _WORKER_READ, _WORKER_INIT_ERROR
     # A terminal's Ctrl-C goes to the whole process group: workers ignore it (no KeyboardInterrupt traceback,
-    # no dead worker that the pool replaces while its image is lost); the parent stops them with terminate().
+    # no worker dead while the parent still sends it images); the parent stops them with kill().
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # SIGTERM (the parent's terminate(), or one sent to the group) unwinds instead of killing outright: an idle
-    # worker holds the task queue's lock while it waits, and a worker killed holding it hangs Pool.terminate().
-    # (A worker in the middle of an image exits once the engine returns: Python runs handlers between bytecodes.)
-    signal.signal(signal.SIGTERM, _worker_exit)
     for name in _THREAD_ENV:
         os.environ[name] = "1"
     try:
@@ -398,6 +390,21 @@ def _worker_task(job: tuple[int, str]) -> tuple[int, str, str | None]:
     return index, text, error
 
 
+def _worker_serve(conn) -> None:
+    """A worker's loop: ``(function, args)`` in over its own pipe, ``("ok", result)`` or ``("raise", message)``
+    out, until the parent closes the pipe."""
+    while True:
+        try:
+            fn, args = conn.recv()
+        except EOFError:
+            return
+        try:
+            reply = ("ok", fn(*args))
+        except Exception as e:
+            reply = ("raise", f"{type(e).__name__}: {e}")
+        conn.send(reply)
+
+
 def _loaded_modules(names: Sequence[str]) -> list[str]:
     """Which of ``names`` a worker has imported (tests check TensorFlow stays out)."""
     return [n for n in names if n in sys.modules]
@@ -416,6 +423,7 @@ sys.modules[name] = mod
 spec.loader.exec_module(mod)
 mod._worker_init(engine, langs)
 """
+_PIPE_BOOTSTRAP = _WORKER_BOOTSTRAP + "mod._worker_serve(conn)\n"
 _MAIN_SWAP_LOCK = threading.Lock()
 
 
@@ -443,16 +451,32 @@ def _blank_main():
             sys.modules["__main__"] = real
 
 
-def _open_pool(engine: str, langs: tuple[str, ...], processes: int):
-    """A 'spawn' pool (forking a parent with TensorFlow loaded is unsafe) of single-threaded
-    OCR workers, and the module whose functions to send to it."""
+def _start_worker(engine: str, langs: tuple[str, ...]):
+    """One 'spawn' process (forking a parent with TensorFlow loaded is unsafe) of single-threaded OCR that serves
+    jobs over a pipe of its own, and the parent's end of that pipe.
+
+    Each worker has its own pipe, not a share of one task queue, so the parent can kill any worker at any time:
+    a multiprocessing.Pool's idle workers wait holding the queue's lock, and Pool.terminate() could hang on one
+    whose SIGTERM landed on an OCR engine thread instead of the main one."""
     import multiprocessing as mp
 
-    ns = {"name": _WORKER_MODULE, "path": os.path.abspath(__file__), "engine": engine, "langs": langs}
-    mod = _standalone_module()
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    ns = {"name": _WORKER_MODULE, "path": os.path.abspath(__file__), "engine": engine, "langs": langs, "conn": child}
+    proc = ctx.Process(target=exec, args=(_PIPE_BOOTSTRAP, ns), daemon=True, name="prodfuse-ocr")
     with _blank_main():
-        pool = mp.get_context("spawn").Pool(processes, initializer=exec, initargs=(_WORKER_BOOTSTRAP, ns))
-    return pool, mod
+        proc.start()
+    child.close()  # so the parent's end reads EOF once the worker dies
+    return proc, parent
+
+
+def _stop_workers(workers) -> None:
+    """Kill and reap: OCR workers hold nothing the parent needs (results are cached by the parent)."""
+    for proc, conn in workers:
+        proc.kill()
+        conn.close()
+    for proc, _ in workers:
+        proc.join()
 
 
 def open_executor(engine: str, langs: str | Sequence[str] | None, workers: int):
@@ -506,10 +530,11 @@ def iter_ocr(
 
     Safe to consume from a background thread. Misses run in ``workers``
     spawned processes (default os.cpu_count()); workers <= 1 runs in-process.
-    Workers import neither prodfuse nor the caller's ``__main__`` (see _open_pool).
+    Workers import neither prodfuse nor the caller's ``__main__`` (see _start_worker).
     Once ``stop`` is set the generator ends early: it checks between images and
-    every 0.2 s, then terminates the worker processes (each exits after the image
-    it is reading). Results cached so far are kept.
+    every 0.2 s, then kills the worker processes. Results cached so far are kept.
+    A worker that dies reading an image (a crash in the engine) fails that image
+    and is replaced.
     """
     from prodfuse.progress import progress_bar
 
@@ -580,26 +605,44 @@ def iter_ocr(
                 yield from finish(i, *_run_one(read, path))
             return
 
-        import multiprocessing as mp
+        from multiprocessing.connection import wait
 
-        pool, mod = _open_pool(engine, langs_t, n_proc)
+        mod = _standalone_module()  # tasks pickle by the name the workers load this file under
+        started = [_start_worker(engine, langs_t) for _ in range(n_proc)]
+        free = list(started)
+        busy: dict[Any, tuple[Any, tuple[int, str]]] = {}  # parent's pipe end -> (process, job)
+        todo = jobs[::-1]
         try:
-            results = pool.imap_unordered(mod._worker_task, jobs, chunksize=1)
-            for _ in range(len(jobs)):
-                while True:  # wait in short steps so a stop request is seen while workers are busy
-                    if stopped():
-                        return
+            while todo or busy:
+                while free and todo:
+                    proc, conn = free.pop()
+                    job = todo.pop()
+                    busy[conn] = (proc, job)
                     try:
-                        i, text, error = results.next(timeout=0.2)
-                        break
-                    except mp.TimeoutError:
+                        conn.send((mod._worker_task, (job,)))
+                    except OSError:  # died while idle: its pipe reads EOF below
+                        pass
+                if stopped():
+                    return
+                for conn in wait(list(busy), timeout=0.2):  # short waits so a stop request is seen
+                    proc, (i, _path) = busy.pop(conn)
+                    try:
+                        status, value = conn.recv()
+                    except (EOFError, OSError):
+                        # The worker died (a crash inside the engine): this image fails, a new worker goes on.
+                        proc.join()
+                        conn.close()
+                        started.append(_start_worker(engine, langs_t))
+                        free.append(started[-1])
+                        yield from finish(i, "", f"OCR worker died (exit code {proc.exitcode}) reading this image")
                         continue
-                yield from finish(i, text, error)
+                    if status == "raise":
+                        raise RuntimeError(value)
+                    free.append((proc, conn))
+                    yield from finish(*value)
         finally:
-            # Done, stopped, interrupted or failed: terminate, never close() + join(), which would first read
-            # every queued image; then join so no worker outlives this call.
-            pool.terminate()
-            pool.join()
+            # Done, stopped, interrupted or failed: kill at once, never wait for queued images.
+            _stop_workers(started)
     finally:
         bar.close()
 
