@@ -11,7 +11,7 @@ from prodfuse.cli import main
 from prodfuse.data import shards
 from prodfuse.retrieval.config import AlignConfig, AuditConfig, IndexConfig, SearchConfig
 from prodfuse.retrieval.duplicates import audit, duplicate_groups, near_duplicate_pairs
-from prodfuse.retrieval.index import Index, choose_index_type
+from prodfuse.retrieval.index import Index, choose_index_type, index_params
 from prodfuse.retrieval.quality import precision_at_k
 from synthetic import write_synthetic_shards
 from test_predict import FAST, _write_catalog
@@ -35,10 +35,13 @@ def test_index_type_is_chosen_by_size():
     assert [choose_index_type(n) for n in (10, 49_999, 50_000, 4_999_999, 5_000_000)] == [
         "flat",
         "flat",
-        "hnsw",
-        "hnsw",
+        "ivfflat",
+        "ivfflat",
         "ivfpq",
     ]
+    p = index_params("ivfflat", 1_000_000, 256)
+    assert p == {"nlist": 4000, "nprobe": 8}  # the benchmark's figures are for these
+    assert index_params("ivfflat", 4_999_999, 256)["nprobe"] == 17
 
 
 def test_flat_index_finds_each_item_itself_and_saves_atomically(tmp_path):
@@ -67,7 +70,7 @@ def test_hnsw_and_ivfpq_agree_with_exact_search():
     q = x[:200] + 0.05 * np.random.default_rng(2).normal(size=(200, 16)).astype(np.float32)
     exact = Index.build(x, items(10_000), {"space": "image"}, "flat")
     truth = [set(h["id"]) for h in exact.search(q, k=10)]
-    for kind, floor in (("hnsw", 0.95), ("ivfpq", 0.3)):
+    for kind, floor in (("ivfflat", 0.9), ("hnsw", 0.95), ("ivfpq", 0.3)):
         approx = Index.build(x, items(10_000), {"space": "image"}, kind)
         assert approx.manifest["index_type"] == kind and approx.manifest["params"]
         got = [set(h["id"]) for h in approx.search(q, k=10)]
@@ -85,6 +88,19 @@ def test_add_appends_without_rebuild_and_refuses_known_ids():
         index.add(x[:2], items(2))
 
 
+def test_ivfflat_adds_saves_loads_and_reconstructs(tmp_path):
+    x, _ = clustered(3_000, 16, 20, seed=3)
+    index = Index.build(x[:2_000], items(3_000).iloc[:2_000], {"space": "image"}, "ivfflat")
+    assert index.manifest["params"] == {"nlist": 51, "nprobe": 8}
+    index.add(x[2_000:], items(3_000).iloc[2_000:])
+    index.save(tmp_path / "idx")
+    loaded = Index.load(tmp_path / "idx")
+    assert loaded.faiss_index.nprobe == 8 and len(loaded) == 3_000
+    unit = x[2_500] / np.linalg.norm(x[2_500])
+    np.testing.assert_allclose(loaded.vector("p2500"), unit, atol=1e-6)  # IVF-Flat keeps the full vector
+    assert loaded.search(x[2_500], k=1)[0]["id"].iloc[0] == "p2500"
+
+
 def test_index_bad_input_is_named(tmp_path):
     x, _ = clustered(50, 8, 5)
     index = Index.build(x, items(50), {"space": "text"})
@@ -98,6 +114,8 @@ def test_index_bad_input_is_named(tmp_path):
         Index.build(np.zeros((0, 8), np.float32), items(0), {"space": "image"})
     with pytest.raises(ValueError, match="zero or not finite"):
         Index.build(np.zeros((3, 8), np.float32), items(3), {"space": "image"})
+    with pytest.raises(ValueError, match="ivfflat index needs at least 624 vectors"):
+        Index.build(x, items(50), {"space": "image"}, "ivfflat")
     with pytest.raises(ValueError, match="ivfpq index needs at least 9984 vectors"):
         Index.build(x, items(50), {"space": "image"}, "ivfpq")
     index.save(tmp_path / "idx")
@@ -285,6 +303,11 @@ def test_fused_index_and_add(catalog_run, capsys):
     assert "indexed 6 items (36 in all)" in capsys.readouterr().out
     m = json.loads((root / "ix-fused" / "manifest.json").read_text())
     assert m["count"] == 36 and m["added"][0]["count"] == 6
+    # --embeddings with --add builds from the first and appends the second, whatever index was at --out
+    assert main([*args, "--out", str(root / "ix-fused"), "--add", str(root / "emb-new")]) == 0
+    assert "indexed 36 items (36 in all)" in capsys.readouterr().out
+    m = json.loads((root / "ix-fused" / "manifest.json").read_text())
+    assert m["count"] == 36 and len(m["added"]) == 1 and m["embeddings"] == str((root / "emb").resolve())
     # shards with their own tfidf fit (not --like the run's) cannot go in a fused index
     other = ["extract", "--catalog", str(new), "--out", str(root / "emb-other"), *FAST]
     assert main(other) == 0

@@ -19,14 +19,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--index-type",
         default="auto",
         choices=INDEX_TYPES,
-        help="auto: exact below 50,000 items, HNSW below 5 million, IVF-PQ above",
+        help="auto: exact below 50,000 items, IVF-Flat below 5 million, IVF-PQ above (hnsw on request)",
     )
     p.add_argument(
         "--add",
         action="append",
         default=[],
         metavar="DIR",
-        help="append these shards to the index at --out (repeatable)",
+        help="append these shards (repeatable): to the index at --out, or with --embeddings to the index built from it",
     )
 
 

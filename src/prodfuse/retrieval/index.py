@@ -24,30 +24,41 @@ from prodfuse.retrieval.config import INDEX_TYPES
 
 INDEX_FILE, ITEMS_FILE, MANIFEST_FILE = "index.faiss", "items.parquet", "manifest.json"
 FORMAT_VERSION = 1
-# Chosen by size (benchmarks/retrieval.py): exact search answers a query over 50,000 vectors in a few ms, and it is
-# the only type whose results are exact; HNSW gives recall@10 0.99 on 1M clustered vectors with efConstruction 200
-# (40 gave 0.81: the graph, not efSearch, was the limit) at ~9x exact batched and >100x single-query speed (memory:
-# the raw vectors plus ~2*M ints each); above ~5 million the raw vectors outgrow a machine's memory, so IVF-PQ
-# stores compressed codes (recall is then lower: measure it with the benchmark's --also ivfpq).
+# Chosen by size (benchmarks/retrieval.py, 1M clustered 256-d vectors): exact search answers a query over 50,000
+# vectors in a few ms, and it is the only type whose results are exact. Above that, IVF-Flat (~4 sqrt(n) k-means
+# lists, `nprobe` of them scanned per query, full vectors) measured recall@10 0.9999 at 28x the exact index's
+# batched and ~200x its single-query speed, built in ~40 s at 1,036 bytes/vector; HNSW (M 32, efConstruction 200)
+# reached recall 0.989 at 9x batched, built in 865 s at 1,296 bytes/vector, so it is there on request only. Above
+# ~5 million the raw vectors outgrow a machine's memory, so IVF-PQ stores compressed codes (recall is then lower:
+# measure it with the benchmark's --also ivfpq).
 FLAT_MAX = 50_000
-HNSW_MAX = 5_000_000
+IVF_MAX = 5_000_000
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 200, 64
 PQ_MIN_TRAIN = 256 * 39
+IVF_MIN_TRAIN = 16 * 39  # 16 lists, each trained on at least 39 vectors (faiss warns below that)
 
 
 def choose_index_type(n: int) -> str:
-    return "flat" if n < FLAT_MAX else "hnsw" if n < HNSW_MAX else "ivfpq"
+    return "flat" if n < FLAT_MAX else "ivfflat" if n < IVF_MAX else "ivfpq"
+
+
+def _nlist(n: int) -> int:
+    # ~4 sqrt(n) lists, each trained on at least 39 vectors
+    return int(max(16, min(65536, 4 * np.sqrt(max(n, 1)), n // 39)))
 
 
 def index_params(kind: str, n: int, dim: int) -> dict:
     """The parameters a new index of `kind` gets for `n` vectors of `dim` (written to the manifest)."""
     if kind == "flat":
         return {}
+    if kind == "ivfflat":
+        nlist = _nlist(n)
+        # 8 lists of ~4,000 at 1M scan 0.2% of the vectors; more lists (larger catalogs) get proportionally more
+        return {"nlist": nlist, "nprobe": min(nlist, max(8, nlist // 512))}
     if kind == "hnsw":
         return {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": HNSW_EF_SEARCH}
     if kind == "ivfpq":
-        # ~4 sqrt(n) lists, each trained on at least 39 vectors (faiss warns below that)
-        nlist = int(max(16, min(65536, 4 * np.sqrt(max(n, 1)), n // 39)))
+        nlist = _nlist(n)
         # sub-quantizers: a divisor of dim with at least 4 dimensions each (one byte per sub-quantizer and vector)
         m = next((s for s in (64, 32, 16, 8, 4, 2) if dim % s == 0 and 4 * s <= dim), 1)
         return {"nlist": nlist, "m": m, "nbits": 8, "nprobe": max(1, nlist // 64)}
@@ -81,7 +92,13 @@ def _new_faiss(kind: str, params: dict, dim: int, train: np.ndarray):
         index.hnsw.efSearch = params["ef_search"]
         return index
     quantizer = faiss.IndexFlatIP(dim)
-    index = faiss.IndexIVFPQ(quantizer, dim, params["nlist"], params["m"], params["nbits"], faiss.METRIC_INNER_PRODUCT)
+    if kind == "ivfflat":
+        index = faiss.IndexIVFFlat(quantizer, dim, params["nlist"], faiss.METRIC_INNER_PRODUCT)
+        index.cp.niter = 10  # coarse lists only route queries: 10 k-means rounds recall as well as 25, in half the time
+    else:
+        index = faiss.IndexIVFPQ(
+            quantizer, dim, params["nlist"], params["m"], params["nbits"], faiss.METRIC_INNER_PRODUCT
+        )
     # k-means wants ~40 points per list; a seeded sample keeps training time bounded and repeatable.
     rng = np.random.default_rng(0)
     sample = train[rng.choice(len(train), min(len(train), 64 * params["nlist"]), replace=False)]
@@ -128,6 +145,11 @@ class Index:
             raise ValueError(
                 f"an ivfpq index needs at least {PQ_MIN_TRAIN} vectors to train its codebooks (256 codes x 39); "
                 f"got {n}. Use --index-type flat or hnsw."
+            )
+        if kind == "ivfflat" and n < IVF_MIN_TRAIN:
+            raise ValueError(
+                f"an ivfflat index needs at least {IVF_MIN_TRAIN} vectors to train its lists (16 lists x 39); "
+                f"got {n}. Use --index-type flat."
             )
         start = time.perf_counter()
         index = _new_faiss(kind, params, dim, x)

@@ -12,18 +12,17 @@ from prodfuse.retrieval.spaces import QueryEmbedder, space_vectors
 
 
 def build_index(cfg: IndexConfig) -> dict:
-    """Build (or, with cfg.add, extend) the index at cfg.out; returns its manifest plus "added"."""
-    if cfg.add:
-        index = Index.load(cfg.out) if (Path(cfg.out) / "manifest.json").exists() else None
-        if index is None and not cfg.embeddings:
-            raise ValueError(f"no index at {cfg.out!r} to add to; build it first with --embeddings")
-    else:
-        index = None
-    added = 0
-    if cfg.embeddings and index is None:
+    """Build the index at cfg.out from cfg.embeddings (replacing any index there), then append the cfg.add
+    folders; without cfg.embeddings, append them to the index already at cfg.out. Returns its manifest plus
+    "added_now"."""
+    if cfg.embeddings:
         vectors, items, info = space_vectors(cfg.embeddings, cfg.space, cfg.run, cfg.batch_size)
         index = Index.build(vectors, items, info, cfg.index_type)
         added = len(index)
+    else:
+        if not (Path(cfg.out) / "manifest.json").exists():
+            raise ValueError(f"no index at {cfg.out!r} to add to; build it first with --embeddings")
+        index, added = Index.load(cfg.out), 0
     for folder in cfg.add:
         space, run = index.manifest["space"], index.manifest.get("run")
         vectors, items, info = space_vectors(folder, space, run, cfg.batch_size)
