@@ -159,6 +159,44 @@ def test_like_reuses_settings_and_fitted_text_encoder(tiny_catalog, tmp_path):
     assert shards.read_manifest(tmp_path / "n")["settings"]["image_size"] == 32
 
 
+def test_views_crop_scale_is_recorded_and_like_keeps_it(tiny_catalog, tmp_path):
+    train = tmp_path / "train"
+    run(tiny_catalog, train, "--views", "2", "--crop-scale", "0.6")
+    m = shards.read_manifest(train)
+    assert m["settings"]["crop_scale"] == m["encoders"]["image"]["crop_scale"] == 0.6
+    # --like copies it; a folder from before the scale was recorded (80% crops) gives 80% crops
+    extract.extract(config("--catalog", str(tiny_catalog), "--out", str(tmp_path / "same"), "--like", str(train)))
+    assert shards.read_manifest(tmp_path / "same")["encoders"]["image"]["crop_scale"] == 0.6
+    old = tmp_path / "old"
+    shutil.copytree(train, old)
+    m_old = shards.read_manifest(old)
+    del m_old["settings"]["crop_scale"], m_old["encoders"]["image"]["crop_scale"]
+    shards.save_manifest(old, m_old)
+    extract.extract(config("--catalog", str(tiny_catalog), "--out", str(tmp_path / "n"), "--like", str(old)))
+    m_new = shards.read_manifest(tmp_path / "n")
+    # 80% (the default, and what older folders used) is not recorded: those folders resume with no difference
+    assert "crop_scale" not in m_new["settings"] and "crop_scale" not in m_new["encoders"]["image"]
+    assert run(tiny_catalog, old, "--views", "2")["embedded_this_run"] == 0  # the older folder resumes as it is
+    a, b = shards.read_shards(train), shards.read_shards(tmp_path / "n")
+    np.testing.assert_allclose(a["image_embedding"], b["image_embedding"], atol=1e-5)  # the whole photo: the same
+    assert np.abs(a["image_views"] - b["image_views"]).max() > 1e-3  # the crops: another scale
+    with pytest.raises(ValueError, match="--crop-scale 0.5 contradicts --like"):
+        extract.extract(
+            config(
+                "--catalog",
+                str(tiny_catalog),
+                "--out",
+                str(tmp_path / "x"),
+                "--like",
+                str(train),
+                "--crop-scale",
+                "0.5",
+            )
+        )
+    with pytest.raises(ValueError, match=r"--crop-scale must be a number in \[0.2, 1.0\]; got 1.5"):
+        config("--catalog", str(tiny_catalog), "--out", str(tmp_path / "y"), "--crop-scale", "1.5")
+
+
 def test_like_contradicting_flag_is_an_error(tiny_catalog, tmp_path):
     train = tmp_path / "train"
     run(tiny_catalog, train)

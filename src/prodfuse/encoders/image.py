@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from prodfuse.data.catalog import file_sha256
-from prodfuse.encoders.views import CROP_SCALE, MAX_VIEWS  # noqa: F401  (re-exported)
+from prodfuse.encoders.views import CROP_SCALE, LEGACY_CROP_SCALE, MAX_VIEWS  # noqa: F401  (re-exported)
 from prodfuse.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -271,9 +271,9 @@ def _to_rgb(img):
     return img.convert("RGB")
 
 
-def load_image(path, image_size, max_pixels=DEFAULT_MAX_PIXELS, views=1):
+def load_image(path, image_size, max_pixels=DEFAULT_MAX_PIXELS, views=1, crop_scale=CROP_SCALE):
     """Decode `path` to RGB uint8 (image_size, image_size, 3), or [views, S, S, 3] with `views` > 1 (see
-    `image_views`); raises ImageRejected for bad files.
+    `image_views`, crops of `crop_scale`); raises ImageRejected for bad files.
 
     EXIF orientation is applied, any mode becomes RGB (alpha composited on white), and the whole
     image is resized bilinearly (no crop). Headers over `max_pixels` are rejected before decoding;
@@ -321,8 +321,8 @@ def load_image(path, image_size, max_pixels=DEFAULT_MAX_PIXELS, views=1):
                 )
             if img.format == "JPEG":
                 # DCT-domain downscale (1/2, 1/4, 1/8) while staying >= image_size: big photos decode fast.
-                # Crops need their CROP_SCALE part of the photo to keep >= image_size pixels.
-                side = image_size if views == 1 else int(np.ceil(image_size / CROP_SCALE))
+                # Crops need their crop_scale part of the photo to keep >= image_size pixels.
+                side = image_size if views == 1 else int(np.ceil(image_size / crop_scale))
                 img.draft("RGB", (side, side))
             try:
                 img.load()
@@ -342,7 +342,7 @@ def load_image(path, image_size, max_pixels=DEFAULT_MAX_PIXELS, views=1):
                 raise ImageRejected("not_an_image", f"{path}: cannot convert mode {img.mode}: {exc}") from exc
             if views == 1:
                 return np.asarray(rgb.resize((image_size, image_size), Image.Resampling.BILINEAR), dtype=np.uint8)
-            return image_views(rgb, image_size, views)
+            return image_views(rgb, image_size, views, crop_scale)
 
 
 def _missing_end_marker(f, fmt: str | None) -> bool:
@@ -356,12 +356,15 @@ def _missing_end_marker(f, fmt: str | None) -> bool:
     return marker not in f.read()
 
 
-def image_views(rgb, image_size, views):
-    """uint8 [views, S, S, 3]: the whole photo, then the corner and centre crops of CROP_SCALE (see MAX_VIEWS)."""
+def image_views(rgb, image_size, views, crop_scale=CROP_SCALE):
+    """uint8 [views, S, S, 3]: the whole photo, then the corner and centre crops of `crop_scale` of each side
+    (see MAX_VIEWS)."""
     if isinstance(views, bool) or int(views) != views or not 1 <= views <= MAX_VIEWS:
         raise ValueError(f"views must be an int in 1..{MAX_VIEWS}; got {views!r}")
+    if not 0 < crop_scale <= 1:
+        raise ValueError(f"crop_scale must be in (0, 1]; got {crop_scale!r}")
     w, h = rgb.size
-    cw, ch = max(1, round(w * CROP_SCALE)), max(1, round(h * CROP_SCALE))
+    cw, ch = max(1, round(w * crop_scale)), max(1, round(h * crop_scale))
     corners = [(0, 0), (w - cw, 0), (0, h - ch), (w - cw, h - ch), ((w - cw) // 2, (h - ch) // 2)]
     boxes = [(0, 0, w, h)] + [(x, y, x + cw, y + ch) for x, y in corners]
     return np.stack(
@@ -417,9 +420,9 @@ def embed_decoded(model, images, views=1, predict=None):
     return embeddings.reshape(len(images), views, dim) if views > 1 else embeddings
 
 
-def _load_or_reject(path, image_size, max_pixels, views=1):
+def _load_or_reject(path, image_size, max_pixels, views=1, crop_scale=CROP_SCALE):
     try:
-        return load_image(path, image_size, max_pixels=max_pixels, views=views)
+        return load_image(path, image_size, max_pixels=max_pixels, views=views, crop_scale=crop_scale)
     except ImageRejected as exc:
         return exc
 
@@ -434,11 +437,12 @@ def iter_image_embeddings(
     max_pixels=DEFAULT_MAX_PIXELS,
     prefetch_batches=2,
     views=1,
+    crop_scale=CROP_SCALE,
 ):
     """Yield `(indices, embeddings float32 [n, D], rejects [(index, reason, detail)])` per batch of
     `batch_size` input paths, in input order. Bad images become rejects and never raise.
 
-    With `views` > 1 the embeddings are [n, views, D] (see `image_views`), and a batch holds
+    With `views` > 1 the embeddings are [n, views, D] (see `image_views`; crops of `crop_scale`), and a batch holds
     `batch_size // views` photos, so the backbone still sees about `batch_size` images per call."""
     paths = [os.fspath(p) for p in paths]
     batch_size = int(batch_size or _default_batch_size())
@@ -454,7 +458,9 @@ def iter_image_embeddings(
 
     def submit(start):
         chunk = paths[start : start + batch_size]
-        pending.append((start, [executor.submit(_load_or_reject, p, image_size, max_pixels, views) for p in chunk]))
+        pending.append(
+            (start, [executor.submit(_load_or_reject, p, image_size, max_pixels, views, crop_scale) for p in chunk])
+        )
 
     bar = progress_bar(len(paths), "images", "img", enabled=progress)
     try:

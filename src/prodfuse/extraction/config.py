@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prodfuse.checks import blank_to_none, check_choice, check_range, comma_list
-from prodfuse.encoders.views import MAX_VIEWS
+from prodfuse.encoders.views import CROP_SCALE, MAX_VIEWS
 
 BACKBONES = ("resnet50", "mobilenet_v2", "efficientnet_b0")
 PRECISIONS = ("float32", "mixed_float16")
@@ -31,6 +31,7 @@ DEFAULTS = {
     "shard_rows": 10_000,
     "text_cols": ("title", "description"),
     "views": "auto",
+    "crop_scale": CROP_SCALE,
 }
 # Settings that `like` copies from another shard folder (everything that changes the numbers).
 LIKE_KEYS = (
@@ -44,6 +45,7 @@ LIKE_KEYS = (
     "ocr_lang",
     "text_cols",
     "views",
+    "crop_scale",
 )
 
 
@@ -80,6 +82,7 @@ class ExtractConfig:
     precision: str | None = None
     batch_size: int | None = None  # images per backbone batch; None: 64 on CPU, 256 on a GPU
     views: int | str | None = None
+    crop_scale: float | None = None  # the views' crops, a fraction of each side; None: 0.8 (or --like's)
     text_encoder: str | None = None
     text_model: str | None = None
     ocr: str | None = None
@@ -112,6 +115,7 @@ class ExtractConfig:
         check_range("batch_size", self.batch_size, 1, 65536, integer=True, optional=True)
         check_range("ocr_workers", self.ocr_workers, 1, 256, integer=True, optional=True)
         check_range("shard_rows", self.shard_rows, 1, None, integer=True, optional=True)
+        check_range("crop_scale", self.crop_scale, 0.2, 1.0, optional=True)
         check_choice("engine", self.engine, ENGINES)
         check_range("image_actors", self.image_actors, 1, 4096, integer=True, optional=True)
         check_range("ocr_actors", self.ocr_actors, 1, 100_000, integer=True, optional=True)

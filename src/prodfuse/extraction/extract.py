@@ -24,6 +24,7 @@ import numpy as np
 from prodfuse.checks import comma_list
 from prodfuse.data import shards
 from prodfuse.data.catalog import Columns, file_sha256, present_text_columns, read_catalog, resolve_image_paths
+from prodfuse.encoders.views import LEGACY_CROP_SCALE
 from prodfuse.extraction.chunks import (
     Job,
     StageA,
@@ -75,7 +76,8 @@ def resolve_settings(config: ExtractConfig) -> dict:
     for key, default in DEFAULTS.items():
         given = getattr(config, key, None)
         if key in LIKE_KEYS and like:
-            recorded = like.get(key, 1 if key == "views" else None)  # shards from before views had one
+            # shards from before views (or their crop scale) were recorded had one view (and 80% crops)
+            recorded = like.get(key, {"views": 1, "crop_scale": LEGACY_CROP_SCALE}.get(key))
             if key == "text_cols" and recorded is not None:  # recorded as the flag's text, "title,description"
                 recorded = comma_list(recorded)
             if given is not None and given != recorded:
@@ -213,6 +215,7 @@ def _local_stage_a(job: Job, config: ExtractConfig, ocr_rows: list[int], model, 
                 batch_size=config.batch_size,
                 progress=progress,
                 views=views,
+                crop_scale=settings.get("crop_scale", LEGACY_CROP_SCALE),
             ):
                 check_stop(stop)  # between batches: a signal's KeyboardInterrupt can be lost in a finaliser
                 idx_parts.append(np.asarray([ok_rows[j] for j in local_idx], dtype=np.int64))
@@ -295,6 +298,10 @@ def _extract(config: ExtractConfig, stop: threading.Event | None = None, ray=Non
     ids = df[cols.id].tolist()
     n = len(df)
     settings["views"] = views = resolve_views(settings["views"], n)
+    if views == 1 or settings["crop_scale"] == LEGACY_CROP_SCALE:
+        # Recorded only where it changes the numbers and differs from what folders before it used, so those
+        # folders resume (and are matched --like) without a settings difference.
+        settings.pop("crop_scale")
 
     # Random weights (--weights none, or the demo's fallback) are drawn from a fixed seed inside build_backbone.
     model = image_encoders.build_backbone(
@@ -339,7 +346,8 @@ def _extract(config: ExtractConfig, stop: threading.Event | None = None, ray=Non
             "like": str(like_folder.resolve()) if like_folder else None,
         },
         "encoders": {
-            "image": {"backbone": settings["backbone"], "dim": image_dim, "views": views},
+            "image": {"backbone": settings["backbone"], "dim": image_dim, "views": views}
+            | ({"crop_scale": settings["crop_scale"]} if "crop_scale" in settings else {}),
             "text": {"kind": text_kind, "model": settings["text_model"], "dim": encoder.dim},
             "tokens": {"length": text_encoders.SEQUENCE_LENGTH, "vocab_size": text_encoders.VOCAB_SIZE},
         },

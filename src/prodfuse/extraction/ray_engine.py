@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from prodfuse.encoders.views import LEGACY_CROP_SCALE
+
 # A row whose photo the driver can open but a worker cannot: the storage is not mounted the same on every node.
 UNREADABLE_ON_WORKER = "unreadable_on_worker"
 CONNECT_TIMEOUT_S = 10.0
@@ -225,6 +227,7 @@ class ImageActor:
             batch_size=self.batch_size,
             progress=False,
             views=self.views,
+            crop_scale=self.settings.get("crop_scale", LEGACY_CROP_SCALE),
         ):
             for k, row in enumerate(local_idx):
                 emb[ok[row]] = e[k].reshape(-1)

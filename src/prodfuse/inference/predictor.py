@@ -20,6 +20,7 @@ import numpy as np
 
 from prodfuse.data import shards
 from prodfuse.data.sequence import read_items
+from prodfuse.encoders.views import LEGACY_CROP_SCALE
 from prodfuse.inference.forward import contributions, forward
 from prodfuse.inference.predict import check_compatible, prediction_table
 from prodfuse.modeling.run import Run
@@ -81,7 +82,9 @@ class Predictor:
         self.batch_size = batch_size
         settings = run.extraction["settings"]
         self.image_size = int(settings.get("image_size") or 0)
-        self.views = int(run.extraction["encoders"].get("image", {}).get("views", 1))
+        image_record = run.extraction["encoders"].get("image", {})
+        self.views = int(image_record.get("views", 1))
+        self.crop_scale = float(image_record.get("crop_scale", LEGACY_CROP_SCALE))  # the crops training saw
         self.ocr_engine = settings.get("ocr") or "none"
         self.ocr_lang = settings.get("ocr_lang")
         self.text_cols = list(run.extraction["columns"].get("text") or [])
@@ -162,6 +165,7 @@ class Predictor:
                 batch_size=self.batch_size,
                 progress=False,
                 views=self.views,
+                crop_scale=self.crop_scale,
             ):
                 for j, v in zip(local, vectors):
                     emb[with_image[j]] = v

@@ -253,7 +253,12 @@ class Service:
                 path, sha = await loop.run_in_executor(self.decode, save_upload, data, self.tmp)
                 try:
                     decoded = await loop.run_in_executor(
-                        self.decode, decode_upload, path, self.predictor.image_size, self.predictor.views
+                        self.decode,
+                        decode_upload,
+                        path,
+                        self.predictor.image_size,
+                        self.predictor.views,
+                        self.predictor.crop_scale,
                     )
                 except ImageRejected as e:
                     raise ApiError(422, e.reason, e.detail) from None

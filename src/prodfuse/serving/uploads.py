@@ -20,11 +20,13 @@ def save_upload(data: bytes, folder: Path) -> tuple[str, str]:
     return str(path), hashlib.sha256(data).hexdigest()
 
 
-def decode_upload(path: str, image_size: int, views: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_upload(
+    path: str, image_size: int, views: int, crop_scale: float, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """The photo as `load_image` gives it for the run; ImageRejected (extraction's reason names) with the server's
     file path replaced by 'upload', so no path of the server reaches the client."""
     try:
-        return load_image(path, image_size, max_pixels=max_pixels, views=views)
+        return load_image(path, image_size, max_pixels=max_pixels, views=views, crop_scale=crop_scale)
     except ImageRejected as e:
         raise ImageRejected(e.reason, e.detail.replace(path, "upload")) from None
 
