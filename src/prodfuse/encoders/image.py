@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from prodfuse.data.catalog import file_sha256
-from prodfuse.encoders.views import CROP_SCALE, LEGACY_CROP_SCALE, MAX_VIEWS  # noqa: F401  (re-exported)
+from prodfuse.encoders.views import CROP_SCALE, MAX_VIEWS  # noqa: F401  (re-exported)
 from prodfuse.progress import progress_bar
 
 log = logging.getLogger(__name__)

@@ -10,3 +10,9 @@ scale is recorded in the shards' manifest; shards from before it was recorded us
 CROP_SCALE = 0.8
 LEGACY_CROP_SCALE = 0.8  # shards (and runs) whose manifest records no crop scale
 MAX_VIEWS = 6
+
+
+def recorded_crop_scale(record: dict) -> float:
+    """The crop scale of a manifest's settings or image-encoder record: extraction writes it only where it differs
+    from the one folders used before it was recorded."""
+    return float(record.get("crop_scale", LEGACY_CROP_SCALE))

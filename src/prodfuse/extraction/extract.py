@@ -24,7 +24,7 @@ import numpy as np
 from prodfuse.checks import comma_list
 from prodfuse.data import shards
 from prodfuse.data.catalog import Columns, file_sha256, present_text_columns, read_catalog, resolve_image_paths
-from prodfuse.encoders.views import LEGACY_CROP_SCALE
+from prodfuse.encoders.views import LEGACY_CROP_SCALE, recorded_crop_scale
 from prodfuse.extraction.chunks import (
     Job,
     StageA,
@@ -76,8 +76,10 @@ def resolve_settings(config: ExtractConfig) -> dict:
     for key, default in DEFAULTS.items():
         given = getattr(config, key, None)
         if key in LIKE_KEYS and like:
-            # shards from before views (or their crop scale) were recorded had one view (and 80% crops)
-            recorded = like.get(key, {"views": 1, "crop_scale": LEGACY_CROP_SCALE}.get(key))
+            if key == "crop_scale":
+                recorded = recorded_crop_scale(like)
+            else:
+                recorded = like.get(key, 1 if key == "views" else None)  # shards from before views had one
             if key == "text_cols" and recorded is not None:  # recorded as the flag's text, "title,description"
                 recorded = comma_list(recorded)
             if given is not None and given != recorded:
@@ -215,7 +217,7 @@ def _local_stage_a(job: Job, config: ExtractConfig, ocr_rows: list[int], model, 
                 batch_size=config.batch_size,
                 progress=progress,
                 views=views,
-                crop_scale=settings.get("crop_scale", LEGACY_CROP_SCALE),
+                crop_scale=recorded_crop_scale(settings),
             ):
                 check_stop(stop)  # between batches: a signal's KeyboardInterrupt can be lost in a finaliser
                 idx_parts.append(np.asarray([ok_rows[j] for j in local_idx], dtype=np.int64))
@@ -368,7 +370,8 @@ def _extract(config: ExtractConfig, stop: threading.Event | None = None, ray=Non
         from prodfuse.extraction import ray_engine
 
         cluster, pools = ray
-        stage = ray_engine.run_stage_a(job, pools, config.batch_size, config.ocr_cache, progress, stop)
+        cpus = int(cluster.resources.get("CPU", 1))
+        stage = ray_engine.run_stage_a(job, pools, cpus, config.batch_size, config.ocr_cache, progress, stop)
     else:
         stage = _local_stage_a(job, config, ocr_rows, model, stop)
     ocr_texts = [stage.ocr_texts.get(i, "") for i in range(n)]

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from prodfuse.encoders.views import LEGACY_CROP_SCALE
+from prodfuse.encoders.views import recorded_crop_scale
 
 # A row whose photo the driver can open but a worker cannot: the storage is not mounted the same on every node.
 UNREADABLE_ON_WORKER = "unreadable_on_worker"
@@ -195,7 +195,7 @@ class ImageActor:
     def __init__(self, settings: dict, views: int, batch_size, threads: int | None = None):
         from prodfuse.encoders import image
 
-        self.settings, self.views, self.batch_size, self.threads = settings, views, batch_size, threads
+        self.settings, self.views, self.batch_size = settings, views, batch_size
         if threads:
             import tensorflow as tf
 
@@ -227,7 +227,7 @@ class ImageActor:
             batch_size=self.batch_size,
             progress=False,
             views=self.views,
-            crop_scale=self.settings.get("crop_scale", LEGACY_CROP_SCALE),
+            crop_scale=recorded_crop_scale(self.settings),
         ):
             for k, row in enumerate(local_idx):
                 emb[ok[row]] = e[k].reshape(-1)
@@ -295,9 +295,10 @@ def iter_text_embeddings(folder, chunk_texts: list[list[str]], pools: Pools, dim
             pending = pending[len(chunk) :]
 
 
-def run_stage_a(job, pools: Pools, batch_size, ocr_cache, progress: bool, stop=None):
+def run_stage_a(job, pools: Pools, cpus: int, batch_size, ocr_cache, progress: bool, stop=None):
     """Embed and OCR every chunk of `job` without a saved `.work/` file; read the OCR of those already saved.
-    Returns the extraction's StageA, as the local engine does."""
+    `cpus`: the cluster's CPU count (its image actors' thread budget). Returns the extraction's StageA, as the local
+    engine does."""
     import ray
 
     from prodfuse.extraction.chunks import StageA, check_stop, chunk_ocr
@@ -326,7 +327,7 @@ def run_stage_a(job, pools: Pools, batch_size, ocr_cache, progress: bool, stop=N
     k = next(order, None)
     if items:
         settings, views = job.settings, job.views
-        threads = pools.image_threads(int(ray.cluster_resources().get("CPU", 1)), views, settings["ocr"] != "none")
+        threads = pools.image_threads(cpus, views, settings["ocr"] != "none")
         # Rows come back in catalog order, so chunks complete one after another.
         bar = progress_bar(len(items), "ray OCR+images", "img", enabled=progress)
         with _in_order_quietly(), contextlib.closing(bar):

@@ -20,7 +20,7 @@ import numpy as np
 
 from prodfuse.data import shards
 from prodfuse.data.sequence import read_items
-from prodfuse.encoders.views import LEGACY_CROP_SCALE
+from prodfuse.encoders.views import recorded_crop_scale
 from prodfuse.inference.forward import contributions, forward
 from prodfuse.inference.predict import check_compatible, prediction_table
 from prodfuse.modeling.run import Run
@@ -84,7 +84,7 @@ class Predictor:
         self.image_size = int(settings.get("image_size") or 0)
         image_record = run.extraction["encoders"].get("image", {})
         self.views = int(image_record.get("views", 1))
-        self.crop_scale = float(image_record.get("crop_scale", LEGACY_CROP_SCALE))  # the crops training saw
+        self.crop_scale = recorded_crop_scale(image_record)  # the crops training saw
         self.ocr_engine = settings.get("ocr") or "none"
         self.ocr_lang = settings.get("ocr_lang")
         self.text_cols = list(run.extraction["columns"].get("text") or [])

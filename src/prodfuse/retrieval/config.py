@@ -7,13 +7,8 @@ from dataclasses import dataclass
 from prodfuse.checks import blank_to_none, check_choice, check_range
 
 SPACES = ("image", "text", "fused", "joint")
-INDEX_TYPES = (
-    "auto",
-    "flat",
-    "ivfflat",
-    "hnsw",
-    "ivfpq",
-)  # as retrieval.index (which imports faiss; this module must not)
+# As retrieval.index (which imports faiss; this module must not).
+INDEX_TYPES = ("auto", "flat", "ivfflat", "hnsw", "ivfpq")
 
 
 @dataclass(frozen=True)

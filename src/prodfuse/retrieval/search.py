@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from prodfuse.retrieval.config import IndexConfig, SearchConfig
-from prodfuse.retrieval.index import Index
+from prodfuse.retrieval.index import MANIFEST_FILE, Index
 from prodfuse.retrieval.spaces import QueryEmbedder, space_vectors
 
 
@@ -20,7 +20,7 @@ def build_index(cfg: IndexConfig) -> dict:
         index = Index.build(vectors, items, info, cfg.index_type)
         added = len(index)
     else:
-        if not (Path(cfg.out) / "manifest.json").exists():
+        if not (Path(cfg.out) / MANIFEST_FILE).exists():
             raise ValueError(f"no index at {cfg.out!r} to add to; build it first with --embeddings")
         index, added = Index.load(cfg.out), 0
     for folder in cfg.add:
