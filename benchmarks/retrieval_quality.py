@@ -2,7 +2,7 @@
 fused spaces, and text<->image Recall@1/5/10 and MRR of the joint space next to scikit-learn CCA and chance.
 
 Fashion (`article_type`): queries are the test split, the neighbours come from the train split. Grocery (fine
-`label`): queries are val.csv, neighbours train.csv. The fused space is the default gated model trained on the
+`label`): queries are val.csv, neighbours train.csv. The fused space is the default (product) model trained on the
 train rows (`--fashion-run` / `--grocery-run` reuse existing runs); the joint space an align run trained on the
 fashion train split (validation: its val split), scored on the test split, which it never saw.
 
@@ -48,8 +48,16 @@ def train_run(emb: Path, out: Path, test_emb: Path | None = None) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--fashion-run", default=None, help="a gated run trained on the fashion shards (else trained here)")
-    ap.add_argument("--grocery-run", default=None, help="a gated run trained on grocery train.csv (else trained here)")
+    ap.add_argument(
+        "--fashion-run",
+        default=None,
+        help="a run trained on the fashion shards (else the default model is trained here)",
+    )
+    ap.add_argument(
+        "--grocery-run",
+        default=None,
+        help="a run trained on grocery train.csv (else the default model is trained here)",
+    )
     ap.add_argument("--out", default=None, help="folder for the runs (default: a temporary folder)")
     args = ap.parse_args()
 

@@ -161,7 +161,7 @@ def test_like_reuses_settings_and_fitted_text_encoder(tiny_catalog, tmp_path):
 
 def test_views_crop_scale_is_recorded_and_like_keeps_it(tiny_catalog, tmp_path):
     train = tmp_path / "train"
-    run(tiny_catalog, train, "--views", "2", "--crop-scale", "0.6")
+    run(tiny_catalog, train, "--views", "2")  # the default, 60%
     m = shards.read_manifest(train)
     assert m["settings"]["crop_scale"] == m["encoders"]["image"]["crop_scale"] == 0.6
     # --like copies it; a folder from before the scale was recorded (80% crops) gives 80% crops
@@ -174,9 +174,12 @@ def test_views_crop_scale_is_recorded_and_like_keeps_it(tiny_catalog, tmp_path):
     shards.save_manifest(old, m_old)
     extract.extract(config("--catalog", str(tiny_catalog), "--out", str(tmp_path / "n"), "--like", str(old)))
     m_new = shards.read_manifest(tmp_path / "n")
-    # 80% (the default, and what older folders used) is not recorded: those folders resume with no difference
+    # 80% (what older folders used) is not recorded: those folders resume with no difference
     assert "crop_scale" not in m_new["settings"] and "crop_scale" not in m_new["encoders"]["image"]
-    assert run(tiny_catalog, old, "--views", "2")["embedded_this_run"] == 0  # the older folder resumes as it is
+    assert run(tiny_catalog, old, "--views", "2", "--crop-scale", "0.8")["embedded_this_run"] == 0
+    # without --crop-scale an older folder is not silently mixed with 60% crops
+    with pytest.raises(ValueError, match="crop_scale"):
+        run(tiny_catalog, old, "--views", "2")
     a, b = shards.read_shards(train), shards.read_shards(tmp_path / "n")
     np.testing.assert_allclose(a["image_embedding"], b["image_embedding"], atol=1e-5)  # the whole photo: the same
     assert np.abs(a["image_views"] - b["image_views"]).max() > 1e-3  # the crops: another scale

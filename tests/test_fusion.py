@@ -2,7 +2,15 @@ import keras
 import numpy as np
 import pytest
 
-from prodfuse.modeling.fusion import FUSIONS, ConcatFusion, CrossAttentionFusion, GatedFusion, get_fusion
+from prodfuse.modeling.experts import fit_product_weights, product_probs
+from prodfuse.modeling.fusion import (
+    JOINT_FUSIONS,
+    ConcatFusion,
+    CrossAttentionFusion,
+    GatedFusion,
+    ProductFusion,
+    get_fusion,
+)
 
 B, IMG, TXT = 5, 16, 8
 
@@ -81,7 +89,7 @@ def test_cross_attention_output_shape_and_uses_both_streams(pair):
     np.testing.assert_array_equal(out, keras.ops.convert_to_numpy(layer(pair)))
 
 
-@pytest.mark.parametrize("kind", FUSIONS)
+@pytest.mark.parametrize("kind", JOINT_FUSIONS)
 def test_config_round_trip(kind, pair):
     layer = _small(kind)
     layer(pair)
@@ -96,7 +104,7 @@ def test_config_round_trip(kind, pair):
     assert [tuple(w.shape) for w in restored.weights] == [tuple(w.shape) for w in layer.weights]
 
 
-@pytest.mark.parametrize("kind", FUSIONS)
+@pytest.mark.parametrize("kind", JOINT_FUSIONS)
 def test_build_creates_all_weights_before_call(kind):
     # Explicit build() must create every sublayer weight so saved weights can be loaded into it.
     layer = _small(kind)
@@ -108,7 +116,7 @@ def test_build_creates_all_weights_before_call(kind):
 
 
 def test_registered_names():
-    for cls in (ConcatFusion, GatedFusion, CrossAttentionFusion):
+    for cls in (ConcatFusion, GatedFusion, CrossAttentionFusion, ProductFusion):
         assert keras.saving.get_registered_name(cls) == f"prodfuse>{cls.__name__}"
 
 
@@ -123,3 +131,52 @@ def test_bad_arguments_raise():
         get_fusion("mean")
     with pytest.raises(ValueError, match="two tensors"):
         ConcatFusion()(np.zeros((2, 4), "float32"))
+
+
+def _probs(rng, n, k, sharp=3.0):
+    z = rng.normal(size=(n, k)) * sharp
+    return (np.exp(z) / np.exp(z).sum(1, keepdims=True)).astype("float32")
+
+
+def test_product_fusion_is_a_weighted_product_and_drops_an_absent_stream():
+    rng = np.random.default_rng(0)
+    p_img, p_txt = _probs(rng, B, 4), _probs(rng, B, 4)
+    img, txt = np.ones((B, 3), "float32"), np.ones((B, 2), "float32")
+    txt[1] = 0  # item 1 has no text
+    out = keras.ops.convert_to_numpy(ProductFusion(0.7, 1.8)([p_img, p_txt, img, txt]))
+    z = 0.7 * np.log(p_img) + 1.8 * np.log(p_txt)
+    expected = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    z1 = 0.7 * np.log(p_img[1])
+    expected[1] = np.exp(z1) / np.exp(z1).sum()  # the text's weight is 0 where its input is all zeros
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-6)
+    assert ProductFusion(0.7, 1.8).get_config()["text_weight"] == 1.8
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(ProductFusion(0.5, 0)))
+    assert (restored.image_weight, restored.text_weight) == (0.5, 0.0)
+    with pytest.raises(ValueError, match="text_weight must be >= 0, got -1.0"):
+        ProductFusion(1.0, -1.0)
+
+
+def _expert(rng, y, k, signal):
+    """A classifier's probabilities: softmax of `signal` on the true class plus independent unit noise."""
+    z = rng.normal(size=(len(y), k))
+    z[np.arange(len(y)), y] += signal
+    return np.exp(z) / np.exp(z).sum(1, keepdims=True)
+
+
+def test_product_weights_ignore_a_useless_stream_and_combine_two_useful_ones():
+    rng = np.random.default_rng(1)
+    k, n = 10, 2000
+    y = rng.integers(0, k, n)
+    good, noise = _expert(rng, y, k, 3.0), _expert(rng, y, k, 0.0)
+    a, b, info = fit_product_weights(y, good, noise)
+    assert a > 0.5 and b < 0.1, (a, b)  # the noise stream gets (almost) no say
+    assert info["product"]["accuracy"] >= info["image"]["accuracy"] - 0.005
+    # two independent experts with the same signal: together they are right more often than either
+    img, txt = _expert(rng, y, k, 1.5), _expert(rng, y, k, 1.5)
+    a, b, info = fit_product_weights(y, np.stack([img, img]), txt)  # two identical views: the mean is the same
+    assert a > 0.3 and b > 0.3
+    assert info["product"]["accuracy"] > max(info["image"]["accuracy"], info["text"]["accuracy"]) + 0.05
+    both = product_probs(np.log(img)[None], np.log(txt), a, b, np.ones(n), np.ones(n))
+    assert np.mean(both.argmax(1) == y) == pytest.approx(info["product"]["accuracy"])
+    with pytest.raises(ValueError, match="0 validation items"):
+        fit_product_weights(np.zeros(0, int), np.zeros((0, k)), np.zeros((0, k)))

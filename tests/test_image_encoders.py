@@ -373,15 +373,15 @@ def test_views_are_the_whole_photo_then_corner_and_centre_crops(tmp_path):
     views = ie.load_image(tmp_path / "p.png", 20, views=6)
     assert views.shape == (6, 20, 20, 3) and views.dtype == np.uint8
     assert np.array_equal(views[0], ie.load_image(tmp_path / "p.png", 20))  # view 0 is the plain whole photo
-    top_left = np.asarray(img.crop((0, 0, 32, 40)).resize((20, 20), Image.Resampling.BILINEAR)).astype(int)
-    assert ie.CROP_SCALE == 0.8
-    assert np.abs(views[1] - top_left).mean() < 2  # 80% of each side, from the top-left corner
+    top_left = np.asarray(img.crop((0, 0, 24, 30)).resize((20, 20), Image.Resampling.BILINEAR)).astype(int)
+    assert ie.CROP_SCALE == 0.6
+    assert np.abs(views[1] - top_left).mean() < 2  # 60% of each side, from the top-left corner
     assert len({v.tobytes() for v in views}) == 6  # five different crops
     assert ie.load_image(tmp_path / "p.png", 20, views=2).shape == (2, 20, 20, 3)
-    # extraction's --crop-scale 0.6
-    smaller = ie.load_image(tmp_path / "p.png", 20, views=2, crop_scale=0.6)
-    top_left = np.asarray(img.crop((0, 0, 24, 30)).resize((20, 20), Image.Resampling.BILINEAR)).astype(int)
-    assert np.abs(smaller[1] - top_left).mean() < 2
+    # extraction's --crop-scale 0.8
+    larger = ie.load_image(tmp_path / "p.png", 20, views=2, crop_scale=0.8)
+    top_left = np.asarray(img.crop((0, 0, 32, 40)).resize((20, 20), Image.Resampling.BILINEAR)).astype(int)
+    assert np.abs(larger[1] - top_left).mean() < 2
     with pytest.raises(ValueError, match="views must be an int in 1..6"):
         ie.load_image(tmp_path / "p.png", 20, views=7)
     with pytest.raises(ValueError, match="crop_scale must be in \\(0, 1\\]; got 1.5"):

@@ -186,7 +186,7 @@ def test_mixed_precision_output_is_float32():
     [
         ({"image_branch": "cnn"}, r"'cnn'.*\['mlp', 'none'\]"),
         ({"text_branch": "rnn"}, r"'rnn'.*\['mlp', 'cnn', 'none'\]"),
-        ({"fusion": "sum"}, r"'sum'.*\['concat', 'gated', 'cross_attention'\]"),
+        ({"fusion": "sum"}, r"'sum'.*\['concat', 'gated', 'cross_attention', 'product'\]"),
         ({"image_branch": "none", "text_branch": "none"}, "both 'none'"),
         ({"image_dim": None}, "image_dim"),
         ({"text_dim": None}, "text_dim"),
@@ -241,3 +241,30 @@ def test_fusion_learns_what_neither_modality_can_alone(fusion, fusion_kwargs):
     sizes = dict(image_units=(32, 16), image_dropout=(0.1, 0.1), text_units=(32, 16), text_dropout=(0.1, 0.1))
     model = build_model(K, IMG, TXT, fusion=fusion, fusion_kwargs=fusion_kwargs, seed=0, **sizes)
     assert _train_accuracy(model, x, y) >= 0.95
+
+
+def test_product_model_saves_loads_and_averages_the_views_before_the_product(tmp_path):
+    from prodfuse.modeling.experts import product_model
+    from prodfuse.modeling.probabilities import predict_arrays
+
+    image_m = _small_model(text_branch="none", seed=1)
+    text_m = _small_model(image_branch="none", seed=2)
+    model = product_model(image_m, text_m, 1.5, 0.5)
+    assert model_inputs(model) == ["image", "text"] and model.get_layer("probs").text_weight == 0.5
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    x = _batch(["image", "text"])
+    x["text"][2] = 0  # item 2 has no text
+    np.testing.assert_allclose(_predict(loaded, x), _predict(model, x), atol=1e-6)
+
+    views = np.random.default_rng(3).normal(size=(6, 2 * IMG)).astype("float32")  # two crops beside the photo
+    got = predict_arrays(loaded, {**x, "image_views": views})
+    p_img = np.mean([_predict(image_m, {"image": v}) for v in (x["image"], views[:, :IMG], views[:, IMG:])], axis=0)
+    p_txt = _predict(text_m, {"text": x["text"]})
+    has_text = np.any(x["text"] != 0, axis=1)[:, None]
+    z = 1.5 * np.log(p_img) + 0.5 * has_text * np.log(p_txt)
+    np.testing.assert_allclose(got, np.exp(z) / np.exp(z).sum(1, keepdims=True), atol=1e-5)
+    # one view: the model's own output
+    np.testing.assert_allclose(predict_arrays(loaded, x), _predict(model, x), atol=1e-5)
+    with pytest.raises(ValueError, match="fusion 'product' joins two single-stream models"):
+        _small_model(fusion="gated") and build_model(K, IMG, TXT, fusion="product")

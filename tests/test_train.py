@@ -58,6 +58,7 @@ def runs(synth, tmp_path_factory):
         for name, flags in {
             "concat": ["--fusion", "concat"],
             "gated": ["--fusion", "gated"],
+            "product": ["--fusion", "product"],
             "gated_deep_only": [
                 *("--fusion", "gated", "--no-wide", "--modality-dropout", "0", "--input-norm", "none"),
                 # the mechanism alone: decay pulls the gate's weights (so its logit) to 0, and the lowest-loss epoch
@@ -71,7 +72,7 @@ def runs(synth, tmp_path_factory):
 
 
 def test_fusion_uses_both_streams_and_unimodal_cannot(runs):
-    for name in ("concat", "gated", "gated_deep_only"):
+    for name in ("concat", "gated", "gated_deep_only", "product"):
         assert runs[name]["metrics"]["val"]["accuracy"] >= 0.95, name
     # each unimodal model can only tell apart one pair of classes: at best ~75%
     for name in ("image_only", "text_only"):
@@ -114,6 +115,36 @@ def test_run_folder_contents_and_early_stopping_restores_best(runs):
     assert len(config["manifest_sha256"]) == 64 and config["train"]["fusion"] == "concat"
     assert config["schema_version"] == 2 and config["model_sha256"] == prodfuse.Run.load(p).fingerprint
     assert json.loads((p / "labels.json").read_text()) == ["img_a", "img_b", "txt_c", "txt_d"]
+
+
+def test_product_fusion_multiplies_two_models_trained_alone(runs, synth):
+    from prodfuse.data.shards import read_shards
+
+    p = Path(runs["product"]["run"])
+    for stream in ("image", "text"):
+        assert (p / stream / "history.csv").is_file() and (p / stream / "curves.png").is_file(), stream
+        assert not (p / stream / "checkpoint.keras").exists()
+    hist = pd.read_csv(p / "history.csv")
+    assert list(hist.columns[:1]) == ["stream"] and set(hist["stream"]) == {"image", "text"}
+    fit = json.loads((p / "config.json").read_text())["product_fusion"]["fit"]
+    a, b = fit["product"]["weights"]
+    # each stream carries two of the four classes: both get a say, and together they beat either alone
+    assert a > 0.2 and b > 0.2, (a, b)
+    assert fit["product"]["accuracy"] > max(fit["image"]["accuracy"], fit["text"]["accuracy"]) + 0.15
+    assert set(fit["best_epoch"]) == {"image", "text"}
+
+    model = keras.models.load_model(p / "model.keras")  # registered layers only: no custom objects
+    data = read_shards(synth, ["image_embedding", "text_embedding"], rows=np.arange(40))
+    x = {"image": data["image_embedding"], "text": data["text_embedding"]}
+    both = model.predict(x, verbose=0)
+    p_img = model.get_layer("prodfuse_mlp_none").predict({"image": x["image"]}, verbose=0)
+    p_txt = model.get_layer("prodfuse_none_mlp").predict({"text": x["text"]}, verbose=0)
+    has_text = np.any(x["text"] != 0, axis=1)[:, None]
+    z = a * np.log(p_img) + b * has_text * np.log(p_txt)
+    np.testing.assert_allclose(both, np.exp(z) / np.exp(z).sum(1, keepdims=True), atol=1e-4)
+    # no text: the image model's word alone (sharpened by its weight)
+    alone = model.predict({**x, "text": np.zeros_like(x["text"])}, verbose=0)
+    np.testing.assert_array_equal(alone.argmax(1), p_img.argmax(1))
 
 
 def test_early_stopping_restores_best_weights_not_last(synth, tmp_path):
@@ -234,14 +265,14 @@ def test_ensemble_saves_the_mean_of_its_members(synth, tmp_path):
     np.testing.assert_allclose(probs, np.mean([m.predict(x, verbose=0) for m in members], axis=0), atol=1e-6)
     assert not np.allclose(members[0].predict(x, verbose=0), members[1].predict(x, verbose=0))  # two seeds
     with pytest.raises(ValueError, match="--ensemble 2 cannot be combined with staged"):
-        train(synth, tmp_path / "bad", "--ensemble", "2", "--staged")
+        train(synth, tmp_path / "bad", "--fusion", "gated", "--ensemble", "2", "--staged")
 
 
 def test_without_out_each_run_gets_its_own_folder(synth, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = prodfuse.TrainConfig(embeddings=str(synth), epochs=1, verbose=0)
     first, second = prodfuse.train(cfg), prodfuse.train(cfg)
-    name = f"{synth.name}-gated"
+    name = f"{synth.name}-product"
     assert (first.path, second.path) == (Path("runs") / name, Path("runs") / f"{name}-2")
     assert (second.path / "model.keras").is_file()
     assert (first.path / "model.keras").is_file()  # the first run is untouched

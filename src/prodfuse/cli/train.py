@@ -155,10 +155,23 @@ def run(cfg: TrainConfig, stop=None) -> int:
 def print_summary(run) -> None:
     c = run.config
     s = c["splits"]
-    print(
-        f"\ntrained {run.model.name} in {c['train_seconds']} s: best epoch {c['best_epoch']} of "
-        f"{c['epochs_run']} ({s['source']}: {s['train']} train / {s['val']} val / {s['test']} test)"
+    fit = (c.get("product_fusion") or {}).get("fit")
+    epochs = (
+        f"best epochs image {fit['best_epoch']['image']}, text {fit['best_epoch']['text']}"
+        if fit
+        else f"best epoch {c['best_epoch']} of {c['epochs_run']}"
     )
+    print(
+        f"\ntrained {run.model.name} in {c['train_seconds']} s: {epochs} "
+        f"({s['source']}: {s['train']} train / {s['val']} val / {s['test']} test)"
+    )
+    if fit:
+        a, b = fit["product"]["weights"]
+        print(
+            f"  product fusion: image weight {a:.3g}, text weight {b:.3g}, fitted on validation (accuracy "
+            f"{fit['product']['accuracy']:.4f}; image alone {fit['image']['accuracy']:.4f}, text alone "
+            f"{fit['text']['accuracy']:.4f})"
+        )
     train = c.get("train", {})
     if train.get("strategy", "default") != "default":
         batch, replicas = train["batch_size"], c["replicas"]

@@ -82,7 +82,7 @@ class ExtractConfig:
     precision: str | None = None
     batch_size: int | None = None  # images per backbone batch; None: 64 on CPU, 256 on a GPU
     views: int | str | None = None
-    crop_scale: float | None = None  # the views' crops, a fraction of each side; None: 0.8 (or --like's)
+    crop_scale: float | None = None  # the views' crops, a fraction of each side; None: 0.6 (or --like's)
     text_encoder: str | None = None
     text_model: str | None = None
     ocr: str | None = None

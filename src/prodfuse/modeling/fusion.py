@@ -254,11 +254,61 @@ class CrossAttentionFusion(keras.layers.Layer):
         return config
 
 
+@keras.saving.register_keras_serializable(package="prodfuse")
+class ProductFusion(keras.layers.Layer):
+    """Late fusion: a weighted product of the two streams' class probabilities (a product of experts).
+
+    ``probs = softmax(image_weight * log p_image + text_weight * log p_text)``, where each ``p`` comes from a
+    model trained on its stream alone, so neither stream learns less because the other already explains the
+    training rows, and the weights are fitted on validation afterwards (``prodfuse.modeling.experts``). The
+    weights also calibrate: 1/T of temperature scaling is the weight of a single stream. A stream whose raw input
+    is all zeros for an item (no text, or a blanked stream in the ablation) has weight 0 for that item.
+
+    Called on ``[p_image, p_text, image_input, text_input]``; returns ``[B, classes]`` float32 probabilities.
+
+    Args:
+        image_weight: weight of log p_image (>= 0).
+        text_weight: weight of log p_text (>= 0).
+    """
+
+    def __init__(self, image_weight=1.0, text_weight=1.0, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.image_weight = float(image_weight)
+        self.text_weight = float(text_weight)
+        for name in ("image_weight", "text_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"ProductFusion {name} must be >= 0, got {getattr(self, name)!r}.")
+
+    @staticmethod
+    def _present(x):
+        x = ops.reshape(x, (ops.shape(x)[0], -1))
+        return ops.cast(ops.any(ops.not_equal(x, ops.zeros_like(x)), axis=-1, keepdims=True), "float32")
+
+    def call(self, inputs):
+        p_image, p_text, image, text = inputs
+        log_image = ops.log(ops.clip(ops.cast(p_image, "float32"), 1e-12, 1.0))
+        log_text = ops.log(ops.clip(ops.cast(p_text, "float32"), 1e-12, 1.0))
+        z = self.image_weight * self._present(image) * log_image + self.text_weight * self._present(text) * log_text
+        return ops.softmax(z, axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[0])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"image_weight": self.image_weight, "text_weight": self.text_weight})
+        return config
+
+
 _FUSION_CLASSES = {"concat": ConcatFusion, "gated": GatedFusion, "cross_attention": CrossAttentionFusion}
+# The fusions that are one layer over the two branch vectors, trained jointly with the branches ("product" is not:
+# it multiplies the probabilities of two models trained alone, prodfuse.modeling.experts).
+JOINT_FUSIONS = tuple(_FUSION_CLASSES)
 
 
 def get_fusion(kind, **kwargs):
-    """Instantiate the fusion layer ``kind`` (one of FUSIONS) with ``kwargs`` (layer args, ``name`` too)."""
+    """Instantiate the fusion layer ``kind`` (one of JOINT_FUSIONS) with ``kwargs`` (layer args, ``name`` too)."""
     if kind not in _FUSION_CLASSES:
-        raise ValueError(f"Unknown fusion {kind!r}; choose one of {list(FUSIONS)}.")
+        raise ValueError(f"Unknown fusion layer {kind!r}; choose one of {list(JOINT_FUSIONS)}.")
     return _FUSION_CLASSES[kind](**kwargs)

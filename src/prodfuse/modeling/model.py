@@ -130,6 +130,11 @@ def build_model(
             _text_cnn(inputs["tokens"], vocab_size, embed_dim, tuple(cnn_kernels), cnn_filters, cnn_units, cnn_dropout)
         )
 
+    if len(branches) == 2 and fusion == "product":
+        raise ValueError(
+            "fusion 'product' joins two single-stream models trained alone (prodfuse.modeling.experts.product_model); "
+            "build_model makes one jointly trained model: choose concat, gated or cross_attention"
+        )
     if len(branches) == 2:
         fused = get_fusion(fusion, name="fusion", **(fusion_kwargs or {}))(branches)
         x = fused[0] if isinstance(fused, (list, tuple)) else fused  # gated also returns the gate

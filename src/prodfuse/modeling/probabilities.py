@@ -63,6 +63,53 @@ def model_outputs(model, x: dict[str, np.ndarray], batch_size: int) -> np.ndarra
     return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)
 
 
+def product_parts(model):
+    """(image model, text model, ProductFusion layer) of a product-fusion model; None for any other model."""
+    import keras
+
+    from prodfuse.modeling.fusion import ProductFusion
+    from prodfuse.modeling.model import model_inputs
+
+    names = [layer.name for layer in getattr(model, "layers", [])]
+    fusion = model.get_layer("probs") if "probs" in names else None
+    if not isinstance(fusion, ProductFusion):
+        return None
+    subs = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    image = next(m for m in subs if "image" in model_inputs(m))
+    text = next(m for m in subs if m is not image)
+    return image, text, fusion
+
+
+def _product_over_views(parts, arrays: dict[str, np.ndarray], views: int, batch_size: int) -> np.ndarray:
+    """A product fusion under test-time augmentation: the image model's probabilities averaged over the views
+    first, then the product with the text's, as its weights were fitted (a product per view, then averaged,
+    sharpens each view's guess and read 1-2 points lower on grocery)."""
+    from prodfuse.data.sequence import with_view
+    from prodfuse.modeling.experts import present, product_probs
+    from prodfuse.modeling.model import model_inputs
+
+    image, text, fusion = parts
+    p_image = np.mean(
+        [
+            model_outputs(image, {k: with_view(arrays, v)[k] for k in model_inputs(image)}, batch_size)
+            for v in range(views)
+        ],
+        axis=0,
+    )
+    text_in = {k: arrays[k] for k in model_inputs(text)}
+    p_text = model_outputs(text, text_in, batch_size)
+    log = lambda p: np.log(np.clip(p.astype(np.float64), 1e-12, 1.0))  # noqa: E731
+    probs = product_probs(
+        log(p_image)[None],
+        log(p_text),
+        fusion.image_weight,
+        fusion.text_weight,
+        present(arrays["image"]),
+        present(next(iter(text_in.values()))),
+    )
+    return probs.astype(np.float32)
+
+
 def predict_arrays(model, arrays: dict[str, np.ndarray], batch_size: int = 1024) -> np.ndarray:
     """Softmax probabilities [n, classes] of `model` on the input arrays (one key per model input)."""
     from prodfuse.data.sequence import view_count, with_view
@@ -73,6 +120,9 @@ def predict_arrays(model, arrays: dict[str, np.ndarray], batch_size: int = 1024)
     # Test-time augmentation: the mean of the probabilities over every stored view of the photo. Few rows: all
     # views in one call (same numbers, one model call instead of one per view).
     views = view_count(arrays)
+    parts = product_parts(model) if views > 1 else None
+    if parts:
+        return _product_over_views(parts, arrays, views, batch_size)
     per_view = [with_view(arrays, v) for v in range(views)]
     if views > 1 and n * views <= min(batch_size, DIRECT_CALL_ROWS):
         stacked = {k: np.concatenate([x[k] for x in per_view]) for k in per_view[0]}

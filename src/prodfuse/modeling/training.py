@@ -153,6 +153,23 @@ def predict_probs(model, arrays: dict, rows: np.ndarray, batch_size: int = 1024)
     return predict_arrays(model, {k: v[rows] for k, v in arrays.items()}, batch_size)
 
 
+def _best_epoch(history: dict, config: TrainConfig) -> int:
+    best = np.argmin if MONITOR_MODES[config.monitor] == "min" else np.argmax
+    return int(best(history[config.monitor])) + 1
+
+
+def _stream_history(run: Path, *streams: str) -> None:
+    """run/history.csv: every stream's epochs, a `stream` column first; each stream's own files stay in its folder."""
+    import pandas as pd
+
+    frames = []
+    for name in streams:
+        frame = pd.read_csv(run / name / "history.csv")
+        frame.insert(0, "stream", name)
+        frames.append(frame)
+    pd.concat(frames).to_csv(run / "history.csv", index=False)
+
+
 def plot_curves(history: dict, path: Path) -> None:
     from matplotlib.figure import Figure  # no pyplot: no process-wide backend or figure registry
 
@@ -283,7 +300,7 @@ def train(config: TrainConfig) -> Run:
 
 
 def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path, replicas: int = 1) -> Run:
-    from prodfuse.data.sequence import ShardSequence
+    from prodfuse.data.sequence import ShardSequence, view_count, with_view
     from prodfuse.modeling.metrics import classification_metrics
     from prodfuse.modeling.model import build_model as build_one
 
@@ -361,29 +378,82 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path, replicas: 
         build.update(vocab_size=int(tokens.get("vocab_size") or VOCAB_SIZE), seq_len=int(arrays["tokens"].shape[1]))
     t0 = time.perf_counter()
     both = config.image_branch != "none" and config.text_branch != "none"
-    if config.staged and both:
+    streams = {}  # product fusion: what each single-stream model and the weight fit gave
+
+    def train_alone(branch: str, seed: int, folder: Path):
+        """The model of one stream alone (the other branch off), fitted on that stream's inputs."""
+        m = build_model(**{**build, f"{'text' if branch == 'image' else 'image'}_branch": "none"}, seed=seed)
+        names = [t.name for t in m.inputs]
+        sub = {k: arrays[k] for k in names + (["image_views"] if "image_views" in arrays and "image" in names else [])}
+        folder.mkdir(parents=True, exist_ok=True)
+        hist = fit_model(
+            m,
+            ShardSequence(
+                **{**seq_kw, "arrays": sub},
+                rows=splits["train"],
+                training=True,
+                class_weight=class_weight,
+                seed=seed,
+            ),
+            ShardSequence(**{**seq_kw, "arrays": sub}, rows=splits["val"]),
+            config,
+            folder,
+        )
+        return m, hist, sub
+
+    if config.fusion == "product" and both:
+        from prodfuse.modeling.experts import fit_product_weights, present, product_model
+        from prodfuse.modeling.probabilities import model_outputs
+
+        members, histories = [], []
+        for i in range(config.ensemble):
+            seed = config.seed + i
+            fitted, folders = {}, {b: run / (b if not i else f"{b}_{i}") for b in ("image", "text")}
+            for branch in ("image", "text"):
+                log.info("%s stream alone%s", branch, f" (ensemble member {i + 1}, seed {seed})" if i else "")
+                fitted[branch] = train_alone(branch, seed, folders[branch])
+                plot_curves(fitted[branch][1].history, folders[branch] / "curves.png")
+                (folders[branch] / "checkpoint.keras").unlink(missing_ok=True)
+            (m_img, h_img, sub_img), (m_txt, h_txt, sub_txt) = fitted["image"], fitted["text"]
+            val = splits["val"]
+            views = view_count(sub_img)
+            # the image model's probabilities averaged over the stored views, as prediction does before the product
+            p_image = np.mean(
+                [
+                    model_outputs(m_img, with_view({k: v[val] for k, v in sub_img.items()}, v), 1024)
+                    for v in range(views)
+                ],
+                axis=0,
+            )
+            text_in = {k: v[val] for k, v in sub_txt.items()}
+            p_text = model_outputs(m_txt, text_in, 1024)
+            first_text = next(iter(text_in.values()))
+            a, b, info = fit_product_weights(
+                y_all[val], p_image, p_text, present(sub_img["image"][val]), present(first_text)
+            )
+            log.info(
+                "product fusion weights: image %.3g, text %.3g (validation log-loss %.4f; image alone %.4f, "
+                "text alone %.4f)",
+                a,
+                b,
+                info["product"]["logloss"],
+                info["image"]["logloss"],
+                info["text"]["logloss"],
+            )
+            streams[f"member_{i}" if i else "fit"] = {
+                **info,
+                "best_epoch": {"image": _best_epoch(h_img.history, config), "text": _best_epoch(h_txt.history, config)},
+            }
+            members.append(product_model(m_img, m_txt, a, b, name=f"member_{i}" if config.ensemble > 1 else None))
+            histories.append(h_img)
+        model = members[0] if len(members) == 1 else average_members(members)
+        history = histories[0]
+        _stream_history(run, "image", "text")
+    elif config.staged and both:
         branch_models = []
         for branch in ("image", "text"):
-            m = build_model(**{**build, f"{'text' if branch == 'image' else 'image'}_branch": "none"}, seed=config.seed)
-            names = [t.name for t in m.inputs]
-            sub = {
-                k: arrays[k] for k in names + (["image_views"] if "image_views" in arrays and "image" in names else [])
-            }
             log.info("stage 1: %s branch alone", branch)
-            fit_model(
-                m,
-                ShardSequence(
-                    **{**seq_kw, "arrays": sub},
-                    rows=splits["train"],
-                    training=True,
-                    class_weight=class_weight,
-                    seed=config.seed,
-                ),
-                ShardSequence(**{**seq_kw, "arrays": sub}, rows=splits["val"]),
-                config,
-                run,
-            )
-            branch_models.append(m)
+            branch_models.append(train_alone(branch, config.seed, run)[0])
         model = build_model(**build, seed=config.seed)
         for m in branch_models:
             for layer in m.layers:
@@ -414,8 +484,7 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path, replicas: 
             probs = predict_probs(model, arrays, splits[name])
             metrics[name] = classification_metrics(y_all[splits[name]], probs)
     hist = history.history
-    best = np.argmin if MONITOR_MODES[config.monitor] == "min" else np.argmax
-    best_epoch = int(best(hist[config.monitor])) + 1
+    best_epoch = _best_epoch(hist, config)
     (run / "labels.json").write_text(json.dumps(classes, indent=1))
     record = {
         "schema_version": CONFIG_SCHEMA_VERSION,
@@ -444,7 +513,10 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path, replicas: 
         "best_epoch": best_epoch,
         "epochs_run": len(hist["loss"]),
         "train_seconds": round(train_seconds, 1),
-        "replicas": replicas,  # model copies that shared each batch (strategy and devices: under "train")
+        "replicas": replicas,
+        # product fusion: the fitted weights, each stream's validation score and best epoch (best_epoch above and
+        # curves.png are the image stream's; history.csv has both, image/ and text/ each stream's own files)
+        "product_fusion": streams or None,  # model copies that shared each batch (strategy and devices: under "train")
     }
     (run / "config.json").write_text(json.dumps(record, indent=1))
     (run / "metrics.json").write_text(json.dumps({**metrics, "model_sha256": record["model_sha256"]}, indent=1))

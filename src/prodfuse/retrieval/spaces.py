@@ -35,10 +35,28 @@ def items_table(folder: Path, manifest: dict, rows=None) -> pd.DataFrame:
 
 def fused_model(model):
     """Sub-model from a classifier's inputs to the vector its classifier reads: the fusion output (or the one
-    branch's output of a unimodal model)."""
+    branch's output of a unimodal model). A product fusion has no joint vector: its two streams' branch vectors,
+    each of unit length and scaled by the square root of its share of the fitted weights, side by side, so the
+    cosine of two items is the weighted mean of their image and text cosines."""
     import keras
 
+    from prodfuse.modeling.fusion import ProductFusion
+    from prodfuse.modeling.model import model_inputs
+
     names = [layer.name for layer in model.layers]
+    fusion = model.get_layer("probs") if "probs" in names else None
+    if isinstance(fusion, ProductFusion):
+        total = fusion.image_weight + fusion.text_weight or 1.0
+        parts = []
+        for sub in (layer for layer in model.layers if isinstance(layer, keras.Model)):
+            stream = "image" if "image" in model_inputs(sub) else "text"
+            branch = keras.Model(sub.input, sub.get_layer(f"{stream}_branch_out").output)(
+                {k: model.input[k] for k in model_inputs(sub)}
+            )
+            share = (fusion.image_weight if stream == "image" else fusion.text_weight) / total
+            unit = keras.layers.UnitNormalization(name=f"{stream}_unit")(branch)
+            parts.append(keras.layers.Rescaling(share**0.5, name=f"{stream}_share")(unit))
+        return keras.Model(model.input, keras.layers.Concatenate(name="streams")(parts), name=f"{model.name}_embedding")
     head = "deep_logits" if "deep_logits" in names else "probs"
     return keras.Model(model.input, model.get_layer(head).input, name=f"{model.name}_embedding")
 
