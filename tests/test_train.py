@@ -65,8 +65,6 @@ def runs(synth, tmp_path_factory):
                 # of this easy task comes before the gate has moved far from one half
                 *("--weight-decay", "0", "--monitor", "val_accuracy"),
             ],
-            "image_only": ["--text-branch", "none"],
-            "text_only": ["--image-branch", "none"],
         }.items()
     }
 
@@ -74,9 +72,11 @@ def runs(synth, tmp_path_factory):
 def test_fusion_uses_both_streams_and_unimodal_cannot(runs):
     for name in ("concat", "gated", "gated_deep_only", "product"):
         assert runs[name]["metrics"]["val"]["accuracy"] >= 0.95, name
-    # each unimodal model can only tell apart one pair of classes: at best ~75%
-    for name in ("image_only", "text_only"):
-        assert runs[name]["metrics"]["val"]["accuracy"] < 0.85, name
+    # each unimodal model can only tell apart one pair of classes: at best ~75% (the product run trains both alone,
+    # as --text-branch none and --image-branch none do, and records their validation accuracy)
+    fit = runs["product"]["loaded"].config["product_fusion"]["fit"]
+    for stream in ("image", "text"):
+        assert 0.4 < fit[stream]["accuracy"] < 0.85, stream
 
 
 def test_gate_leans_to_the_stream_that_carries_the_class(runs, synth):
