@@ -4,7 +4,7 @@
 
 For each data set it extracts the shards once (cached like the accuracy tests' shards, under
 ~/.cache/prodfuse/test-embeddings or $PRODFUSE_CACHE), then runs `prodfuse compare --seeds N`: the default fused
-model (gated, wide and deep), the image-only and text-only prodfuse models, their calibrated late fusion, and the
+model (product fusion) and the previous one (gated, wide and deep), the image-only and text-only prodfuse models, their calibrated late fusion, and the
 linear probes (logistic regression on image, text, both, and their calibrated late fusion), every one on the same
 splits, as mean ± std over the seeds.
 - fashion: `article_type` (135 classes), MobileNetV2 @ 128 px, titles, no OCR; the catalog's split column
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import prodfuse  # noqa: E402
 from prodfuse.modeling.config import TrainConfig  # noqa: E402
 
-DEFAULT_MODELS = "image,text,late,gated,lr_image,lr_text,lr_concat,lr_late"
+DEFAULT_MODELS = "image,text,late,product,gated,lr_image,lr_text,lr_concat,lr_late"
 
 
 def main() -> None:

@@ -77,8 +77,8 @@ def main() -> None:
     result = {}
 
     t = time.perf_counter()
-    fashion_run = args.fashion_run or train_run(fashion, tmp / "fashion-gated")
-    grocery_run = args.grocery_run or train_run(g_train, tmp / "grocery-gated", g_val)
+    fashion_run = args.fashion_run or train_run(fashion, tmp / "fashion-product")
+    grocery_run = args.grocery_run or train_run(g_train, tmp / "grocery-product", g_val)
     result["train_seconds"] = round(time.perf_counter() - t, 1)
 
     split = shards.read_shards(fashion, ["split"])["split"].astype(str)

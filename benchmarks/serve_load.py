@@ -1,7 +1,7 @@
 """Load test of `prodfuse serve`: throughput and latency at concurrency 1, 8 and 32, OCR on and off, micro-batching
 against `--max-batch 1`, and a 60 s run at concurrency 32 that must answer every request without a 5xx.
 
-    python benchmarks/serve_load.py [--run runs/demo-gated] [--seconds 15] [--long-seconds 60] [--ocr-workers 2]
+    python benchmarks/serve_load.py [--run runs/demo-product] [--seconds 15] [--long-seconds 60] [--ocr-workers 2]
 
 Starts the service on 127.0.0.1 (a free port) as a subprocess per setting and drives it with a bounded async httpx
 client (a fixed number of concurrent clients, each sending one request after the other, for a fixed time; loopback
@@ -172,7 +172,7 @@ async def _batch_counts(c, url: str) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", default=str(ROOT / "runs" / "demo-gated"))
+    ap.add_argument("--run", default=str(ROOT / "runs" / "demo-product"))
     ap.add_argument("--seconds", type=float, default=15.0, help="per cell")
     ap.add_argument("--long-seconds", type=float, default=60.0, help="the zero-5xx run at concurrency 32")
     ap.add_argument("--ocr-workers", type=int, default=2)
