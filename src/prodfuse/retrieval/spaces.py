@@ -37,7 +37,7 @@ def fused_model(model):
     """Sub-model from a classifier's inputs to the vector its classifier reads: the fusion output (or the one
     branch's output of a unimodal model). A product fusion has no joint vector: its two streams' branch vectors,
     each of unit length and scaled by the square root of its share of the fitted weights, side by side, so the
-    cosine of two items is the weighted mean of their image and text cosines."""
+    cosine of two items is the weighted mean of their image and text cosines (a stream an item lacks is zeros)."""
     import keras
 
     from prodfuse.modeling.fusion import ProductFusion
@@ -55,7 +55,10 @@ def fused_model(model):
             )
             share = (fusion.image_weight if stream == "image" else fusion.text_weight) / total
             unit = keras.layers.UnitNormalization(name=f"{stream}_unit")(branch)
-            parts.append(keras.layers.Rescaling(share**0.5, name=f"{stream}_share")(unit))
+            # an item without this stream (all-zero input) gets zeros here, as the product gives it no say
+            raw = model.input[model_inputs(sub)[0]]
+            there = keras.ops.cast(keras.ops.any(keras.ops.not_equal(raw, 0), axis=-1, keepdims=True), unit.dtype)
+            parts.append(keras.layers.Rescaling(share**0.5, name=f"{stream}_share")(unit) * there)
         return keras.Model(model.input, keras.layers.Concatenate(name="streams")(parts), name=f"{model.name}_embedding")
     head = "deep_logits" if "deep_logits" in names else "probs"
     return keras.Model(model.input, model.get_layer(head).input, name=f"{model.name}_embedding")
