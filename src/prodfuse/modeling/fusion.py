@@ -281,15 +281,16 @@ class ProductFusion(keras.layers.Layer):
                 raise ValueError(f"ProductFusion {name} must be >= 0, got {getattr(self, name)!r}.")
 
     @staticmethod
-    def _present(x):
-        x = ops.reshape(x, (ops.shape(x)[0], -1))
-        return ops.cast(ops.any(ops.not_equal(x, ops.zeros_like(x)), axis=-1, keepdims=True), "float32")
+    def present(x):
+        """[B, 1] float32: 1 where an item's input has any nonzero value (the stream is there), else 0."""
+        there = ops.any(ops.not_equal(x, ops.zeros_like(x)), axis=tuple(range(1, len(x.shape))))
+        return ops.cast(ops.expand_dims(there, -1), "float32")
 
     def call(self, inputs):
         p_image, p_text, image, text = inputs
         log_image = ops.log(ops.clip(ops.cast(p_image, "float32"), 1e-12, 1.0))
         log_text = ops.log(ops.clip(ops.cast(p_text, "float32"), 1e-12, 1.0))
-        z = self.image_weight * self._present(image) * log_image + self.text_weight * self._present(text) * log_text
+        z = self.image_weight * self.present(image) * log_image + self.text_weight * self.present(text) * log_text
         return ops.softmax(z, axis=-1)
 
     def compute_output_shape(self, input_shape):

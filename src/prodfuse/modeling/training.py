@@ -300,7 +300,7 @@ def train(config: TrainConfig) -> Run:
 
 
 def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path, replicas: int = 1) -> Run:
-    from prodfuse.data.sequence import ShardSequence, view_count, with_view
+    from prodfuse.data.sequence import ShardSequence
     from prodfuse.modeling.metrics import classification_metrics
     from prodfuse.modeling.model import build_model as build_one
 
@@ -403,9 +403,8 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path, replicas: 
 
     if config.fusion == "product" and both:
         from prodfuse.modeling.experts import fit_product_weights, present, product_model
-        from prodfuse.modeling.probabilities import model_outputs
 
-        members, histories = [], []
+        members = []
         for i in range(config.ensemble):
             seed = config.seed + i
             fitted, folders = {}, {b: run / (b if not i else f"{b}_{i}") for b in ("image", "text")}
@@ -416,20 +415,10 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path, replicas: 
                 (folders[branch] / "checkpoint.keras").unlink(missing_ok=True)
             (m_img, h_img, sub_img), (m_txt, h_txt, sub_txt) = fitted["image"], fitted["text"]
             val = splits["val"]
-            views = view_count(sub_img)
-            # the image model's probabilities averaged over the stored views, as prediction does before the product
-            p_image = np.mean(
-                [
-                    model_outputs(m_img, with_view({k: v[val] for k, v in sub_img.items()}, v), 1024)
-                    for v in range(views)
-                ],
-                axis=0,
-            )
-            text_in = {k: v[val] for k, v in sub_txt.items()}
-            p_text = model_outputs(m_txt, text_in, 1024)
-            first_text = next(iter(text_in.values()))
+            # each model's validation probabilities as prediction makes them (the image's averaged over its views)
+            p_image, p_text = predict_probs(m_img, sub_img, val), predict_probs(m_txt, sub_txt, val)
             a, b, info = fit_product_weights(
-                y_all[val], p_image, p_text, present(sub_img["image"][val]), present(first_text)
+                y_all[val], p_image, p_text, present(sub_img["image"][val]), present(next(iter(sub_txt.values()))[val])
             )
             log.info(
                 "product fusion weights: image %.3g, text %.3g (validation log-loss %.4f; image alone %.4f, "
@@ -445,9 +434,9 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path, replicas: 
                 "best_epoch": {"image": _best_epoch(h_img.history, config), "text": _best_epoch(h_txt.history, config)},
             }
             members.append(product_model(m_img, m_txt, a, b, name=f"member_{i}" if config.ensemble > 1 else None))
-            histories.append(h_img)
+            if not i:
+                history = h_img  # best_epoch and curves.png: the first member's image stream
         model = members[0] if len(members) == 1 else average_members(members)
-        history = histories[0]
         _stream_history(run, "image", "text")
     elif config.staged and both:
         branch_models = []
@@ -513,10 +502,10 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path, replicas: 
         "best_epoch": best_epoch,
         "epochs_run": len(hist["loss"]),
         "train_seconds": round(train_seconds, 1),
-        "replicas": replicas,
+        "replicas": replicas,  # model copies that shared each batch (strategy and devices: under "train")
         # product fusion: the fitted weights, each stream's validation score and best epoch (best_epoch above and
         # curves.png are the image stream's; history.csv has both, image/ and text/ each stream's own files)
-        "product_fusion": streams or None,  # model copies that shared each batch (strategy and devices: under "train")
+        "product_fusion": streams or None,
     }
     (run / "config.json").write_text(json.dumps(record, indent=1))
     (run / "metrics.json").write_text(json.dumps({**metrics, "model_sha256": record["model_sha256"]}, indent=1))

@@ -40,26 +40,27 @@ def fused_model(model):
     cosine of two items is the weighted mean of their image and text cosines (a stream an item lacks is zeros)."""
     import keras
 
-    from prodfuse.modeling.fusion import ProductFusion
     from prodfuse.modeling.model import model_inputs
+    from prodfuse.modeling.probabilities import product_parts
 
-    names = [layer.name for layer in model.layers]
-    fusion = model.get_layer("probs") if "probs" in names else None
-    if isinstance(fusion, ProductFusion):
+    parts = product_parts(model)
+    if parts:
+        *subs, fusion = parts
         total = fusion.image_weight + fusion.text_weight or 1.0
-        parts = []
-        for sub in (layer for layer in model.layers if isinstance(layer, keras.Model)):
-            stream = "image" if "image" in model_inputs(sub) else "text"
+        vectors = []
+        for stream, sub, weight in zip(("image", "text"), subs, (fusion.image_weight, fusion.text_weight)):
+            names = model_inputs(sub)
             branch = keras.Model(sub.input, sub.get_layer(f"{stream}_branch_out").output)(
-                {k: model.input[k] for k in model_inputs(sub)}
+                {k: model.input[k] for k in names}
             )
-            share = (fusion.image_weight if stream == "image" else fusion.text_weight) / total
             unit = keras.layers.UnitNormalization(name=f"{stream}_unit")(branch)
             # an item without this stream (all-zero input) gets zeros here, as the product gives it no say
-            raw = model.input[model_inputs(sub)[0]]
-            there = keras.ops.cast(keras.ops.any(keras.ops.not_equal(raw, 0), axis=-1, keepdims=True), unit.dtype)
-            parts.append(keras.layers.Rescaling(share**0.5, name=f"{stream}_share")(unit) * there)
-        return keras.Model(model.input, keras.layers.Concatenate(name="streams")(parts), name=f"{model.name}_embedding")
+            there = fusion.present(model.input[names[0]])
+            vectors.append(keras.layers.Rescaling((weight / total) ** 0.5, name=f"{stream}_share")(unit) * there)
+        return keras.Model(
+            model.input, keras.layers.Concatenate(name="streams")(vectors), name=f"{model.name}_embedding"
+        )
+    names = [layer.name for layer in model.layers]
     head = "deep_logits" if "deep_logits" in names else "probs"
     return keras.Model(model.input, model.get_layer(head).input, name=f"{model.name}_embedding")
 
