@@ -160,6 +160,9 @@ BAD_FLAGS = [
     ("evaluate", ["--top-confusions", "-1"], "--top-confusions", "-1"),
     ("compare", ["--seeds", "0"], "--seeds", "0"),
     ("compare", ["--folds", "2"], "--folds", "2"),
+    ("tune", ["--folds", "2"], "--folds", "2"),
+    ("tune", ["--budget-minutes", "0"], "--budget-minutes", "0"),
+    ("tune", ["--space", "lr,depth"], "--space", "depth"),
     ("serve", ["--max-batch", "0"], "--max-batch", "0"),
     ("serve", ["--port", "70000"], "--port", "70000"),
     ("serve", ["--max-upload-mb", "0"], "--max-upload-mb", "0"),
@@ -175,6 +178,7 @@ def test_out_of_range_flag_exits_2_before_any_work(command, flags, flag, value, 
         "predict": ["--run", str(tmp_path / "run"), "--embeddings", str(small_shards), "--out", str(out / "p.csv")],
         "evaluate": ["--run", str(tmp_path / "run"), "--out", str(out)],
         "compare": ["--embeddings", str(small_shards), "--out", str(out)],
+        "tune": ["--embeddings", str(small_shards), "--out", str(out)],
         "serve": ["--run", str(out)],
     }[command]
     t0 = time.perf_counter()
@@ -204,6 +208,7 @@ def test_out_of_range_flag_exits_2_before_any_work(command, flags, flag, value, 
         (lambda: prodfuse.PredictConfig(run="r", out="o.csv", embeddings="e", top_k=0), "top_k", "0"),
         (lambda: prodfuse.EvaluateConfig(run="r", top_confusions=-1), "top_confusions", "-1"),
         (lambda: prodfuse.CompareConfig(embeddings="e", folds=2), "folds", "2"),
+        (lambda: prodfuse.TuneConfig(embeddings="e", max_trials=0), "max_trials", "0"),
     ],
 )
 def test_config_objects_check_ranges(make, field, value):

@@ -241,6 +241,22 @@ def test_kfold_split_partitions_every_class():
         kfold_split(labels, 2, 0, seed=3)
 
 
+def test_folds_leave_the_split_columns_test_rows_out():
+    from prodfuse.data.splits import make_splits
+
+    labels = np.array(["a", "b"] * 15)
+    split = np.array(["train"] * 20 + ["val"] * 4 + ["Test"] * 6)
+    tests = []
+    for k in range(3):
+        s, _, how = make_splits(labels, split, "split", seed=1, folds=3, fold=k)
+        rows = np.concatenate(list(s.values()))
+        assert sorted(rows.tolist()) == list(range(24)), how  # the 6 test rows are in no fold
+        tests.append(s["test"])
+    assert sorted(np.concatenate(tests).tolist()) == list(range(24)) and "'split' train and val rows" in how
+    s, _, _ = make_splits(labels, None, None, seed=1, folds=3, fold=0)  # no split column: folds over every row
+    assert len(np.concatenate(list(s.values()))) == 30
+
+
 def test_separate_test_folder_leaves_train_and_val_to_the_main_folder():
     from prodfuse.data.splits import plan_splits
 

@@ -28,6 +28,8 @@ _API = {
     "evaluate": "prodfuse.evaluation.evaluate",
     "CompareConfig": "prodfuse.evaluation.config",
     "compare": "prodfuse.evaluation.compare",
+    "TuneConfig": "prodfuse.evaluation.config",
+    "tune": "prodfuse.evaluation.tune",
     "PredictConfig": "prodfuse.inference.config",
     "predict": "prodfuse.inference.batch",
     "Predictor": "prodfuse.inference.predictor",

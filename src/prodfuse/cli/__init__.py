@@ -14,13 +14,14 @@ import signal
 import sys
 import threading
 
-COMMANDS = ("extract", "train", "evaluate", "predict", "compare", "align", "index", "search", "audit", "serve")
+COMMANDS = ("extract", "train", "evaluate", "predict", "compare", "tune", "align", "index", "search", "audit", "serve")
 HELPS = {
     "extract": "catalog -> OCR + image/text embeddings -> parquet shards",
     "train": "shards -> fusion MLP run folder",
     "evaluate": "metrics, ablation and calibration of a run",
     "predict": "top-k labels for a new catalog or shards",
     "compare": "unimodal vs fusion models and linear probes on the same splits",
+    "tune": "search the head's settings by K-fold cross-validation within a time budget",
     "align": "joint image-text space for text -> photo search",
     "index": "similarity index (image, text, fused or joint space) over shards",
     "search": "similar products to an id, a photo or words",

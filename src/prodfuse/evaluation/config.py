@@ -1,11 +1,12 @@
-"""EvaluateConfig and CompareConfig: the settings of `evaluate` and `compare`, their defaults and checks."""
+"""EvaluateConfig, CompareConfig and TuneConfig: the settings of `evaluate`, `compare` and `tune`, their defaults and
+checks."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from prodfuse.checks import check_choice, check_range, comma_list
-from prodfuse.modeling.config import FUSIONS, MONITORS, TrainConfig
+from prodfuse.modeling.config import FUSIONS, INPUT_NORMS, LR_SCHEDULES, MONITORS, TrainConfig
 
 SPLITS = ("test", "val", "all")
 PROBES = ("lr_image", "lr_text", "lr_concat", "lr_late")  # the linear probes of probes.py
@@ -87,3 +88,61 @@ class CompareConfig:
                 f"folds {self.folds} and seeds {self.seeds}: choose one way to repeat (folds vary the "
                 f"data, seeds the split and the model's initialisation)"
             )
+
+
+# What `tune` may search: TrainConfig settings and their ranges, ("float", low, high, log) or ("categorical", choices).
+# Every range holds TrainConfig's default, which trial 0 scores.
+TUNE_SPACE = {
+    "lr": ("float", 1e-4, 3e-3, True),
+    "weight_decay": ("float", 1e-3, 0.3, True),
+    "batch_size": ("categorical", (16, 32, 64, 128)),
+    "label_smoothing": ("float", 0.0, 0.2, False),
+    "input_norm": ("categorical", INPUT_NORMS),
+    "wide": ("categorical", (True, False)),
+    "lr_schedule": ("categorical", LR_SCHEDULES),
+    "modality_dropout": ("float", 0.0, 0.7, False),  # jointly trained fusions only: product trains each stream alone
+}
+
+
+def tune_space(names, fusion: str) -> dict:
+    """The searched settings: `names` (None: every one that applies to `fusion`), with their ranges."""
+    if names is None:
+        return {k: v for k, v in TUNE_SPACE.items() if k != "modality_dropout" or fusion != "product"}
+    names = list(comma_list(names))
+    bad = [n for n in names if n not in TUNE_SPACE]
+    if bad or not names:
+        raise ValueError(f"space {names!r}: unknown {bad or 'empty list'}; choose from {','.join(TUNE_SPACE)}")
+    return {k: TUNE_SPACE[k] for k in names}
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Search the head's settings by K-fold cross-validation on `embeddings` within a time budget (`tune.py`).
+
+    Pass training shards only: every fold's test part is scored, so a held-out test set must stay out of them.
+    A trial started before the budget runs out is finished; `max_trials` caps the count as well."""
+
+    embeddings: str
+    folds: int = 3
+    fusion: str = TrainConfig.fusion
+    budget_minutes: float = 60.0
+    max_trials: int | None = None
+    space: tuple[str, ...] | None = None  # None: every setting of TUNE_SPACE that applies to the fusion
+    label_col: str | None = None
+    split_col: str | None = None
+    epochs: int = TrainConfig.epochs
+    patience: int = TrainConfig.patience
+    seed: int = 42
+    out: str | None = None  # None: runs/tune-<embeddings name>
+    overwrite: bool = False
+
+    def __post_init__(self):
+        check_choice("fusion", self.fusion, FUSIONS)
+        check_range("folds", self.folds, 3, 100, integer=True)
+        check_range("budget_minutes", self.budget_minutes, 0.01, 60.0 * 24 * 30)
+        check_range("max_trials", self.max_trials, 1, 100_000, integer=True, optional=True)
+        check_range("epochs", self.epochs, 1, 100_000, integer=True)
+        check_range("patience", self.patience, 1, 100_000, integer=True)
+        check_range("seed", self.seed, 0, 2**31 - 1, integer=True)
+        if self.space is not None:
+            object.__setattr__(self, "space", tuple(tune_space(self.space, self.fusion)))

@@ -61,7 +61,7 @@ def run_splits(config: dict) -> dict[str, tuple[Path, np.ndarray]]:
             folders[where] = Path(config[key])
             sizes[where] = int(shards.read_manifest(folders[where]).get("rows", 0))
     folds = a.get("folds")
-    split_col = resolve_split_col(manifest, a.get("split_col")) if not (folds or "val" in sizes) else None
+    split_col = resolve_split_col(manifest, a.get("split_col")) if "val" not in sizes else None
     cols = shards.read_shards(emb, [config["label_col"]] + ([split_col] if split_col else []))
     plan, _, _ = plan_splits(
         np.asarray(cols[config["label_col"]]).astype(str),

@@ -70,7 +70,7 @@ def load_split_data(
     from prodfuse.data.splits import plan_splits
 
     split_col = resolve_split_col(shards.read_manifest(emb), split_col_arg)
-    use_col = split_col if not (val_embeddings or folds) else None
+    use_col = split_col if not val_embeddings else None  # with folds too: its test rows are left out of them
     parts = {"main": load_training_data(Path(emb), label_col, use_col, inputs)}
     for where, folder in (("val", val_embeddings), ("test", test_embeddings)):
         if folder:
