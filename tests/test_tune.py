@@ -76,10 +76,16 @@ def test_tune_scores_the_defaults_first_keeps_the_best_and_resumes(tmp_path, cap
     printed = capsys.readouterr().out
     assert "2 trials complete" in printed and f"prodfuse train --embeddings {emb} --lr " in printed
 
-    # The same search again continues the stored study: one more trial, the defaults not repeated.
+    # A search killed mid-trial leaves that trial running in the study (here: asked for and never told).
+    import optuna
+
+    optuna.load_study(study_name="prodfuse-tune", storage=f"sqlite:///{out / 'study.db'}").ask()
+    # The same search again continues the stored study: the orphan recorded as failed, one more trial, the
+    # defaults not repeated.
     assert main([*args, "--max-trials", "1"]) == 0
     trials = pd.read_csv(out / "trials.csv")
-    assert list(trials["trial"]) == [0, 1, 2] and (trials["lr"] == TrainConfig.lr).sum() == 1
+    assert list(trials["trial"]) == [0, 1, 2, 3] and list(trials["state"])[2:] == ["fail", "complete"]
+    assert (trials["lr"] == TrainConfig.lr).sum() == 1
     # Other settings would mix two searches in one study: refused, naming what differs.
     with pytest.raises(ValueError, match="epochs: 2"):
         from prodfuse.evaluation.tune import tune
@@ -94,3 +100,11 @@ def test_without_optuna_the_error_names_the_extra(monkeypatch, tmp_path):
     with pytest.raises(ImportError, match=r"pip install -e \.\[tune\]"):
         tune(TuneConfig(str(tmp_path), out=str(tmp_path / "t")))
     assert not (tmp_path / "t").exists()
+
+
+def test_an_interrupted_search_says_its_trials_are_kept():
+    import argparse
+
+    from prodfuse.cli import _resume_hint
+
+    assert "run the same command again to continue" in _resume_hint(argparse.Namespace(command="tune"))

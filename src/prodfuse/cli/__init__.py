@@ -183,6 +183,8 @@ def _interrupted(args: argparse.Namespace, received: list) -> int:
 def _resume_hint(args: argparse.Namespace) -> str:
     if args.command == "extract":
         return "Complete shards are kept: run the same command again to resume."
+    if args.command == "tune":
+        return "Finished trials are kept in the study: run the same command again to continue it."
     return "Nothing was saved for this step; run it again."
 
 

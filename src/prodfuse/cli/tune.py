@@ -16,7 +16,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--embeddings",
         required=True,
-        help="training shard folder; every fold's test part is scored, so keep your held-out test set out of it",
+        help="training shard folder; rows its split column marks test are left out of the folds (a folder without "
+        "one is folded whole: keep your held-out test set out of it)",
     )
     p.add_argument("--folds", type=int, default=d("folds"), help="K >= 3: fold k test, fold k+1 val (default 3)")
     p.add_argument(

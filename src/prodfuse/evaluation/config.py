@@ -119,7 +119,8 @@ def tune_space(names, fusion: str) -> dict:
 class TuneConfig:
     """Search the head's settings by K-fold cross-validation on `embeddings` within a time budget (`tune.py`).
 
-    Pass training shards only: every fold's test part is scored, so a held-out test set must stay out of them.
+    Rows the shards' split column marks test are left out of the folds; a folder without a split column is folded
+    whole, so a held-out test set must stay out of it.
     A trial started before the budget runs out is finished; `max_trials` caps the count as well."""
 
     embeddings: str
