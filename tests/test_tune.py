@@ -1,6 +1,5 @@
 """tune: the search space and its defaults, the flags it prints, and a search on tiny shards that resumes."""
 
-import dataclasses
 import json
 
 import numpy as np
@@ -90,7 +89,7 @@ def test_tune_scores_the_defaults_first_keeps_the_best_and_resumes(tmp_path, cap
     with pytest.raises(ValueError, match="epochs: 2"):
         from prodfuse.evaluation.tune import tune
 
-        tune(dataclasses.replace(TuneConfig(str(emb), fusion="concat", space="lr,wide", epochs=3, out=str(out))))
+        tune(TuneConfig(str(emb), fusion="concat", space="lr,wide", epochs=3, out=str(out)))
 
 
 def test_without_optuna_the_error_names_the_extra(monkeypatch, tmp_path):

@@ -88,8 +88,8 @@ def make_splits(
     """(rows per split, classes too small to split, a description) of one shard folder.
 
     Precedence: K folds when `folds` is set (of the rows the split column does not mark test, if there is one); else
-    the split column if any; else a stratified split by seed,
-    80/10/10, or 90/10/0 when `test_elsewhere` (a separate test folder is scored instead).
+    the split column if any; else a stratified split by seed, 80/10/10, or 90/10/0 when `test_elsewhere` (a separate
+    test folder is scored instead).
     """
     if folds:
         how = f"stratified {folds}-fold by seed {seed}, fold {fold} test, fold {(fold + 1) % folds} val"
@@ -97,7 +97,8 @@ def make_splits(
             return (*kfold_split(labels, folds, fold, seed), how)
         # The folds are drawn from the split column's train and val rows: its test rows stay a held-out set that
         # cross-validation (and a search scored on it, `tune`) never sees.
-        kept = np.flatnonzero(np.isin(np.arange(len(labels)), split_from_column(split_values)["test"], invert=True))
+        named = split_from_column(split_values)
+        kept = np.sort(np.concatenate([named["train"], named["val"]]))
         splits, too_small = kfold_split(labels[kept], folds, fold, seed)
         return {k: kept[v] for k, v in splits.items()}, too_small, f"{how}, of the {split_col!r} train and val rows"
     if split_values is not None:

@@ -23,8 +23,9 @@ from prodfuse.modeling.config import TrainConfig
 
 log = logging.getLogger(__name__)
 STUDY = "prodfuse-tune"
-# The settings that must match for a stored study to be continued (the budget and trial count may change).
-_STUDY_KEYS = ("embeddings", "folds", "fusion", "label_col", "split_col", "epochs", "patience", "seed", "space")
+# The settings that must match for a stored study to be continued, with the searched space (the budget and trial
+# count may change).
+_STUDY_KEYS = ("embeddings", "folds", "fusion", "label_col", "split_col", "epochs", "patience", "seed")
 
 
 def import_optuna():
@@ -81,7 +82,7 @@ def _fold_config(config: TuneConfig, params: dict, fold: int, out: Path) -> Trai
 def _open_study(config: TuneConfig, out: Path, space: dict):
     optuna = import_optuna()
 
-    settings = {k: getattr(config, k) for k in _STUDY_KEYS if k != "space"} | {"space": sorted(space)}
+    settings = {k: getattr(config, k) for k in _STUDY_KEYS} | {"space": sorted(space)}
     settings["embeddings"] = str(Path(config.embeddings).resolve())
     record = out / "tune-settings.json"
     if record.is_file():
