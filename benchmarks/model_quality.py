@@ -29,10 +29,27 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
+import numpy as np  # noqa: E402
+
 import prodfuse  # noqa: E402
 from prodfuse.modeling.config import TrainConfig  # noqa: E402
 
 DEFAULT_MODELS = "image,text,late,product,gated,lr_image,lr_text,lr_concat,lr_late"
+
+
+def product_streams(summary: dict) -> dict[str, list[float]]:
+    """Accuracy of each product run's own single-stream models (trained alone inside it), per repetition, as its
+    metrics.json records them: {"product.image": [...], "product.text": [...]} on the scored split."""
+    out: dict[str, list[float]] = {}
+    for rep in summary["per_repetition"]:
+        for row in rep["rows"]:
+            if row["model"] != "product":
+                continue
+            metrics = json.loads((Path(row["run"]) / "metrics.json").read_text())
+            for stream, by_split in metrics.get("streams", {}).items():
+                if isinstance(by_split, dict) and summary["split"] in by_split:
+                    out.setdefault(f"product.{stream}", []).append(round(by_split[summary["split"]]["accuracy"], 4))
+    return out
 
 
 def main() -> None:
@@ -82,6 +99,9 @@ def main() -> None:
         )
         summary = prodfuse.compare(config)
         print(summary["markdown"], flush=True)
+        streams = product_streams(summary)
+        for row, values in streams.items():
+            print(f"{row}: {np.mean(values):.4f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.4f} {values}")
         figures[name] = {
             "split": summary["split"],
             "n": summary["rows"][0]["n"],
@@ -94,6 +114,11 @@ def main() -> None:
                     "macro_f1": round(r["macro_f1"], 4),
                 }
                 for r in summary["rows"]
+            }
+            | {
+                row: {"accuracy": round(float(np.mean(v)), 4), "accuracy_std": round(float(np.std(v, ddof=1)), 4)}
+                for row, v in streams.items()
+                if len(v) > 1
             },
         }
         print(flush=True)

@@ -69,8 +69,8 @@ def main() -> None:
     from prodfuse.retrieval.config import AlignConfig
     from prodfuse.retrieval.quality import cca_projections, precision_by_space
 
-    fashion = CACHE / "fashion-mnv2-128"
-    g_train, g_val = CACHE / "grocery-train-mnv2-rapidocr", CACHE / "grocery-val-mnv2-rapidocr"
+    fashion = CACHE / "fashion-mnv2-128-minilm-tfidf"
+    g_train, g_val = CACHE / "grocery-train-mnv2-ppocrv6-minilm-tfidf", CACHE / "grocery-val-mnv2-ppocrv6-minilm-tfidf"
     for f in (fashion, g_train, g_val):
         shards.read_manifest(f)  # a clear error when the accuracy tests' shards are missing
     tmp = Path(args.out or tempfile.mkdtemp(prefix="retrieval-quality-"))

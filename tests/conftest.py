@@ -60,3 +60,15 @@ def tiny_st_model(tmp_path_factory):
     transformer = Transformer(str(root / "hf"), max_seq_length=32)
     SentenceTransformer(modules=[transformer, Pooling(32)], device="cpu").save(str(root / "st"))
     return root / "st"
+
+
+@pytest.fixture
+def eager():
+    """tf.functions run eagerly: on a few dozen rows graph tracing is most of the time (the numbers are the same)."""
+    import tensorflow as tf
+
+    tf.config.run_functions_eagerly(True)
+    try:
+        yield
+    finally:
+        tf.config.run_functions_eagerly(False)

@@ -58,18 +58,6 @@ def test_parse_models_and_train_arguments(tmp_path):
     assert ns["gated"].lr == 1e-3  # everything not set by compare keeps train's default
 
 
-@pytest.fixture
-def eager():
-    """tf.functions run eagerly: on a few dozen rows graph tracing is most of the time (the numbers are the same)."""
-    import tensorflow as tf
-
-    tf.config.run_functions_eagerly(True)
-    try:
-        yield
-    finally:
-        tf.config.run_functions_eagerly(False)
-
-
 def test_compare_trains_every_model_on_the_same_splits(tmp_path, capsys, eager):
     from prodfuse.cli import main
 

@@ -35,3 +35,28 @@ def test_demo_written_once(tmp_path):
     p = write_demo_catalog(tmp_path)
     mtime = p.stat().st_mtime_ns
     assert write_demo_catalog(tmp_path) == p and p.stat().st_mtime_ns == mtime
+
+
+def test_demo_run_folder_holds_a_model_card_with_metrics_json_figures(tmp_path, monkeypatch):
+    """The README's demo, extract then train with no catalog, shard or run flags, made fast (no pretrained weights,
+    32 px, no OCR, one epoch; ~1 min on 2 cores): its run folder's MODEL_CARD.md shows metrics.json's figures."""
+    import json
+
+    from prodfuse.cli import main
+    from prodfuse.modeling.model_card import METRIC_COLUMNS, fmt
+
+    monkeypatch.chdir(tmp_path)  # the demo writes data/demo, embeddings/demo and runs/ where it runs
+    fast = ["--backbone", "mobilenet_v2", "--weights", "none", "--image-size", "32", "--ocr", "none", "--no-progress"]
+    assert main(["extract", *fast]) == 0
+    assert main(["train", "--epochs", "1", "--quiet"]) == 0
+    run = tmp_path / "runs" / "demo-product"
+    card = (run / "MODEL_CARD.md").read_text()
+    metrics = json.loads((run / "metrics.json").read_text())
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line for line in card.splitlines()}
+    for split in ("val", "test"):
+        for model, figures in [("fused", metrics[split])] + [
+            (f"{s} alone", metrics["streams"][s][split]) for s in ("image", "text")
+        ]:
+            cells = [c.strip() for c in rows[(split, model)].strip("|").split("|")[2:]]
+            assert cells == [fmt(figures[k]) for k in METRIC_COLUMNS], (split, model)
+    assert f"| test | fused | {metrics['test']['accuracy']:.4f} |" in card

@@ -11,6 +11,7 @@ from prodfuse.cli import build_parser, main
 from prodfuse.cli import extract as extract_cli
 from prodfuse.data import shards
 from prodfuse.encoders import image as image_encoders
+from prodfuse.encoders.text import MINILM_SHA256
 from prodfuse.extraction import extract
 
 FAST = ["--backbone", "mobilenet_v2", "--weights", "none", "--image-size", "32", "--ocr", "none", "--no-progress"]
@@ -63,15 +64,19 @@ def test_shard_contents(tiny_catalog, tmp_path):
     run(tiny_catalog, out, "--shard-rows", "5")
     m = shards.read_manifest(out)
     assert [s["rows"] for s in m["shards"]] == [5, 5, 2]
-    assert m["encoders"]["image"]["dim"] == 1280 and m["encoders"]["text"]["dim"] == 384
+    # the default text encoder: MiniLM (from its package) and TF-IDF side by side, each part unit length
+    assert m["encoders"]["image"]["dim"] == 1280 and m["encoders"]["text"]["dim"] == 768
+    assert m["encoders"]["text"]["parts"] == [{"kind": "minilm", "dim": 384}, {"kind": "tfidf", "dim": 384}]
+    assert m["encoders"]["text"]["minilm"]["sha256"] == MINILM_SHA256
     got = shards.read_shards(out)
-    assert got["image_embedding"].shape == (12, 1280) and got["text_embedding"].shape == (12, 384)
+    assert got["image_embedding"].shape == (12, 1280) and got["text_embedding"].shape == (12, 768)
     assert got["tokens"].shape == (12, 60)
     # items 0, 4, 8 have no title and (no OCR) no text: has_text False, zero vector, all-padding tokens
     no_text = np.array([i % 4 == 0 for i in range(12)])
     np.testing.assert_array_equal(got["has_text"], ~no_text)
     assert not got["text_embedding"][no_text].any() and not got["tokens"][no_text].any()
-    assert np.allclose(np.linalg.norm(got["text_embedding"][~no_text], axis=1), 1, atol=1e-5)
+    for part in (slice(0, 384), slice(384, 768)):
+        assert np.allclose(np.linalg.norm(got["text_embedding"][~no_text, part], axis=1), 1, atol=1e-5)
     assert list(got["group"][:2]) == ["a", "a"] and "title" not in got  # non-text columns carried, text not
     assert got["text"][1] == "green thing number 1"
 
@@ -276,3 +281,74 @@ def test_stop_event_stops_extraction_and_the_same_call_resumes(tiny_catalog, tmp
     assert not list(out.glob("part-*"))  # stopped before its first shard
     summary = extract.extract(cfg)  # the same call, no event: completes
     assert summary["embedded_rows"] + summary["rejected_rows"] == summary["input_rows"] == 12
+
+
+def test_interrupt_at_60_percent_keeps_checkpointed_photos_and_resume_embeds_only_the_rest(
+    tmp_path, monkeypatch, capsys
+):
+    """Issue 27 item 13: with the default 10,000-row shards a 1,000-row catalog is one chunk; an interrupt at 60%
+    keeps the photos embedded up to the last checkpoint (CHECKPOINT_ROWS), the interrupt message says so, and
+    the resumed run embeds only the rest and says how many rows came from the checkpoint."""
+    import threading
+
+    from prodfuse.extraction.chunks import CHECKPOINT_ROWS, kept_work
+    from prodfuse.extraction.config import ExtractionStopped
+
+    n = 1000
+    (tmp_path / "img").mkdir()
+    rows = ["product_id,image_path,title,label"]
+    for i in range(n):
+        Image.new("RGB", (8, 8), ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256)).save(tmp_path / "img" / f"{i}.png")
+        rows.append(f"p{i},img/{i}.png,thing {i},{'abc'[i % 3]}")
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "emb"
+    argv = ["--catalog", str(catalog), "--out", str(out), *FAST, "--views", "1", "--batch-size", "50"]
+
+    real = image_encoders.iter_image_embeddings
+    seen = {"paths": 0, "rows": 0}
+
+    def counting(stop_after=None, stop=None):
+        def wrapper(model, paths, *a, **k):
+            seen["paths"] += len(paths)
+            for item in real(model, paths, *a, **k):
+                seen["rows"] += len(item[0])
+                if stop_after is not None and seen["rows"] >= stop_after:
+                    if stop is None:
+                        raise KeyboardInterrupt  # what the CLI's signal handler raises on Ctrl-C
+                    stop.set()
+                yield item
+
+        return wrapper
+
+    # 1. the stop event at 600 of 1,000 rows: the pieces finished before it are kept
+    stop = threading.Event()
+    monkeypatch.setattr(image_encoders, "iter_image_embeddings", counting(600, stop))
+    with pytest.raises(ExtractionStopped):
+        extract.extract(config(*argv), stop)
+    kept = 600 // CHECKPOINT_ROWS * CHECKPOINT_ROWS
+    assert kept >= 500 and kept_work(out) == {"shards": 0, "shard_rows": 0, "checkpoint_rows": kept}
+
+    # 2. Ctrl-C through the command line after 300 more rows: the message says what is kept
+    seen.update(paths=0, rows=0)
+    monkeypatch.setattr(image_encoders, "iter_image_embeddings", counting(300))
+    assert main(["extract", *argv]) == 130
+    kept2 = kept + 300 // CHECKPOINT_ROWS * CHECKPOINT_ROWS
+    assert seen["paths"] <= n - kept  # nothing saved was embedded again
+    assert f"0 complete shard(s) (0 rows) and the embedded photos of {kept2} more rows" in capsys.readouterr().err
+
+    # 3. the resume embeds only the rest
+    seen.update(paths=0, rows=0)
+    monkeypatch.setattr(image_encoders, "iter_image_embeddings", counting())
+    assert main(["extract", *argv]) == 0
+    assert seen["paths"] == seen["rows"] == n - kept2
+    assert f"the photos of {kept2} rows came from the interrupted run's checkpoint" in capsys.readouterr().out
+    m = shards.read_manifest(out)
+    assert m["summary"]["rows_from_checkpoint"] == kept2 and m["summary"]["embedded_rows"] == n
+    assert not (out / ".work").exists()
+    # the same shard as one uninterrupted run
+    ref = tmp_path / "ref"
+    extract.extract(config(*argv[:2], "--out", str(ref), *argv[4:]))
+    a, b = shards.read_shards(ref), shards.read_shards(out)
+    assert list(a["product_id"]) == list(b["product_id"]) == [f"p{i}" for i in range(n)]
+    np.testing.assert_allclose(a["image_embedding"], b["image_embedding"], atol=1e-5)

@@ -38,17 +38,6 @@ def test_main_leaves_logging_as_it_found_it(tmp_path):
     assert (logging._warnings_showwarning is not None) == capturing
 
 
-@pytest.fixture
-def eager():
-    import tensorflow as tf
-
-    tf.config.run_functions_eagerly(True)  # a few hundred rows: graph tracing would be most of the time
-    try:
-        yield
-    finally:
-        tf.config.run_functions_eagerly(False)
-
-
 def write_catalog(folder: Path, n: int, seed: int = 0, missing=(), no_text=None, coarse=False) -> Path:
     """n products in 3 colour classes (small PNGs); rows in `missing` point at files that do not exist; rows in
     `no_text` (default every 5th) have an empty title."""
@@ -477,3 +466,179 @@ def test_train_and_extract_subprocesses_print_no_tensorflow_chatter_or_escape_co
         assert "\r" not in out + err and "\x1b[" not in out + err, repr(out + err)
     assert "trained" in done["train"][0]
     assert "extracted 8 of 8 rows" in done["extract"][0]
+
+
+# ------------------------------------------------------------------------------------ issue 27: the first hour
+
+
+@pytest.fixture(scope="module")
+def coarse_run(tmp_path_factory):
+    """A run trained on a catalog whose label column is `coarse` (warm/cool), with `sku`/`photo` for id/image."""
+    import tensorflow as tf
+
+    root = tmp_path_factory.mktemp("coarse")
+    catalog = write_catalog(root / "cat", 30, coarse=True)
+    df = pd.read_csv(catalog, dtype=str, keep_default_na=False)
+    df.drop(columns=["label"]).rename(columns={"product_id": "sku", "image_path": "photo"}).to_csv(catalog, index=False)
+    emb, run = root / "emb", root / "run"
+    cols = ["--id-col", "sku", "--image-col", "photo", "--label-col", "coarse"]
+    assert main(["extract", "--catalog", str(catalog), "--out", str(emb), *FAST, "--views", "1", *cols]) == 0
+    tf.config.run_functions_eagerly(True)
+    try:
+        assert main(["train", "--embeddings", str(emb), "--out", str(run), "--epochs", "1", "--quiet"]) == 0
+    finally:
+        tf.config.run_functions_eagerly(False)
+    return root
+
+
+def test_extract_like_carries_the_column_flags(coarse_run, tmp_path, capsys):
+    """Item 11: `extract --like` reads the id, image, text, label and split columns the folder was made with;
+    a column flag given explicitly still wins."""
+    new = write_catalog(tmp_path / "new", 6, seed=3, coarse=True)
+    df = pd.read_csv(new, dtype=str, keep_default_na=False)
+    df.drop(columns=["label"]).rename(columns={"product_id": "sku", "image_path": "photo"}).to_csv(new, index=False)
+    like = ["--like", str(coarse_run / "emb"), "--no-progress"]
+    assert main(["extract", "--catalog", str(new), "--out", str(tmp_path / "a"), *like]) == 0, capsys.readouterr()
+    m = shards.read_manifest(tmp_path / "a")
+    assert m["columns"]["id"] == "sku" and m["columns"]["image"] == "photo" and m["columns"]["label"] == "coarse"
+    got = shards.read_shards(tmp_path / "a", ["sku", "coarse"])
+    assert list(got["sku"]) == [f"p{i}" for i in range(6)] and set(got["coarse"]) == {"warm", "cool"}
+    # an explicit flag wins: an unlabelled extraction of the same catalog
+    assert main(["extract", "--catalog", str(new), "--out", str(tmp_path / "b"), *like, "--label-col", ""]) == 0
+    assert shards.read_manifest(tmp_path / "b")["columns"]["label"] is None
+
+
+def test_predict_defaults_to_the_runs_label_column(coarse_run, tmp_path, capsys):
+    """Item 12: with no --label-col, predict reads the run's label column (`coarse`): a true-label column and
+    an accuracy line."""
+    new = write_catalog(tmp_path / "new", 6, seed=4, coarse=True)
+    out = tmp_path / "pred.csv"
+    argv = ["predict", "--run", str(coarse_run / "run"), "--catalog", str(new), "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    pred = pd.read_csv(out)
+    assert "coarse" in pred.columns and "label" not in pred.columns
+    assert pred["coarse"].tolist() == [COARSE[list(COLOURS)[i % 3]] for i in range(6)]
+    assert "top-1 accuracy on the 6 items with a known label" in printed
+    # a catalog without that column: predictions without accuracy, and no error
+    pd.read_csv(new).drop(columns=["coarse"]).to_csv(new, index=False)
+    assert main(argv) == 0
+    assert "coarse" not in pd.read_csv(out).columns and "no label column" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv,hint",
+    [
+        (["extract", "--catalog", "missing.csv", "--out", "emb"], "does not exist"),
+        (["train", "--embeddings", "missing", "--out", "run"], "prodfuse extract --catalog CATALOG --out missing"),
+        (["predict", "--run", "missing", "--catalog", "c.csv", "--out", "p.csv"], "not a complete run folder"),
+        (["evaluate", "--run", "missing"], "not a complete run folder"),
+    ],
+    ids=["extract", "train", "predict", "evaluate"],
+)
+def test_a_missing_path_fails_before_tensorflow_is_imported(argv, hint, tmp_path):
+    """Item 14: each command checks its files and folders before its heavy imports."""
+    code = (
+        "import sys\n"
+        "import prodfuse\n"
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules\n"
+        "assert callable(prodfuse.extract) and prodfuse.ExtractConfig.__name__ == 'ExtractConfig'\n"
+        "from prodfuse.cli import main\n"
+        f"rc = main({argv!r})\n"
+        "print('rc', rc, 'tensorflow' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-3:] == ["rc", "2", "False"], proc.stdout + proc.stderr
+    assert hint in proc.stderr and "extract_embeddings.py" not in proc.stderr
+
+
+def test_train_with_a_wrong_label_column_leaves_no_run_folder(small_shards, tmp_path, capsys):
+    """Item 15: --label-col nope stops before the run folder is made, naming the shards' columns."""
+    out = tmp_path / "run"
+    assert main(["train", "--embeddings", str(small_shards), "--label-col", "nope", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--label-col 'nope'" in err and "'label'" in err
+    assert not out.exists()
+
+
+def test_compare_quiet_prints_no_epoch_lines(small_shards, tmp_path, eager, capsys):
+    argv = ["compare", "--embeddings", str(small_shards), "--models", "image", "--epochs", "2", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "c")]) == 0
+    printed = capsys.readouterr()
+    assert "compared 1 models" in printed.out
+    assert "Epoch" not in printed.out + printed.err and "loss" not in printed.out + printed.err
+
+
+def test_extraction_summary_counts_photos_and_names_rejects(tmp_path, capsys):
+    """Item 15: the rate counts photos (each of --views backbone images), OCR counts only the photos that were
+    embedded, and a path outside the catalog's folder says why it is refused."""
+    catalog = write_catalog(tmp_path / "cat", 5, missing=(3,))
+    df = pd.read_csv(catalog, dtype=str, keep_default_na=False)
+    df.loc[4, "image_path"] = "../outside.png"
+    df.to_csv(catalog, index=False)
+    out = tmp_path / "emb"
+    fast_ocr = [*FAST[:6], "--ocr", "rapidocr", "--ocr-workers", "1", "--ocr-cache", str(tmp_path / "ocr")]
+    assert main(["extract", "--catalog", str(catalog), "--out", str(out), *fast_ocr, "--views", "2"]) == 0
+    printed = capsys.readouterr().out
+    s = shards.read_manifest(out)["summary"]
+    assert s["embedded_rows"] == 3 and s["ocr"]["images"] == 3  # the missing file was handed to OCR, not read
+    assert s["views"] == 2 and s["photos_per_s"] == pytest.approx(s["views_per_s"] / 2, abs=0.1)  # rounded to 0.1
+    assert "OCR (rapidocr): 3 photos" in printed and "photos/s" in printed and "images/s" not in printed
+    rejects = pd.read_csv(out / shards.REJECTS, keep_default_na=False).set_index("reason")
+    assert "catalog's folder" in rejects.loc["outside_catalog_dir", "detail"]
+
+
+def test_index_summary_names_its_parameters_and_queries(small_shards, tmp_path, capsys):
+    assert main(["index", "--embeddings", str(small_shards), "--out", str(tmp_path / "ix")]) == 0
+    printed = capsys.readouterr().out
+    assert "flat (exact)" in printed and "{}" not in printed
+    assert "--id ID | --image PATH)" in printed and "--text" not in printed
+
+
+def test_audit_pairs_hold_a_text_excerpt(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(4, 8)).astype(np.float32)
+    image[1] = image[0]
+    long = "organic oat drink " * 40
+    emb = write_synthetic_shards(
+        tmp_path / "emb",
+        image,
+        np.zeros((4, 4), np.float32),
+        np.array(["a", "a", "b", "b"]),
+        extra={"text": [long] * 4},
+    )
+    out = tmp_path / "audit"
+    assert main(["audit", "--embeddings", str(emb), "--out", str(out)]) == 0
+    pairs = pd.read_csv(out / "pairs.csv")
+    assert len(pairs) == 1 and pairs["text_a"].str.len().max() <= 120
+    assert pairs["text_a"][0].startswith("organic oat drink") and pairs["text_a"][0].endswith("…")
+
+
+def test_empty_id_is_reported_by_file_line(tmp_path, capsys):
+    catalog = tmp_path / "c.csv"
+    catalog.write_text("product_id,image_path,label\na,x.png,red\n,y.png,red\nc,z.png,red\n")
+    assert main(["extract", "--catalog", str(catalog), "--out", str(tmp_path / "emb"), *FAST]) == 2
+    assert "lines [3]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{b64}",
+        "{b64_lines}",
+        "data:image/png;base64,{b64}",
+        "data:image/png;base64,{b64_lines}",
+    ],
+)
+def test_base64_photo_with_line_breaks_or_a_data_url_decodes(text):
+    import base64
+
+    from prodfuse.serving.uploads import decode_base64
+
+    photo = bytes(range(256)) * 3
+    b64 = base64.b64encode(photo).decode()
+    b64_lines = base64.encodebytes(photo).decode()  # MIME style: a line break every 76 characters
+    assert decode_base64(text.format(b64=b64, b64_lines=b64_lines)) == photo
+    with pytest.raises(ValueError, match="base64"):
+        decode_base64("data:image/png;base64,not*base64")

@@ -287,6 +287,46 @@ def test_truncated_jpeg_is_rejected_even_if_pil_was_told_to_accept_it(tmp_path, 
     assert info.value.reason == "truncated_image" and isinstance(info.value, ValueError)
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"])  # MPO: a camera's JPEG
+def test_allowed_formats_decode(tmp_path, fmt):
+    _pattern(40, 30).save(tmp_path / "photo", format=fmt)
+    assert ie.load_image(tmp_path / "photo", SIZE).shape == (SIZE, SIZE, 3)
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "AVIF", "ICO", "PPM", "TGA", "QOI", "PCX"])
+def test_other_formats_are_refused_by_name_before_decoding(tmp_path, fmt, monkeypatch):
+    """Only the allowed formats' readers parse the file; another format is named from its first bytes where PIL
+    can tell it (TGA has no signature of its own: its first bytes may match CUR's, or nothing)."""
+    try:
+        _pattern(40, 30).save(tmp_path / "photo", format=fmt)
+    except (KeyError, OSError) as e:  # this Pillow build cannot write it
+        pytest.skip(f"Pillow cannot write {fmt}: {e}")
+    decoded = []
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.format))
+    with pytest.raises(ie.ImageRejected) as info:
+        ie.load_image(tmp_path / "photo", SIZE)
+    assert decoded == []
+    if fmt == "TGA":
+        assert info.value.reason in ("unsupported_format", "not_an_image")
+        return
+    assert info.value.reason == "unsupported_format", info.value
+    assert fmt in info.value.detail and "JPEG, PNG, WEBP, GIF, BMP, TIFF" in info.value.detail
+
+
+def test_any_decoder_error_is_a_rejection(tmp_path, monkeypatch):
+    """A corrupt file can fail inside a decoder with any error (Pillow's AVIF plugin raises RuntimeError): it is a
+    rejected image, never an exception that escapes load_image."""
+    _pattern(40, 30).save(tmp_path / "photo.png")
+
+    def corrupt(self):
+        raise RuntimeError("Failed to decode image: corrupt data")
+
+    monkeypatch.setattr(Image.Image, "load", corrupt)
+    with pytest.raises(ie.ImageRejected) as info:
+        ie.load_image(tmp_path / "photo.png", SIZE)
+    assert info.value.reason == "not_an_image" and "RuntimeError" in info.value.detail
+
+
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads files regardless of mode")
 def test_permission_denied_is_unreadable(tmp_path):
     _pattern(40, 30).save(tmp_path / "locked.png")

@@ -15,9 +15,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 pytestmark = [
-    pytest.mark.skipif(
-        importlib.util.find_spec("rapidocr_onnxruntime") is None, reason="rapidocr_onnxruntime is not installed"
-    ),
+    pytest.mark.skipif(importlib.util.find_spec("rapidocr") is None, reason="rapidocr is not installed"),
     pytest.mark.skipif(
         not Path("/proc/self/stat").is_file() or not hasattr(os, "killpg"),
         reason="needs POSIX process groups and /proc",

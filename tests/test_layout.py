@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "prodfuse"
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "run_v0_1"
 # Lowest first: a module may import its own layer and the layers below it, never above.
 LAYERS = [
+    "version",
     "checks",
     "progress",
     "allocator",

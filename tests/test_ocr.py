@@ -23,7 +23,7 @@ from prodfuse.encoders.ocr import (
     resolve_langs,
 )
 
-HAS_RAPIDOCR = importlib.util.find_spec("rapidocr_onnxruntime") is not None
+HAS_RAPIDOCR = importlib.util.find_spec("rapidocr") is not None
 HAS_TESSERACT = importlib.util.find_spec("pytesseract") is not None and shutil.which("tesseract") is not None
 
 
@@ -108,6 +108,16 @@ def test_parse_rapidocr_tuple_list_and_none():
     assert parse_rapidocr(None) == []
 
 
+def test_parse_rapidocr_3_output():
+    from types import SimpleNamespace
+
+    assert parse_rapidocr(SimpleNamespace(txts=("MJÖLK", "Vanilj"), scores=(0.93, 0.61))) == [
+        ("MJÖLK", 0.93),
+        ("Vanilj", 0.61),
+    ]
+    assert parse_rapidocr(SimpleNamespace(txts=None, scores=None)) == []  # no text found
+
+
 def test_parse_tesseract_drops_non_words_and_scales_conf():
     data = {
         "level": [1, 2, 3, 4, 5, 5, 5],
@@ -185,8 +195,8 @@ def test_parse_easyocr_recorded_output_and_filter():
 
 
 def test_resolve_langs_defaults_and_normalisation():
-    assert resolve_langs("rapidocr", None) == ("ch", "en")
-    assert resolve_langs("rapidocr", "en, ch") == ("ch", "en")
+    assert resolve_langs("rapidocr", None) == ("multi",)
+    assert resolve_langs("rapidocr", " Multi") == ("multi",)
     assert resolve_langs("tesseract", None) == ("eng",)
     assert resolve_langs("tesseract", "eng,deu,eng") == ("eng", "deu")
     assert resolve_langs("easyocr", "") == ("ch_sim", "en")
@@ -199,8 +209,8 @@ def test_resolve_langs_errors():
         resolve_langs("paddle", None)
     with pytest.raises(ValueError, match="rapidocr.*'fr'"):
         resolve_langs("rapidocr", "fr")
-    with pytest.raises(ValueError, match="rapidocr"):
-        resolve_langs("rapidocr", "en")  # cannot restrict the built-in model to English
+    with pytest.raises(ValueError, match="rapidocr.*'ch,en'.*omit --ocr-lang"):
+        resolve_langs("rapidocr", "ch,en")  # PP-OCRv4's languages: the built-in v6 models are multilingual
     with pytest.raises(ValueError, match="'en;fr'"):
         resolve_langs("tesseract", "en;fr")
 
@@ -215,10 +225,11 @@ def test_default_cache_dir_honours_env(monkeypatch, tmp_path):
 
 def test_ocr_settings_records_filter_and_version():
     s = ocr_settings("rapidocr", None)
-    assert s["engine"] == "rapidocr" and s["langs"] == ["ch", "en"]
+    assert s["engine"] == "rapidocr" and s["langs"] == ["multi"]
     assert (s["min_conf"], s["min_len"]) == (0.5, 2)
+    assert s["models"] == ["PP-OCRv6_det_small.onnx", "PP-OCRv6_rec_small.onnx"]
     if HAS_RAPIDOCR:
-        assert s["version"].startswith("1.4")
+        assert s["version"].startswith("3.")
     assert ocr_settings("none", None)["version"] is None
 
 
@@ -300,6 +311,18 @@ def test_engine_none_reads_nothing(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_cache_key_holds_engine_version_and_models(monkeypatch):
+    """Texts of two engine versions (PP-OCRv4 under rapidocr_onnxruntime 1.4, PP-OCRv6 under rapidocr 3) never
+    mix: the key changes with the package version and with the model files."""
+    key = ocr._cache_key("ab" * 32, "rapidocr", ("multi",))
+    assert key == ocr._cache_key("ab" * 32, "rapidocr", ("multi",))
+    monkeypatch.setattr(ocr, "_engine_version", lambda engine: "1.4.4")
+    assert ocr._cache_key("ab" * 32, "rapidocr", ("multi",)) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(ocr, "RAPIDOCR_MODELS", ("PP-OCRv4_det.onnx", "PP-OCRv4_rec.onnx"))
+    assert ocr._cache_key("ab" * 32, "rapidocr", ("multi",)) != key
+
+
 def test_negative_workers_rejected(tmp_path):
     with pytest.raises(ValueError, match="-2"):
         ocr_images(["a.jpg"], engine="tesseract", workers=-2, cache_dir=tmp_path, progress=False)
@@ -308,7 +331,7 @@ def test_negative_workers_rejected(tmp_path):
 # ----------------------------------------------------------------- real engines
 
 
-@pytest.mark.skipif(not HAS_RAPIDOCR, reason="rapidocr_onnxruntime not installed")
+@pytest.mark.skipif(not HAS_RAPIDOCR, reason="rapidocr not installed")
 def test_rapidocr_reads_rendered_text(tmp_path):
     good = _text_image(tmp_path / "pack.png", "ALPRO\nSOYA", size=(256, 256), font_size=40)
     corrupt = tmp_path / "corrupt.png"

@@ -334,3 +334,39 @@ def test_an_item_without_a_photo_is_classified_from_its_text(trained):
     order = np.argsort(-ablated, kind="stable")[:3]
     assert got[0]["labels"] == [predictor.run.classes[c] for c in order]
     np.testing.assert_allclose(got[0]["probs"], ablated[order], atol=1e-6)
+
+
+def test_predict_maps_renamed_text_columns_or_stops(trained, capsys):
+    """Issue 27 item 10: a catalog whose text column is called `name` (the run was trained on title,description)
+    is refused with the run's columns named, not predicted from the photo alone; --text-cols name maps it in
+    order, --column title=name by name, and both give the probabilities of the same catalog with `title`."""
+    new = trained / "renamed"
+    catalog = _write_catalog(new, 6, seed=2)
+    ref = trained / "out" / "renamed-ref.csv"
+    base = ["predict", "--run", str(trained / "run"), "--top-k", "2"]
+    assert main([*base, "--catalog", str(catalog), "--out", str(ref)]) == 0
+    df = pd.read_csv(catalog, dtype=str, keep_default_na=False)
+    df.rename(columns={"title": "name"}).drop(columns=["description"]).to_csv(new / "shop.csv", index=False)
+    shop = new / "shop.csv"
+    capsys.readouterr()
+    out = trained / "out" / "renamed.csv"
+    assert main([*base, "--catalog", str(shop), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "['title', 'description']" in err and "--text-cols" in err and "--column" in err
+    assert "--allow-missing-text" in err and not out.exists()
+    expected = pd.read_csv(ref)
+    for flags in (["--text-cols", "name"], ["--column", "title=name"]):
+        assert main([*base, "--catalog", str(shop), "--out", str(out), *flags]) == 0, capsys.readouterr().err
+        printed = capsys.readouterr().out
+        assert "text columns: title <- name, description (absent); 4 of 6 rows have text" in printed
+        got = pd.read_csv(out)
+        np.testing.assert_allclose(got[["prob_1", "prob_2"]], expected[["prob_1", "prob_2"]], atol=1e-5)
+        assert got["label_1"].tolist() == expected["label_1"].tolist()
+    # a mapping that names a column the catalog lacks, or a column the run does not read, says so
+    assert main([*base, "--catalog", str(shop), "--out", str(out), "--column", "title=nope"]) == 2
+    assert "no column 'nope'" in capsys.readouterr().err
+    assert main([*base, "--catalog", str(shop), "--out", str(out), "--column", "brand=name"]) == 2
+    assert "'brand' is not a text column of the run" in capsys.readouterr().err
+    # predicting from the photo alone is possible, on request
+    assert main([*base, "--catalog", str(shop), "--out", str(out), "--allow-missing-text"]) == 0
+    assert "0 of 6 rows have text" in capsys.readouterr().out

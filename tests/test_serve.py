@@ -339,6 +339,184 @@ def test_api_key(served, client_for, tmp_path):
         ServeConfig(run=str(served["root"] / "run"), api_key_file=str(short)).api_key()
 
 
+def _corrupt_avif() -> bytes:
+    """An AVIF photo with a few bytes changed so that Pillow's decoder raises RuntimeError (as the fuzz found)."""
+    buf = io.BytesIO()
+    try:
+        Image.new("RGB", (64, 48), (200, 30, 30)).save(buf, format="AVIF")
+    except (KeyError, OSError):
+        pytest.skip("this Pillow cannot write AVIF")
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        data = bytearray(buf.getvalue())
+        for at in rng.integers(0, len(data), rng.integers(1, 9)):
+            data[at] = rng.integers(0, 256)
+        try:
+            with Image.open(io.BytesIO(bytes(data))) as img:
+                img.load()
+        except RuntimeError:
+            return bytes(data)
+        except Exception:
+            continue
+    pytest.skip("no mutation of the AVIF photo made Pillow raise RuntimeError")
+
+
+def _eps() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 120, 30)).save(buf, format="EPS")
+    return buf.getvalue()
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+# (what, request kwargs for POST /v1/predict/batch or /v1/predict, expected status, expected error); the status is
+# of the whole request, or of the batch's one item when the request itself is fine (200)
+HOSTILE = [
+    # ~1000 deep parses or not depending on the stack already in use: refused as JSON, or as an item
+    ("nested JSON body", dict(content=f'{{"items": {_nested(1000)}}}'), 422, ("bad_json", "bad_item")),
+    ("nested JSON body, very deep", dict(content=f'{{"items": {_nested(100_000)}}}'), 422, "bad_json"),
+    ("nested items field", dict(data={"items": _nested(5000)}), 422, "bad_json"),
+    ("nested top_k", dict(content=f'{{"items": [{{"title": "x"}}], "top_k": {_nested(50)}}}'), 422, "bad_top_k"),
+    ("top_k Infinity", dict(content='{"items": [{"title": "x"}], "top_k": Infinity}'), 422, "bad_json"),
+    ("top_k -Infinity", dict(content='{"items": [{"title": "x"}], "top_k": -Infinity}'), 422, "bad_json"),
+    ("top_k NaN", dict(content='{"items": [{"title": "x"}], "top_k": NaN}'), 422, "bad_json"),
+    ("top_k 1e400", dict(content='{"items": [{"title": "x"}], "top_k": 1e400}'), 422, "bad_top_k"),
+    ("item top_k 1e400", dict(content='{"items": [{"title": "x", "top_k": 1e400}]}'), 422, "bad_top_k"),
+    ("item top_k 2.0", dict(content='{"items": [{"title": "x", "top_k": 2.0}]}'), 422, "bad_top_k"),
+    ("form top_k 1e400", dict(single=True, data={"title": "x", "top_k": "1e400"}), 422, "bad_top_k"),
+    ("long top_k text", dict(single=True, data={"title": "x", "top_k": "9" * 100_000}), 422, "bad_top_k"),
+    ("corrupt AVIF photo", dict(single=True, photo=_corrupt_avif), 422, "unsupported_format"),
+    ("EPS photo", dict(single=True, photo=_eps), 422, "unsupported_format"),
+    ("title over the limit", dict(single=True, data={"title": "x" * 10_001}), 422, "text_too_long"),
+    ("batch title over the limit", dict(json={"items": [{"title": "x" * 10_001}]}), 422, "text_too_long"),
+]
+
+
+@pytest.mark.parametrize("what, request_, status, error", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_input_is_a_4xx_with_its_reason(served, client_for, what, request_, status, error):
+    client = client_for()
+    request_ = dict(request_)
+    if request_.pop("single", False):
+        photo = request_.pop("photo", None)
+        files = {"image": ("p.bin", photo(), "application/octet-stream")} if photo else None
+        r = client.post("/v1/predict", files=files, data=request_.get("data", {"title": "x"}))
+    else:
+        headers = {"content-type": "application/json"} if "content" in request_ else None
+        r = client.post("/v1/predict/batch", headers=headers, **request_)
+    assert r.status_code < 500 and "Traceback" not in r.text, r.text[:500]
+    body = r.json()
+    if r.status_code == 200:  # the request was fine: the item carries its own error
+        body = body["results"][0]
+        assert body.get("status") == status, body
+    else:
+        assert r.status_code == status, r.text[:500]
+    assert body["error"] in ((error,) if isinstance(error, str) else error), body
+    assert len(body["detail"]) < 500 and "/tmp" not in body["detail"]  # short, and no server path
+
+
+def test_text_fields_and_batch_bodies_are_bounded_in_bytes(served, client_for):
+    client = client_for(max_text_chars=50, max_upload_mb=0.05)
+    ok = client.post("/v1/predict", data={"title": "x" * 50})
+    assert ok.status_code == 200, ok.text
+    r = client.post("/v1/predict", data={"title": "t", "description": "d" * 51})
+    assert (r.status_code, r.json()["error"]) == (422, "text_too_long")
+    assert "'description'" in r.json()["detail"] and "50" in r.json()["detail"]
+    # the body allowance is per item the request holds: one item cannot carry the bytes of a whole batch
+    per_item = int(0.05 * 1024 * 1024) * 4 // 3 + 256 * 1024  # a photo as base64, and room for its text fields
+    padded = '{"items": [{"title": "x"}]' + " " * per_item + "}"
+    r = client.post("/v1/predict/batch", content=padded, headers={"content-type": "application/json"})
+    assert (r.status_code, r.json()["error"]) == (413, "upload_too_large"), r.text
+    good, _, _ = _photo(served, 0)
+    files = [("images", (f"{i}.png", good, "image/png")) for i in range(per_item * 2 // len(good) + 1)]
+    r = client.post("/v1/predict/batch", files=files, data={"items": json.dumps([{"image": 0}, {"image": 1}])})
+    assert (r.status_code, r.json()["error"]) == (413, "upload_too_large"), r.text
+    r = client.post("/v1/predict/batch", files=files[:2], data={"items": json.dumps([{"image": 0}, {"image": 1}])})
+    assert r.status_code == 200 and [x.get("status") for x in r.json()["results"]] == [None, None], r.text
+
+
+def test_an_internal_error_closes_the_connection_and_says_so(served, client_for, monkeypatch):
+    client = client_for()
+    service = client.app.state.service
+
+    def broken():
+        raise RuntimeError("a bug in the service at /srv/prodfuse/secret.py")
+
+    monkeypatch.setattr(service, "model_info", broken)
+    r = client.get("/v1/model")
+    assert (r.status_code, r.json()["error"]) == (500, "internal")
+    assert r.headers["connection"] == "close" and "secret" not in r.text
+
+
+def test_no_server_path_in_readiness_or_model_info(served, monkeypatch):
+    info = httpx.get(f"{served['url']}/v1/model").json()
+    root = str(served["root"])
+
+    def strings(value):
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return [value] if isinstance(value, str) else []
+
+    assert not [s for s in strings(info) if root in s or s.startswith("/")], info
+    assert info["index"]["name"] == "index"
+    settings = served["predictor"].run.extraction["settings"]
+    monkeypatch.setitem(settings, "weights", "/srv/models/mobilenet_v2_no_top.weights.h5")
+    assert httpx.get(f"{served['url']}/v1/model").json()["weights"] == "mobilenet_v2_no_top.weights.h5"
+
+    def fail():
+        raise FileNotFoundError(f"[Errno 2] No such file: '{root}/emb/text_encoder/state.npz'")
+
+    monkeypatch.setattr(served["predictor"], "load_encoders", fail)
+    config = ServeConfig(run=str(served["root"] / "run"), ocr_cache=served["cache"])
+    with TestClient(create_app(config, served["predictor"]), raise_server_exceptions=False) as client:
+        deadline = time.monotonic() + 60
+        while "could not be loaded" not in (r := client.get("/health/ready")).text:
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.1)
+        assert r.status_code == 503 and "FileNotFoundError" in r.json()["detail"]
+        answers = [r, client.post("/v1/predict", data={"title": "x"})]
+        assert all(root not in a.text and "/emb/" not in a.text for a in answers), [a.text for a in answers]
+
+
+def test_openapi_schema_holds_under_a_bounded_fuzz(served):
+    """schemathesis' checks on generated requests to every documented operation: no 5xx, and every answer's status,
+    content type, headers and body as the schema documents them. Bounded: 150 requests in all, derandomized."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, Phase, given, settings
+    from schemathesis import GenerationMode
+    from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
+
+    schema = schemathesis.openapi.from_url(f"{served['url']}/openapi.json")
+    spec = schema.raw_schema
+    assert spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"].keys() == {"text/plain"}
+    for path, status in [("/v1/predict", "413"), ("/v1/predict/batch", "503"), ("/v1/model", "401")]:
+        assert status in spec["paths"][path][next(iter(spec["paths"][path]))]["responses"], (path, status)
+
+    @settings(
+        max_examples=150,  # a few seconds; over every operation, schema-valid and schema-violating requests
+        deadline=None,
+        database=None,
+        derandomize=True,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=schema.as_strategy(GenerationMode.POSITIVE) | schema.as_strategy(GenerationMode.NEGATIVE))
+    def check(case):
+        # A schema cannot say which bytes are a photo (random "binary" gets 422 not_an_image) nor that an item needs
+        # a photo or a non-blank text: schema-valid requests are not all accepted, so that check is left out. In a
+        # multipart form every value is text (a "number" title is a valid title): schema-violating forms are not all
+        # refused either.
+        excluded = [positive_data_acceptance]
+        if case.media_type == "multipart/form-data":
+            excluded.append(negative_data_rejection)
+        case.call_and_validate(timeout=60, excluded_checks=excluded)
+
+    check()
+
+
 # ------------------------------------------------------------------------------------------------ failures
 
 
@@ -390,6 +568,93 @@ def test_sigterm_finishes_accepted_requests_refuses_new_ones_and_exits_0(served)
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _children(pid: int) -> list[int]:
+    """Pids of the processes whose parent is `pid` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running or stopped (a zombie has exited: only its parent has not reaped it yet)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def test_a_hung_ocr_worker_times_out_with_503_and_is_replaced(served, client_for):
+    client = client_for(ocr_timeout=3.0)  # a 96 x 96 photo: 3 s (a healthy worker needs well under 1 s)
+    pool = client.app.state.service.pool
+    (stuck,) = pool.pids()
+    os.kill(stuck, signal.SIGSTOP)  # hung: alive, holding its task, answering nothing
+    runner = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        ask = lambda: client.post("/v1/predict", files={"image": ("n.png", _new_photo())}, data={"title": "x"})
+        started = time.monotonic()
+        r = runner.submit(ask).result(timeout=60)  # without a deadline this waits for ever
+        assert (r.status_code, r.json()["error"]) == (503, "ocr_timeout"), r.text
+        assert r.headers["retry-after"] == "1" and time.monotonic() - started < 30
+        deadline = time.monotonic() + 10
+        while _alive(stuck):
+            assert time.monotonic() < deadline, "the stuck worker was not killed"
+            time.sleep(0.1)
+        assert stuck not in pool.pids() and len(pool.pids()) == 1
+        r = ask()
+        assert r.status_code == 200 and r.json()["timings_ms"]["ocr"] > 0, r.text
+    finally:
+        if _alive(stuck):
+            os.kill(stuck, signal.SIGKILL)
+        runner.shutdown(wait=False)
+
+
+def test_photos_sent_while_the_ocr_pool_is_replaced_wait_for_the_new_one(served, client_for):
+    client = client_for(ocr_workers=2)
+    pool = client.app.state.service.pool
+    for pid in pool.pids():
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)  # the executor notices its dead workers
+    ask = lambda: client.post("/v1/predict", files={"image": ("n.png", _new_photo())}, data={"title": "x"})
+    with concurrent.futures.ThreadPoolExecutor(4) as runner:
+        first = runner.submit(ask)  # finds the broken pool and starts a new one (a second or so)
+        time.sleep(0.3)
+        during = [runner.submit(ask) for _ in range(3)]
+        assert (first.result().status_code, first.result().json()["error"]) == (503, "ocr_worker_died")
+        statuses = [f.result().status_code for f in during]
+    assert statuses == [200, 200, 200], [f.result().text for f in during]
+
+
+def test_ocr_workers_exit_when_the_server_is_killed(served):
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    cmd = [sys.executable, "-m", "prodfuse.cli", "serve", "--run", str(served["root"] / "run"), "--port", str(port)]
+    proc = subprocess.Popen([*cmd, "--ocr-workers", "2", "--quiet"], env=env, stdout=subprocess.DEVNULL)
+    children = []
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}")
+        children = _children(proc.pid)  # the OCR workers and multiprocessing's resource tracker
+        assert len(children) >= 2, children
+        proc.kill()
+        proc.wait(30)
+        deadline = time.monotonic() + 15
+        while any(_alive(pid) for pid in children):
+            assert time.monotonic() < deadline, f"orphans still alive: {[p for p in children if _alive(p)]}"
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in children:  # only when the test failed: leave no orphan behind
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 # ------------------------------------------------------------------------------------------------ the page

@@ -122,7 +122,7 @@ def test_reads_shards_with_nullable_columns(tmp_path):
     pq.write_table(table, path)
     assert pq.read_schema(path).field("image_embedding").type.value_field.nullable
     m = json.loads((tmp_path / "manifest.json").read_text())
-    m["shards"][0]["sha256"] = shards.file_sha256(path)
+    m["shards"][0].update(sha256=shards.file_sha256(path), bytes=path.stat().st_size)
     (tmp_path / "manifest.json").write_text(json.dumps(m))
     got = shards.read_shards(tmp_path, ["image_embedding", "tokens"])
     assert got["image_embedding"].shape == (4, 8) and got["tokens"].shape == (4, 60)
@@ -190,3 +190,71 @@ def test_the_same_weights_at_another_path_are_the_same_setting():
     assert settings_difference(manifest("/a/w.h5", "abc"), manifest("/b/w.h5", "abc")) == []
     diff = settings_difference(manifest("/a/w.h5", "abc"), manifest("/b/w.h5", "def"))
     assert any(d.startswith("settings.image.weights_sha256") for d in diff) and any("/b/w.h5" in d for d in diff)
+
+
+def _complete(tmp_path, n_shards=2):
+    rng = np.random.default_rng(0)
+    write_all(tmp_path, [chunk(10 * k, 10, rng) for k in range(n_shards)])
+    return [tmp_path / shards.shard_name(k) for k in range(n_shards)]
+
+
+def test_shard_changed_in_place_is_refused_naming_both_hashes(tmp_path):
+    first, _ = _complete(tmp_path)
+    expected = shards.read_manifest(tmp_path)["shards"][0]["sha256"]
+    data = bytearray(first.read_bytes())
+    data[200:210] = b"\x7f" * 10  # same size, other bytes (parquet would read them as other values)
+    first.write_bytes(bytes(data))
+    with pytest.raises(ValueError) as info:
+        shards.read_shards(tmp_path, ["image_embedding"])
+    message = str(info.value)
+    assert str(first) in message and expected in message and shards.file_sha256(first) in message
+
+
+def test_swapped_shards_are_refused(tmp_path):
+    first, second = _complete(tmp_path)
+    a, b = first.read_bytes(), second.read_bytes()
+    first.write_bytes(b)
+    second.write_bytes(a)
+    with pytest.raises(ValueError, match="part-00000.parquet.*(does not match its manifest|bytes but the manifest)"):
+        shards.read_shards(tmp_path, ["label"])
+
+
+def test_truncated_shard_names_the_file(tmp_path):
+    first, _ = _complete(tmp_path)
+    first.write_bytes(first.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=f"{first}.*truncated"):
+        shards.read_shards(tmp_path, ["label"])
+
+
+def test_verified_once_per_file_identity(tmp_path, monkeypatch):
+    _complete(tmp_path)
+    calls = []
+    real = shards.file_sha256
+    monkeypatch.setattr(shards, "file_sha256", lambda p: calls.append(p) or real(p))
+    shards.read_shards(tmp_path, ["label"])
+    shards.read_shards(tmp_path, ["image_embedding"], rows=[3, 15])
+    assert len(calls) == 2  # two shards, hashed on the first read only
+
+
+def test_non_finite_embeddings_are_refused_at_write_and_read(tmp_path):
+    rng = np.random.default_rng(0)
+    bad = chunk(0, 10, rng)
+    bad["text_embedding"][4, 1] = np.inf
+    m = shards.open_shards(tmp_path, header())
+    with pytest.raises(ValueError, match="text_embedding holds non-finite.*first at row 4"):
+        shards.write_shard(tmp_path, m, bad, 0, 10)
+    # at read: a shard written by something else (its manifest hash matches, its values do not)
+    bad["text_embedding"][4, 1] = 1.0
+    shards.write_shard(tmp_path, m, bad, 0, 10)
+    shards.finish(tmp_path, m)
+    path = tmp_path / shards.shard_name(0)
+    table = pq.read_table(path)
+    values = np.asarray(table["image_embedding"].combine_chunks().values).copy()
+    values[7] = np.nan
+    arr = pa.FixedSizeListArray.from_arrays(pa.array(values), 8)
+    table = table.set_column(table.schema.get_field_index("image_embedding"), "image_embedding", arr)
+    pq.write_table(table, path)
+    m["shards"][0].update(bytes=path.stat().st_size, sha256=shards.file_sha256(path))
+    shards.save_manifest(tmp_path, m)
+    with pytest.raises(ValueError, match=f"image_embedding holds non-finite.*{path}"):
+        shards.read_shards(tmp_path, ["image_embedding"])

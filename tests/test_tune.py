@@ -39,17 +39,6 @@ def test_printed_flags_set_those_values_in_train():
     assert got == {**params, "lr": pytest.approx(params["lr"], rel=1e-3)}
 
 
-@pytest.fixture
-def eager():
-    import tensorflow as tf
-
-    tf.config.run_functions_eagerly(True)  # on a few dozen rows graph tracing is most of the time
-    try:
-        yield
-    finally:
-        tf.config.run_functions_eagerly(False)
-
-
 def test_tune_scores_the_defaults_first_keeps_the_best_and_resumes(tmp_path, capsys, eager):
     from prodfuse.cli import main
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.2.0"
+from prodfuse.version import __version__ as __version__
 
 # public name -> module that defines it
 _API = {
@@ -30,6 +30,8 @@ _API = {
     "compare": "prodfuse.evaluation.compare",
     "TuneConfig": "prodfuse.evaluation.config",
     "tune": "prodfuse.evaluation.tune",
+    "AuditLabelsConfig": "prodfuse.evaluation.config",
+    "audit_labels": "prodfuse.evaluation.label_audit",
     "PredictConfig": "prodfuse.inference.config",
     "predict": "prodfuse.inference.batch",
     "Predictor": "prodfuse.inference.predictor",

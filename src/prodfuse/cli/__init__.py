@@ -25,7 +25,7 @@ HELPS = {
     "align": "joint image-text space for text -> photo search",
     "index": "similarity index (image, text, fused or joint space) over shards",
     "search": "similar products to an id, a photo or words",
-    "audit": "near-duplicate listings within shards or between two folders",
+    "audit": "near-duplicate listings within shards or between two folders; --labels: likely mislabelled products",
     "serve": "REST service + web page: classify a product from its photo and title",
 }
 
@@ -36,7 +36,10 @@ def _command(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from prodfuse.version import __version__
+
     parser = argparse.ArgumentParser(prog="prodfuse", description="Multimodal product classification.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         p = sub.add_parser(name, help=HELPS[name], description=HELPS[name])
@@ -86,20 +89,25 @@ def _setup(args: argparse.Namespace) -> None:
     root.handlers[:] = [handler]
     root.propagate = False
     root.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
-    if not args.verbose:
-        _import_tensorflow_quietly()
-        try:
-            import absl.logging
-
-            absl.logging.set_verbosity(absl.logging.ERROR)
-        except ImportError:
-            pass
     # Python warnings (Keras, PIL) go to the same place, once each, without source lines.
     logging.captureWarnings(True)
     warn = logging.getLogger("py.warnings")
     warn.handlers[:] = [handler]
     warn.propagate = False
     warn.setLevel(logging.DEBUG if args.verbose else logging.ERROR)
+
+
+def _quiet_tensorflow(args: argparse.Namespace) -> None:
+    """Import TensorFlow now (after the command's cheap checks), without its start-up lines and log chatter."""
+    if args.verbose:
+        return
+    _import_tensorflow_quietly()
+    try:
+        import absl.logging
+
+        absl.logging.set_verbosity(absl.logging.ERROR)
+    except ImportError:
+        pass
 
 
 def _import_tensorflow_quietly() -> None:
@@ -155,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     from prodfuse.extraction.config import ExtractionStopped
 
     try:
+        # Files, folders and columns first, from headers and JSON: a wrong path or column is reported before
+        # TensorFlow's import (several seconds), which every command's work needs.
+        if hasattr(module, "check"):
+            module.check(cfg)
+        _quiet_tensorflow(args)
         return module.run(cfg, stop)
     except ExtractionStopped:  # the library noticed `stop`
         return _interrupted(args, received)
@@ -182,7 +195,18 @@ def _interrupted(args: argparse.Namespace, received: list) -> int:
 
 def _resume_hint(args: argparse.Namespace) -> str:
     if args.command == "extract":
-        return "Complete shards are kept: run the same command again to resume."
+        from prodfuse.extraction.chunks import kept_work
+        from prodfuse.extraction.extract import DEMO_OUT
+
+        out = args.out or (DEMO_OUT if args.catalog is None else None)
+        if out is None:
+            return "Nothing was saved; run it again."
+        k = kept_work(out)
+        return (
+            f"Kept in {out}: {k['shards']} complete shard(s) ({k['shard_rows']} rows) and the embedded photos of "
+            f"{k['checkpoint_rows']} more rows (.work/); OCR results stay in the OCR cache. Run the same command "
+            f"again to resume from there."
+        )
     if args.command == "tune":
         return "Finished trials are kept in the study: run the same command again to continue it."
     return "Nothing was saved for this step; run it again."

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from prodfuse.cli.common import default, make_config
+from prodfuse.cli.common import check_shard_folders, default, make_config
 from prodfuse.retrieval.config import AlignConfig
 
 HELP = "train the joint space where a product's text and photo lie close (for text -> photo search)"
@@ -34,6 +34,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def config(args: argparse.Namespace) -> AlignConfig:
     return make_config(AlignConfig, args, verbose=0 if args.quiet else 2)
+
+
+def check(cfg: AlignConfig) -> None:
+    """The shard folders, before TensorFlow loads."""
+    check_shard_folders(embeddings=cfg.embeddings, val_embeddings=cfg.val_embeddings)
 
 
 def run(cfg: AlignConfig, stop=None) -> int:

@@ -6,6 +6,7 @@ import argparse
 
 from prodfuse.cli.common import default, make_config
 from prodfuse.cli.train import add_shared_args
+from prodfuse.cli.train import check as check  # shard folders and label column, before TensorFlow loads
 from prodfuse.evaluation.config import MODELS, CompareConfig
 from prodfuse.modeling.config import MONITORS
 
@@ -64,12 +65,22 @@ def config(args: argparse.Namespace) -> CompareConfig:
 
 
 def run(cfg: CompareConfig, stop=None) -> int:
+    import contextlib
+    import logging
+    import os
+
     import tensorflow as tf
 
     from prodfuse.evaluation.compare import compare
 
     tf.config.experimental.enable_op_determinism()  # see cli.train
-    s = compare(cfg)
+    # compare fits each model with a line per epoch, which Keras writes to stdout (and it resets Keras's own logging
+    # switch between models). --quiet (main() puts the prodfuse logger at WARNING) drops stdout while it runs;
+    # warnings go to stderr through logging, and the summary below is printed after.
+    quiet = not logging.getLogger("prodfuse").isEnabledFor(logging.INFO)
+    with open(os.devnull, "w") if quiet else contextlib.nullcontext() as sink:
+        with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
+            s = compare(cfg)
     for n in s["notes"]:
         print(f"note: {n}")
     print(f"\ncompared {len(s['rows'])} models on the {s['split']} split of {cfg.embeddings} ({s['repeated_over']})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from prodfuse.cli.common import default, make_config
+from prodfuse.cli.common import check_shard_folders, default, make_config
 from prodfuse.evaluation.config import SPLITS, EvaluateConfig
 
 HELP = "metrics, ablation and calibration of a run"
@@ -51,6 +51,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def config(args: argparse.Namespace) -> EvaluateConfig:
     return make_config(EvaluateConfig, args)
+
+
+def check(cfg: EvaluateConfig) -> None:
+    """The run folder and shard folders, from file listings and JSON: before TensorFlow loads."""
+    from prodfuse.modeling.run import read_run_config
+
+    read_run_config(cfg.run)
+    check_shard_folders(embeddings=cfg.embeddings, exclude_duplicates_of=cfg.exclude_duplicates_of)
 
 
 def run(cfg: EvaluateConfig, stop=None) -> int:

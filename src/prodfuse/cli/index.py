@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from prodfuse.cli.common import make_config
+from prodfuse.cli.common import check_shard_folders, make_config
 from prodfuse.retrieval.config import INDEX_TYPES, SPACES, IndexConfig
 
 HELP = "build a similarity index (image, text, fused or joint space) over extracted shards"
@@ -34,14 +34,23 @@ def config(args: argparse.Namespace) -> IndexConfig:
     return make_config(IndexConfig, args, add=tuple(args.add))
 
 
+def check(cfg: IndexConfig) -> None:
+    """The shard folders, before TensorFlow loads."""
+    check_shard_folders(embeddings=cfg.embeddings)
+    for folder in cfg.add:
+        check_shard_folders(add=folder)
+
+
 def run(cfg: IndexConfig, stop=None) -> int:
+    from prodfuse.retrieval.index import describe, query_hint
     from prodfuse.retrieval.search import build_index
 
     m = build_index(cfg)
     left = m.get("left_out") or {}
     extra = f"; left out {left}" if any(left.values()) else ""
     print(
-        f"\nindexed {m['added_now']} items ({m['count']} in all) in the {m['space']} space: {m['dim']}-d, {m['index_type']} {m['params']}{extra}"
+        f"\nindexed {m['added_now']} items ({m['count']} in all) in the {m['space']} space: {m['dim']}-d, "
+        f"{describe(m)}{extra}"
     )
-    print(f"  index: {m['out']}  (query it: prodfuse search --index {m['out']} --id ID | --image PATH | --text WORDS)")
+    print(f"  index: {m['out']}  (query it: prodfuse search --index {m['out']} {query_hint(m)})")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from prodfuse.cli.common import add_column_args, default, make_config
+from prodfuse.cli.common import add_column_args, add_trust_pickle, default, make_config
 from prodfuse.inference.config import PredictConfig
 
 HELP = "top-k labels for a new catalog or shards"
@@ -24,11 +24,38 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=default(PredictConfig, "batch_size"), help="items per model batch")
     p.add_argument("--ocr-workers", type=int, default=None, help="OCR processes (default: in-process)")
     p.add_argument("--ocr-cache", default=None, help="OCR cache folder (default ~/.cache/prodfuse/ocr)")
-    add_column_args(p, text_default=None, split=False)
+    add_column_args(
+        p,
+        split=False,
+        inherit_label="the run's when the catalog has it",
+        text_help="the catalog's text columns, mapped in order onto the run's (e.g. name for a run trained on "
+        "title,description feeds name to title); default: the run's own names",
+    )
+    p.add_argument(
+        "--column",
+        dest="column_map",
+        action="append",
+        default=[],
+        metavar="RUN_COLUMN=CATALOG_COLUMN",
+        help="feed a catalog column to one of the run's text columns by name, e.g. --column title=name (repeatable)",
+    )
+    p.add_argument(
+        "--allow-missing-text",
+        action="store_true",
+        help="predict even when the catalog has none of the run's text columns (from the photo alone)",
+    )
+    add_trust_pickle(p)
 
 
 def config(args: argparse.Namespace) -> PredictConfig:
-    return make_config(PredictConfig, args, progress=args.progress_ok)
+    return make_config(PredictConfig, args, progress=args.progress_ok, column_map=tuple(args.column_map))
+
+
+def check(cfg: PredictConfig) -> None:
+    """Run folder, catalog columns and shard folder, from headers and config.json: before TensorFlow loads."""
+    from prodfuse.inference.predict import check_inputs
+
+    check_inputs(cfg)
 
 
 def run(cfg: PredictConfig, stop=None) -> int:
@@ -44,8 +71,15 @@ def run(cfg: PredictConfig, stop=None) -> int:
     else:
         print(f"  probabilities NOT calibrated (T=1): run `prodfuse evaluate --run {s['run']}` to fit a temperature")
     if cfg.catalog:
+        mapped = ", ".join(
+            (f"{r} <- {c}" if c != r else r) if c else f"{r} (absent)" for r, c in s["text_columns"].items()
+        )
+        if mapped:
+            print(f"  text columns: {mapped}; {s['rows_with_text']} of {s['input_rows']} rows have text")
         rej = ", ".join(f"{k} {v}" for k, v in sorted(s["rejected_by_reason"].items())) or "none"
         print(f"  rejected (not embeddable): {s['rejected']} ({rej}); see {s['rejects']}")
+    if cfg.catalog and not s["label_col"]:
+        print("  no label column in the catalog: no accuracy (pass --label-col NAME if it has one)")
     if "accuracy_known_labels" in s:
         print(
             f"  top-1 accuracy on the {s['n_known_labels']} items with a known label: {s['accuracy_known_labels']:.4f}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from prodfuse.cli.common import make_config
+from prodfuse.cli.common import add_trust_pickle, make_config
 from prodfuse.retrieval.config import SearchConfig
 
 HELP = "similar products: nearest items of an index to an id, a photo or a text"
@@ -18,6 +18,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     q.add_argument("--text", default=None, help="words (text, joint and fused indexes)")
     p.add_argument("--k", type=int, default=10, help="results (default 10)")
     p.add_argument("--out", default=None, help="also write the results to this CSV")
+    add_trust_pickle(p)
 
 
 def config(args: argparse.Namespace) -> SearchConfig:

@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 
-from prodfuse.cli.common import default, make_config
+from prodfuse.cli.common import add_trust_pickle, default, make_config
 from prodfuse.serving.config import LOOPBACK, ServeConfig
 
 HELP = "REST service + web page: classify a product from its photo and title"
@@ -26,9 +26,27 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--max-queue", type=int, default=d("max_queue"), help="items admitted at once; more get 503 (default 256)"
     )
     p.add_argument("--max-items", type=int, default=d("max_items"), help="items per batch request (default 64)")
-    p.add_argument("--max-upload-mb", type=float, default=d("max_upload_mb"), help="largest photo (default 10 MB)")
+    p.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=d("max_upload_mb"),
+        help="largest photo, and a batch body's bytes per item (default 10 MB)",
+    )
+    p.add_argument(
+        "--max-text-chars",
+        type=int,
+        default=d("max_text_chars"),
+        help="longest text field (title, description) of an item; longer is refused with 422 (default 10000)",
+    )
     p.add_argument("--ocr-workers", type=int, default=d("ocr_workers"), help="OCR worker processes (default 1)")
     p.add_argument("--ocr-cache", default=None, help="OCR cache folder (default ~/.cache/prodfuse/ocr)")
+    p.add_argument(
+        "--ocr-timeout",
+        type=float,
+        default=d("ocr_timeout"),
+        help="OCR seconds per megapixel of a photo, at least this per photo (default 5): past it the worker is "
+        "replaced and the item answered 503 ocr_timeout",
+    )
     p.add_argument(
         "--api-key-file",
         default=None,
@@ -42,6 +60,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "lists the most similar products",
     )
     p.add_argument("--similar-k", type=int, default=d("similar_k"), help="similar products per answer (default 5)")
+    add_trust_pickle(p)
 
 
 def config(args: argparse.Namespace) -> ServeConfig:
@@ -55,7 +74,9 @@ def run(cfg: ServeConfig, stop=None) -> int:
     from prodfuse.serving.app import create_app
 
     log = logging.getLogger("prodfuse.cli")
-    predictor = Predictor.from_run(cfg.run, ocr_workers=cfg.ocr_workers, ocr_cache=cfg.ocr_cache)
+    predictor = Predictor.from_run(
+        cfg.run, ocr_workers=cfg.ocr_workers, ocr_cache=cfg.ocr_cache, trust_pickle=cfg.trust_pickle
+    )
     app = create_app(cfg, predictor)
     if cfg.api_key_file is None:
         where = "this machine only" if cfg.host in LOOPBACK else f"EVERY client that reaches {cfg.host}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from prodfuse.cli.common import default, make_config
+from prodfuse.cli.common import check_shard_column, check_shard_folders, default, make_config
 from prodfuse.modeling.config import (
     CLASS_WEIGHTS,
     FUSIONS,
@@ -96,7 +96,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=d("class_weight"),
         choices=CLASS_WEIGHTS,
         help="balanced: n / (k n_c) per class, for macro F1 on skewed catalogs; default none, which "
-        "measured 0.5-1.5 points more accuracy on fashion and grocery (README)",
+        "measured 0.5-1.5 points more accuracy on fashion and grocery (docs/reports/model-quality.md)",
     )
     p.add_argument("--label-smoothing", type=float, default=d("label_smoothing"), help="0..0.99 (default 0.1)")
     p.add_argument("--mixup", type=float, default=d("mixup"), help="Beta(a, a) mixup of the image stream; 0 = off")
@@ -139,6 +139,18 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def config(args: argparse.Namespace) -> TrainConfig:
     verbose = 0 if args.quiet else 1 if args.stderr_tty else 2
     return make_config(TrainConfig, args, verbose=verbose)
+
+
+def check(cfg) -> None:
+    """Shard folders and the label/split columns, from manifests and parquet schemas: before TensorFlow loads, and
+    before the run folder is made (a wrong --label-col must not leave an empty one behind). compare and tune too."""
+    check_shard_folders(
+        embeddings=cfg.embeddings, val_embeddings=cfg.val_embeddings, test_embeddings=cfg.test_embeddings
+    )
+    if cfg.embeddings:
+        check_shard_column(cfg.embeddings, cfg.label_col, "label", "--label-col")
+        if cfg.split_col:
+            check_shard_column(cfg.embeddings, cfg.split_col, "split", "--split-col")
 
 
 def run(cfg: TrainConfig, stop=None) -> int:

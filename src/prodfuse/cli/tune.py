@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from prodfuse.cli.common import default, make_config
+from prodfuse.cli.common import check_shard_column, check_shard_folders, default, make_config
 from prodfuse.evaluation.config import TUNE_SPACE, TuneConfig
 from prodfuse.modeling.config import FUSIONS
 
@@ -44,6 +44,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def config(args: argparse.Namespace) -> TuneConfig:
     return make_config(TuneConfig, args)
+
+
+def check(cfg: TuneConfig) -> None:
+    """The shard folder and its label column, before TensorFlow loads."""
+    check_shard_folders(embeddings=cfg.embeddings)
+    check_shard_column(cfg.embeddings, cfg.label_col, "label", "--label-col")
 
 
 def run(cfg: TuneConfig, stop=None) -> int:

@@ -10,6 +10,12 @@ from pathlib import Path
 import pandas as pd
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+# The `detail` of a reject reason decided from the catalog alone (the path itself), for rejects.csv.
+PATH_REJECT_DETAILS = {
+    "missing_path": "the image column is empty for this row",
+    "outside_catalog_dir": "the relative image path climbs out of the catalog's folder, which is refused so a catalog "
+    "cannot make prodfuse read other files of this machine; move the photo under that folder or give an absolute path",
+}
 
 
 @dataclass(frozen=True)
@@ -46,21 +52,39 @@ def _decode_error(path: Path, encoding: str) -> ValueError:
     )
 
 
-def _read_table(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
+def _format(path: Path) -> str:
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ValueError(
             f"Cannot read catalog {str(path)!r}: unknown extension {path.suffix!r}. "
             f"Use one of {', '.join(sorted(FORMATS))}."
         )
+    return fmt
+
+
+def _read_table(path: Path, encoding: str = "utf-8", header_only: bool = False) -> pd.DataFrame:
+    """The whole table, or with `header_only` its columns and at most one row (a cheap check of a big file)."""
+    fmt = _format(path)
     try:
         if fmt == "parquet":
+            if header_only:
+                import pyarrow.parquet as pq
+
+                return pd.DataFrame(columns=pq.read_schema(path).names)
             return pd.read_parquet(path)
         if fmt == "jsonl":
-            return pd.read_json(path, lines=True, dtype=False, encoding=encoding)
+            return pd.read_json(
+                path, lines=True, dtype=False, encoding=encoding, **({"nrows": 1} if header_only else {})
+            )
         # Read everything as text: ids like "00123" must keep their zeros, and labels stay strings.
         return pd.read_csv(
-            path, sep="\t" if fmt == "tsv" else ",", dtype=str, keep_default_na=False, na_values=[""], encoding=encoding
+            path,
+            sep="\t" if fmt == "tsv" else ",",
+            dtype=str,
+            keep_default_na=False,
+            na_values=[""],
+            encoding=encoding,
+            **({"nrows": 0} if header_only else {}),
         )
     except pd.errors.EmptyDataError:
         return pd.DataFrame()
@@ -81,6 +105,44 @@ def _require(df: pd.DataFrame, col: str, role: str, flag: str, path: Path) -> No
         )
 
 
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        raise ValueError(
+            f"Catalog {str(path)!r} does not exist or is not a file. Pass --catalog PATH to an existing "
+            f"CSV, parquet or JSON Lines file."
+        )
+
+
+def _require_columns(df: pd.DataFrame, columns: Columns, require_label: bool, path: Path) -> None:
+    _require(df, columns.id, "id", "--id-col", path)
+    _require(df, columns.image, "image", "--image-col", path)
+    if columns.label is not None and (require_label or columns.label in df.columns):
+        _require(df, columns.label, "label", "--label-col", path)
+
+
+def catalog_columns(
+    path: str | os.PathLike, columns: Columns = Columns(), require_label: bool = True, encoding: str = "utf-8"
+) -> list[str]:
+    """The catalog's column names, checked as `read_catalog` checks them but reading only its header: the errors a
+    command can give in a second, before its heavy imports. Per-row checks are left to `read_catalog`."""
+    path = Path(path)
+    _check_file(path)
+    df = _read_table(path, encoding, header_only=True)
+    if len(df.columns) == 0:
+        raise ValueError(f"Catalog {str(path)!r} is empty (no rows). It needs a header and at least one product.")
+    _require_columns(df, columns, require_label, path)
+    return [str(c) for c in df.columns]
+
+
+def _file_lines(path: Path, index) -> str:
+    """Where rows are in the file, as a user opens it: lines of a CSV/TSV (after the header) or JSON Lines file
+    (quoted line breaks inside a CSV field would shift these), 1-based rows of a parquet file."""
+    offset = {"csv": 2, "tsv": 2, "jsonl": 1}.get(FORMATS.get(path.suffix.lower()))
+    if offset is None:
+        return f"rows {[int(i) + 1 for i in index]} (counting from 1)"
+    return f"lines {[int(i) + offset for i in index]}"
+
+
 def read_catalog(
     path: str | os.PathLike, columns: Columns = Columns(), require_label: bool = True, encoding: str = "utf-8"
 ) -> pd.DataFrame:
@@ -89,27 +151,19 @@ def read_catalog(
     Returns a DataFrame with ids, labels and splits as strings; text columns that are absent are simply not there.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(
-            f"Catalog {str(path)!r} does not exist or is not a file. Pass --catalog PATH to an existing "
-            f"CSV, parquet or JSON Lines file."
-        )
+    _check_file(path)
     df = _read_table(path, encoding)
     if len(df) == 0:
         raise ValueError(f"Catalog {str(path)!r} is empty (no rows). It needs a header and at least one product.")
-    _require(df, columns.id, "id", "--id-col", path)
-    _require(df, columns.image, "image", "--image-col", path)
-    if columns.label is not None and (require_label or columns.label in df.columns):
-        _require(df, columns.label, "label", "--label-col", path)
+    _require_columns(df, columns, require_label, path)
     if columns.split is not None and columns.split not in df.columns:
         columns = Columns(columns.id, columns.image, columns.text, columns.label, None)
     df = df.reset_index(drop=True)
     ids = df[columns.id]
     if ids.isna().any():
-        rows = list(df.index[ids.isna()][:5])
         raise ValueError(
             f"Catalog {str(path)!r} has {int(ids.isna().sum())} rows with an empty id "
-            f"(column {columns.id!r}, rows {rows}). Every product needs an id."
+            f"(column {columns.id!r}, {_file_lines(path, df.index[ids.isna()][:5])}). Every product needs an id."
         )
     df[columns.id] = ids.astype(str)
     dup = df[columns.id][df[columns.id].duplicated(keep=False)]

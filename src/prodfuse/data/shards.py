@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.lib
 import pyarrow.parquet as pq
 
 from prodfuse.data.catalog import file_sha256
@@ -66,7 +67,7 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ValueError(
             f"{str(folder)!r} is not an embedding shard folder: it has no {MANIFEST}. "
-            f"Create one with `python extract_embeddings.py --out {folder}`."
+            f"Create one with `prodfuse extract --catalog CATALOG --out {folder}`."
         )
     with open(path) as f:
         return json.load(f)
@@ -175,6 +176,7 @@ def _column(name: str, values) -> pa.Array:
         arr = np.ascontiguousarray(values, dtype=np.float32)
         if arr.ndim != 2:
             raise ValueError(f"{name} must be a 2-d array [rows, dim]; got shape {arr.shape}")
+        _check_finite(arr, name, "writing a shard")
         # Declared non-null (list and element): parquet then stores no per-value definition levels, which
         # makes reading these columns about 1.6x faster.
         return pa.FixedSizeListArray.from_arrays(
@@ -270,6 +272,60 @@ def _to_numpy(col: pa.ChunkedArray | pa.Array, name: str) -> np.ndarray:
     return col.to_numpy(zero_copy_only=False)
 
 
+def _check_finite(arr: np.ndarray, name: str, where: str) -> None:
+    if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+        bad = np.flatnonzero(~np.isfinite(arr).all(axis=tuple(range(1, arr.ndim))))
+        raise ValueError(
+            f"{name} holds non-finite values (NaN or inf) in {len(bad)} row(s), first at row {int(bad[0])}, while "
+            f"{where}; an encoder produced them or the file was altered. Re-extract the catalog."
+        )
+
+
+# (resolved path, size, mtime_ns, inode) -> sha256 of shards already hashed by this process: a folder read many
+# times (folds, seeds, a server's reloads) is hashed once while its files stay untouched.
+_VERIFIED: dict[tuple, str] = {}
+_VERIFIED_LOCK = threading.Lock()
+
+
+def verify_shards(folder: str | os.PathLike, manifest: dict | None = None, files=None) -> None:
+    """Check each shard (or only ``files``) against the manifest's size and sha256; a ValueError names the file.
+
+    Catches a shard changed in place, truncated, swapped with another or rewritten, which parquet would read
+    without complaint. Hashes are remembered per file identity (path, size, mtime, inode), so re-reads are free.
+    """
+    manifest = manifest or read_manifest(folder)
+    wanted = None if files is None else {Path(f).name for f in files}
+    for entry in manifest["shards"]:
+        if wanted is not None and entry["file"] not in wanted:
+            continue
+        path = Path(folder) / entry["file"]
+        try:
+            st = path.stat()
+        except OSError:
+            raise ValueError(
+                f"shard {str(path)!r} listed in the manifest is missing; re-run the extract command to rebuild it."
+            ) from None
+        if st.st_size != entry["bytes"]:
+            raise ValueError(
+                f"shard {str(path)!r} has {st.st_size} bytes but the manifest says {entry['bytes']} (truncated or "
+                "changed after extraction); re-extract the catalog into a fresh --out folder."
+            )
+        expected = entry.get("sha256")
+        if not expected:  # manifests have always recorded it; a hand-made one without it cannot be verified
+            raise ValueError(f"manifest entry for {str(path)!r} has no sha256; re-extract the catalog.")
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+        with _VERIFIED_LOCK:
+            known = _VERIFIED.get(key)
+        actual = known or file_sha256(path)
+        if actual != expected:
+            raise ValueError(
+                f"shard {str(path)!r} does not match its manifest: sha256 {actual}, manifest {expected}. The file was "
+                "changed, swapped or corrupted after extraction; re-extract the catalog into a fresh --out folder."
+            )
+        with _VERIFIED_LOCK:
+            _VERIFIED[key] = actual
+
+
 def shard_paths(folder: str | os.PathLike, manifest: dict | None = None) -> list[Path]:
     manifest = manifest or read_manifest(folder)
     return [Path(folder) / s["file"] for s in manifest["shards"]]
@@ -289,6 +345,7 @@ def read_shards(folder: str | os.PathLike, columns: list[str] | None = None, row
             f"Re-run the same extract command to resume it."
         )
     paths = shard_paths(folder, manifest)
+    verify_shards(folder, manifest)
     counts = np.array([s["rows"] for s in manifest["shards"]], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)])
     total = int(starts[-1])
@@ -328,14 +385,12 @@ def read_shards(folder: str | os.PathLike, columns: list[str] | None = None, row
     def read_into(step) -> None:
         path, local, start = step
         first = 0  # row of this shard where the current batch begins
-        # Decoded in batches of READ_BATCH_ROWS rows that are copied into place at once: the reader then holds
-        # ~20 MB of decoded rows at a time instead of a whole shard (peak memory stays near the result's size).
-        batches = pq.ParquetFile(path, memory_map=True).iter_batches(
-            batch_size=READ_BATCH_ROWS, columns=columns, use_threads=False
-        )
-        for batch in batches:
+        for batch in _batches(path, columns):
             n = batch.num_rows
             arrays = {name: _to_numpy(batch.column(name), name) for name in columns}
+            for name in EMBEDDING_COLUMNS:
+                if name in arrays:
+                    _check_finite(arrays[name], name, f"reading {str(path)!r}")
             taken = n
             if local is not None:
                 sel = local[(local >= first) & (local < first + n)] - first
@@ -370,6 +425,18 @@ def read_shards(folder: str | os.PathLike, columns: list[str] | None = None, row
             }.get(name, object)
             out[name] = np.empty((0,), dtype=dtype)
     return out
+
+
+def _batches(path: Path, columns: list[str]):
+    """The shard's record batches; a parquet decoding error names the shard it came from."""
+    try:
+        # Decoded in batches of READ_BATCH_ROWS rows that are copied into place at once: the reader then holds
+        # ~20 MB of decoded rows at a time instead of a whole shard (peak memory stays near the result's size).
+        yield from pq.ParquetFile(path, memory_map=True).iter_batches(
+            batch_size=READ_BATCH_ROWS, columns=columns, use_threads=False
+        )
+    except (OSError, pyarrow.lib.ArrowException) as err:
+        raise ValueError(f"shard {str(path)!r} cannot be read ({err}); re-extract the catalog.") from err
 
 
 def shard_columns(folder: str | os.PathLike) -> list[str]:

@@ -37,7 +37,15 @@ REJECT_REASONS = (
     "truncated_image",
     "too_many_pixels",
     "unreadable_file",
+    "unsupported_format",
 )
+
+# The photo formats the backbone path is meant for, by PIL's format name; anything else PIL could open (EPS, which
+# PIL hands to Ghostscript where it is installed, PSD, AVIF, ICO, ...) is refused before its pixels are decoded, so
+# the service and extraction never run a decoder this list does not name.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# PIL's JPEG reader names a camera JPEG with embedded previews "MPO": the same file format and decoder.
+_OPENED_AS = (*ALLOWED_FORMATS, "MPO")
 
 # name -> (embedding dim, keras.applications constructor, keras.applications module with preprocess_input)
 BACKBONES = {
@@ -275,9 +283,10 @@ def load_image(path, image_size, max_pixels=DEFAULT_MAX_PIXELS, views=1, crop_sc
     """Decode `path` to RGB uint8 (image_size, image_size, 3), or [views, S, S, 3] with `views` > 1 (see
     `image_views`, crops of `crop_scale`); raises ImageRejected for bad files.
 
-    EXIF orientation is applied, any mode becomes RGB (alpha composited on white), and the whole
-    image is resized bilinearly (no crop). Headers over `max_pixels` are rejected before decoding;
-    PIL itself refuses headers over twice its own MAX_IMAGE_PIXELS, also reported as too_many_pixels.
+    Only `ALLOWED_FORMATS` are decoded (others: unsupported_format, from the header). EXIF orientation is
+    applied, any mode becomes RGB (alpha composited on white), and the whole image is resized bilinearly (no
+    crop). Headers over `max_pixels` are rejected before decoding; PIL itself refuses headers over twice its own
+    MAX_IMAGE_PIXELS, also reported as too_many_pixels.
     """
     # Truncated files are rejected because PIL's global ImageFile.LOAD_TRUNCATED_IMAGES is False by default; a
     # library must not flip that switch behind its caller, so a process that turned it on gets padded images.
@@ -300,10 +309,14 @@ def load_image(path, image_size, max_pixels=DEFAULT_MAX_PIXELS, views=1, crop_sc
 
     with f:
         try:
-            img = Image.open(f)
+            # Only the allowed formats' plugins read the header: some others decode inside open() (ICO, EPS).
+            img = Image.open(f, formats=ALLOWED_FORMATS)
         except Image.DecompressionBombError as exc:  # header over 2x PIL's limit
             raise ImageRejected("too_many_pixels", f"{path}: {exc}") from exc
         except Image.UnidentifiedImageError as exc:
+            other = _sniff_format(f)
+            if other is not None:
+                raise _unsupported(path, other, " (told from its first bytes)") from exc
             raise ImageRejected("not_an_image", f"{path}: not a recognised image format") from exc
         except OSError as exc:
             # A file cut off inside its header fails here rather than in load(): still a truncated image.
@@ -313,6 +326,8 @@ def load_image(path, image_size, max_pixels=DEFAULT_MAX_PIXELS, views=1, crop_sc
             raise ImageRejected("not_an_image", f"{path}: {type(exc).__name__}: {exc}") from exc
 
         with img:
+            if img.format not in _OPENED_AS:  # open() was told the list; checked again before decoding
+                raise _unsupported(path, img.format or "unknown")
             width, height = img.size
             # Checked on the header, before any pixel is decoded, so a decompression bomb never allocates.
             if width * height > max_pixels:
@@ -328,6 +343,8 @@ def load_image(path, image_size, max_pixels=DEFAULT_MAX_PIXELS, views=1, crop_sc
                 img.load()
             except (OSError, ValueError, SyntaxError, EOFError, IndexError) as exc:
                 raise ImageRejected("truncated_image", f"{path}: {exc}") from exc
+            except Exception as exc:  # a corrupt file can surface as any error inside a decoder (RuntimeError...)
+                raise ImageRejected("not_an_image", f"{path}: cannot decode: {type(exc).__name__}: {exc}") from exc
             if ImageFile.LOAD_TRUNCATED_IMAGES and _missing_end_marker(f, img.format):
                 # A caller turned PIL's global switch on, so PIL padded the file silently; the switch is theirs
                 # to keep, and the file is still cut off.
@@ -338,11 +355,32 @@ def load_image(path, image_size, max_pixels=DEFAULT_MAX_PIXELS, views=1, crop_sc
                 pass
             try:
                 rgb = _to_rgb(img)
-            except (OSError, ValueError) as exc:
+            except Exception as exc:  # as load(): a decoder may fail late, on the first pixel access
                 raise ImageRejected("not_an_image", f"{path}: cannot convert mode {img.mode}: {exc}") from exc
             if views == 1:
                 return np.asarray(rgb.resize((image_size, image_size), Image.Resampling.BILINEAR), dtype=np.uint8)
             return image_views(rgb, image_size, views, crop_scale)
+
+
+def _unsupported(path: str, fmt: str, how: str = "") -> ImageRejected:
+    allowed = ", ".join(ALLOWED_FORMATS)
+    return ImageRejected("unsupported_format", f"{path}: {fmt} images are not accepted{how}; use one of {allowed}")
+
+
+def _sniff_format(f) -> str | None:
+    """The first format, in the order PIL tries them, whose signature the file's first bytes match (the plugins'
+    prefix checks only: nothing parsed or decoded), or None; so a refused format is named in the reason."""
+    f.seek(0)
+    prefix = f.read(16)
+    Image.init()
+    for fmt in Image.ID:
+        accept = Image.OPEN[fmt][1]
+        try:
+            if fmt not in ALLOWED_FORMATS and accept is not None and accept(prefix) is True:
+                return fmt
+        except Exception:  # a plugin's check that cannot read this prefix simply does not match
+            continue
+    return None
 
 
 def _missing_end_marker(f, fmt: str | None) -> bool:

@@ -10,6 +10,7 @@ cache misses run in a pool of single-threaded worker processes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -28,10 +29,12 @@ OCR_ENGINES = ("rapidocr", "tesseract", "easyocr", "none")
 MIN_CONF = 0.5
 MIN_LEN = 2
 # Bump when parsing/filtering changes so stale cached texts are not reused.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 
-# RapidOCR's wheel ships only the PP-OCRv4 Chinese+English models.
-_RAPIDOCR_LANGS = ("ch", "en")
+# rapidocr 3.x ships PP-OCRv6's small multilingual detection and recognition models inside its wheel (its other
+# models download, which fails offline): prodfuse loads these two files by path, so nothing is ever fetched.
+RAPIDOCR_MODELS = ("PP-OCRv6_det_small.onnx", "PP-OCRv6_rec_small.onnx")
+_RAPIDOCR_LANGS = ("multi",)
 _DEFAULT_LANGS = {
     "rapidocr": _RAPIDOCR_LANGS,
     "tesseract": ("eng",),
@@ -39,7 +42,7 @@ _DEFAULT_LANGS = {
     "none": (),
 }
 _ENGINE_PACKAGES = {
-    "rapidocr": "rapidocr_onnxruntime",
+    "rapidocr": "rapidocr",
     "tesseract": "pytesseract",
     "easyocr": "easyocr",
 }
@@ -113,7 +116,10 @@ def filter_words(words: Iterable[tuple[str, float]], min_conf: float = MIN_CONF,
 
 
 def parse_rapidocr(result: Any) -> Words:
-    """RapidOCR 1.4 output -> [(text, score)]; takes the ``(result, elapse)`` tuple or the result list."""
+    """RapidOCR output -> [(text, score)]: 3.x's ``RapidOCROutput`` (``txts``, ``scores``), or 1.4's ``(result,
+    elapse)`` tuple or result list."""
+    if hasattr(result, "txts"):
+        return [(str(t), float(c)) for t, c in zip(result.txts or (), result.scores or ())]
     if isinstance(result, tuple):  # the engine returns (result, elapse); result itself is a list
         result = result[0]
     if not result:
@@ -170,8 +176,8 @@ def resolve_langs(engine: str, langs: str | Sequence[str] | None) -> tuple[str, 
     if engine == "rapidocr":
         if set(parsed) != set(_RAPIDOCR_LANGS):
             raise ValueError(
-                f"rapidocr reads only its built-in Chinese+English models, got languages {langs!r}; "
-                "omit --ocr-lang (or pass 'ch,en'), or use --ocr tesseract/easyocr for other languages."
+                f"rapidocr reads with its built-in multilingual PP-OCRv6 models, got languages {langs!r}; "
+                "omit --ocr-lang (or pass 'multi'), or use --ocr tesseract/easyocr to choose languages."
             )
         return _RAPIDOCR_LANGS
     return parsed
@@ -185,6 +191,7 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "prodfuse" / "ocr"
 
 
+@functools.lru_cache(maxsize=None)  # read once per process: it is part of every cache key
 def _engine_version(engine: str) -> str | None:
     pkg = _ENGINE_PACKAGES.get(engine)
     if pkg is None:
@@ -205,14 +212,20 @@ def _engine_version(engine: str) -> str | None:
     return version
 
 
+def engine_models(engine: str) -> list[str]:
+    """The model files an engine reads with (recorded, and part of the OCR cache key)."""
+    return list(RAPIDOCR_MODELS) if engine == "rapidocr" else []
+
+
 def ocr_settings(engine: str, langs: str | Sequence[str] | None) -> dict:
-    """Settings recorded in the extraction manifest (engine, langs, filter, engine package version)."""
+    """Settings recorded in the extraction manifest (engine, langs, filter, engine package version, models)."""
     return {
         "engine": engine,
         "langs": list(resolve_langs(engine, langs)),
         "min_conf": MIN_CONF,
         "min_len": MIN_LEN,
         "version": _engine_version(engine),
+        "models": engine_models(engine),
         "cache_format": CACHE_FORMAT_VERSION,
     }
 
@@ -229,10 +242,14 @@ def _file_sha256(path: str) -> str:
 
 
 def _cache_key(image_sha: str, engine: str, langs: tuple[str, ...]) -> str:
+    """The cache entry of one image read by one engine: the engine's package version and model files are part of
+    it, so texts of two versions (PP-OCRv4 and v6, say) never mix; entries of another version are simply missed."""
     spec = {
         "v": CACHE_FORMAT_VERSION,
         "image": image_sha,
         "engine": engine,
+        "version": _engine_version(engine),
+        "models": engine_models(engine),
         "langs": list(langs),
         "min_conf": MIN_CONF,
         "min_len": MIN_LEN,
@@ -284,11 +301,21 @@ def _load_rgb(path: str):
 def _make_engine(engine: str, langs: tuple[str, ...]) -> Callable[[str], Words]:
     """Build ``engine`` once; return a function image path -> [(text, conf01)]."""
     if engine == "rapidocr":
-        from rapidocr_onnxruntime import RapidOCR
+        from rapidocr import RapidOCR
 
+        det, rec = rapidocr_model_paths()
         # One onnxruntime thread: parallelism comes from worker processes.
         # No angle classifier: packshots are upright and it costs time.
-        reader = RapidOCR(intra_op_num_threads=1, inter_op_num_threads=1, use_cls=False)
+        reader = RapidOCR(
+            params={
+                "Global.use_cls": False,
+                "Global.log_level": "error",
+                "EngineConfig.onnxruntime.intra_op_num_threads": 1,
+                "EngineConfig.onnxruntime.inter_op_num_threads": 1,
+                "Det.model_path": str(det),
+                "Rec.model_path": str(rec),
+            }
+        )
         return lambda path: parse_rapidocr(reader(_load_rgb(path)))
     if engine == "tesseract":
         import pytesseract
@@ -314,13 +341,25 @@ def _make_engine(engine: str, langs: tuple[str, ...]) -> Callable[[str], Words]:
     raise ValueError(f"Unknown OCR engine {engine!r}; use one of {', '.join(OCR_ENGINES)}.")
 
 
+def rapidocr_model_paths() -> list[Path]:
+    """The PP-OCRv6 small detection and recognition models inside the installed rapidocr wheel."""
+    spec = importlib.util.find_spec("rapidocr")
+    if spec is None or spec.origin is None:
+        raise ImportError("OCR engine 'rapidocr' needs `pip install 'rapidocr>=3,<4'`.")
+    paths = [Path(spec.origin).parent / "models" / name for name in RAPIDOCR_MODELS]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise ImportError(
+            f"the installed rapidocr lacks its built-in models {missing}; reinstall it: "
+            "`pip install --force-reinstall 'rapidocr>=3,<4'`."
+        )
+    return paths
+
+
 def _check_engine(engine: str) -> None:
     """Fail once, before any image, if the engine is missing (instead of an error per image)."""
     if engine == "rapidocr":
-        try:
-            import rapidocr_onnxruntime  # noqa: F401
-        except ImportError as e:
-            raise ImportError("OCR engine 'rapidocr' needs `pip install 'rapidocr_onnxruntime>=1.4,<1.5'`.") from e
+        rapidocr_model_paths()
     elif engine == "tesseract":
         try:
             import pytesseract
@@ -364,11 +403,13 @@ _WORKER_READ: Callable[[str], Words] | None = None
 _WORKER_INIT_ERROR: str | None = None
 
 
-def _worker_init(engine: str, langs: tuple[str, ...]) -> None:
+def _worker_init(engine: str, langs: tuple[str, ...], parent: int | None = None) -> None:
     global _WORKER_READ, _WORKER_INIT_ERROR
     # A terminal's Ctrl-C goes to the whole process group: workers ignore it (no KeyboardInterrupt traceback,
     # no worker dead while the parent still sends it images); the parent stops them with kill().
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent is not None:
+        _exit_with_parent(parent)
     for name in _THREAD_ENV:
         os.environ[name] = "1"
     try:
@@ -380,6 +421,33 @@ def _worker_init(engine: str, langs: tuple[str, ...]) -> None:
     except Exception as e:
         # Raising here would make the pool respawn workers forever; report it from the first task.
         _WORKER_INIT_ERROR = f"{type(e).__name__}: {e}"
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this worker when `parent` (the process that started it) ends, even by SIGKILL, which gives the parent
+    no chance to stop its workers: an orphaned worker would hold its memory (and the multiprocessing resource
+    tracker, which waits for every holder of its pipe) for ever.
+
+    Linux delivers SIGKILL on the parent's death (PR_SET_PDEATHSIG; it fires when the parent *thread* that started
+    the worker ends, and every starter here outlives its workers: extraction's OCR thread, the service's threads).
+    A watchdog thread covers other systems: an orphan is adopted by another process, so its parent pid changes.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # no prctl in this libc: the watchdog alone
+            pass
+    if os.getppid() != parent:  # the parent died before the signal was asked for
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            threading.Event().wait(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="prodfuse-ocr-parent-watch", daemon=True).start()
 
 
 def _worker_task(job: tuple[int, str]) -> tuple[int, str, str | None]:
@@ -421,7 +489,7 @@ spec = importlib.util.spec_from_file_location(name, path)
 mod = importlib.util.module_from_spec(spec)
 sys.modules[name] = mod
 spec.loader.exec_module(mod)
-mod._worker_init(engine, langs)
+mod._worker_init(engine, langs, parent)
 """
 _PIPE_BOOTSTRAP = _WORKER_BOOTSTRAP + "mod._worker_serve(conn)\n"
 _MAIN_SWAP_LOCK = threading.Lock()
@@ -463,6 +531,7 @@ def _start_worker(engine: str, langs: tuple[str, ...]):
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     ns = {"name": _WORKER_MODULE, "path": os.path.abspath(__file__), "engine": engine, "langs": langs, "conn": child}
+    ns["parent"] = os.getpid()  # the worker exits when this process dies (see _exit_with_parent)
     proc = ctx.Process(target=exec, args=(_PIPE_BOOTSTRAP, ns), daemon=True, name="prodfuse-ocr")
     with _blank_main():
         proc.start()
@@ -482,19 +551,26 @@ def _stop_workers(workers) -> None:
 def open_executor(engine: str, langs: str | Sequence[str] | None, workers: int):
     """A started ``concurrent.futures.ProcessPoolExecutor`` of ``workers`` single-threaded OCR processes (the
     same workers as extraction's pool), and ``read(path) -> (index, text, error)`` to submit to it. For a long-
-    lived caller (the service): a worker that dies breaks this executor; the caller opens a new one."""
+    lived caller (the service): a worker that dies breaks this executor; the caller opens a new one.
+
+    Every worker is started here, in the calling thread, before this returns (the executor would otherwise start
+    them one per submit, later, from whatever thread submits): so each is started with ``__main__`` hidden, its
+    engine is loaded before the first photo (whose OCR deadline must not pay for it), and it dies with the
+    process that called this (see _exit_with_parent)."""
     import concurrent.futures
     import multiprocessing as mp
 
     langs_t = resolve_langs(engine, langs)
     _check_engine(engine)
     ns = {"name": _WORKER_MODULE, "path": os.path.abspath(__file__), "engine": engine, "langs": langs_t}
+    ns["parent"] = os.getpid()
     mod = _standalone_module()
     executor = concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=mp.get_context("spawn"), initializer=exec, initargs=(_WORKER_BOOTSTRAP, ns)
     )
-    with _blank_main():  # the workers start on the first submit
-        executor.submit(mod._loaded_modules, ()).result()
+    with _blank_main():  # a submit with no idle worker starts one: `workers` submits at once start them all
+        for started in [executor.submit(mod._loaded_modules, ()) for _ in range(workers)]:
+            started.result()
     return executor, mod._worker_task
 
 

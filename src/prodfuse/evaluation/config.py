@@ -1,11 +1,11 @@
-"""EvaluateConfig, CompareConfig and TuneConfig: the settings of `evaluate`, `compare` and `tune`, their defaults and
-checks."""
+"""EvaluateConfig, CompareConfig, TuneConfig and AuditLabelsConfig: the settings of `evaluate`, `compare`, `tune` and
+`audit --labels`, their defaults and checks."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prodfuse.checks import check_choice, check_range, comma_list
+from prodfuse.checks import blank_to_none, check_choice, check_range, comma_list
 from prodfuse.modeling.config import FUSIONS, INPUT_NORMS, LR_SCHEDULES, MONITORS, TrainConfig
 
 SPLITS = ("test", "val", "all")
@@ -147,3 +147,45 @@ class TuneConfig:
         check_range("seed", self.seed, 0, 2**31 - 1, integer=True)
         if self.space is not None:
             object.__setattr__(self, "space", tuple(tune_space(self.space, self.fusion)))
+
+
+# `audit --labels`: the model whose out-of-fold probabilities rank the labels. default: train's default model (its
+# fusion, each fold a `train` run); lr: the linear probe on [L2(image); text], fast; image / text: the default
+# model's single streams, each trained alone (the benchmark's comparison).
+LABEL_AUDIT_MODELS = ("default", "lr", "image", "text")
+
+
+@dataclass(frozen=True)
+class AuditLabelsConfig:
+    """Likely mislabelled rows of a labelled shard folder (`label_audit.py`): out-of-fold probabilities over
+    stratified `folds` of every row, each row scored by a model that never trained on it, then cleanlab's confident
+    learning. `label_col=None` takes the label column recorded at extraction. Classes with fewer than `folds` items
+    are left out of the ranking (listed in the summary). Writes label_issues.csv, label_issues_summary.csv,
+    label_issues.html (the `top` suspects with thumbnails), label_audit.json and pred_probs.npz under `out`."""
+
+    embeddings: str
+    label_col: str | None = None
+    folds: int = 5
+    model: str = "default"
+    top: int = 50
+    out: str = "audit"
+    # the default model's training, as `train` has it; fewer epochs make a quicker, rougher audit
+    epochs: int = TrainConfig.epochs
+    patience: int = TrainConfig.patience
+    batch_size: int = TrainConfig.batch_size
+    seed: int = 42
+    verbose: int = 0  # Keras fit verbosity of the fold runs: 0 silent, 2 one line per epoch
+
+    def __post_init__(self):
+        blank_to_none(self, "label_col")
+        check_choice("model", self.model, LABEL_AUDIT_MODELS)
+        # fold k is scored, k+1 validates the default model's early stopping, the rest train it
+        check_range("folds", self.folds, 3, 100, integer=True)
+        check_range("top", self.top, 0, 100_000, integer=True)
+        check_range("epochs", self.epochs, 1, 100_000, integer=True)
+        check_range("patience", self.patience, 1, 100_000, integer=True)
+        check_range("batch_size", self.batch_size, 1, 65536, integer=True)
+        check_range("seed", self.seed, 0, 2**31 - 1, integer=True)
+        check_choice("verbose", self.verbose, (0, 1, 2))
+        if not self.out:
+            raise ValueError(f"out must name a folder for the audit's files; got {self.out!r}")

@@ -23,6 +23,7 @@ from prodfuse.inference.calibration import apply_temperature, fit_temperature, n
 from prodfuse.inference.forward import contributions, forward
 from prodfuse.inference.predict import check_compatible, prediction_table
 from prodfuse.modeling.metrics import classification_metrics, expected_calibration_error
+from prodfuse.modeling.model_card import record_evaluation, write_model_card
 from prodfuse.modeling.probabilities import predict_arrays
 from prodfuse.modeling.run import Run, save_temperature, train_config_of
 
@@ -393,6 +394,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     }
     (out_dir / "metrics.json").write_text(json.dumps(_jsonable(result), indent=1))
     (out_dir / "report.md").write_text(_report(result, classes))
+    # the run's card shows this evaluation (replacing an earlier one of the same folder and split) and the
+    # temperature calibrate_run just saved
+    record_evaluation(run.path, _jsonable(result))
+    write_model_card(run.path)
     return result
 
 

@@ -24,7 +24,7 @@ DEFAULTS = {
     "weights": "imagenet",
     "image_size": 224,
     "precision": "float32",
-    "text_encoder": "tfidf",
+    "text_encoder": "minilm,tfidf",  # each part side by side: better than either alone on every shared data set
     "text_model": None,
     "ocr": "rapidocr",
     "ocr_lang": None,
@@ -33,7 +33,10 @@ DEFAULTS = {
     "views": "auto",
     "crop_scale": CROP_SCALE,
 }
-# Settings that `like` copies from another shard folder (everything that changes the numbers).
+# The catalog column a role is read from when neither its flag nor a --like folder names one.
+COLUMN_DEFAULTS = {"id": "product_id", "image": "image_path", "label": "label", "split": "split"}
+# Settings that `like` copies from another shard folder (everything that changes the numbers; the catalog
+# columns, from its manifest's `columns`, are carried too: see resolve_columns).
 LIKE_KEYS = (
     "backbone",
     "weights",
@@ -92,12 +95,14 @@ class ExtractConfig:
     shard_rows: int | None = None
     like: str | None = None
     overwrite: bool = False
+    trust_pickle: bool = False  # load a --like folder's pre-0.2 pickled TF-IDF state (runs code: own folders only)
     progress: bool = True
-    id_col: str = "product_id"
-    image_col: str = "image_path"
+    # Catalog columns. None: the `like` folder's, else COLUMN_DEFAULTS; "" (label, split): the catalog has none.
+    id_col: str | None = None
+    image_col: str | None = None
     text_cols: tuple[str, ...] | None = None
-    label_col: str | None = "label"
-    split_col: str | None = "split"
+    label_col: str | None = None
+    split_col: str | None = None
     encoding: str = "utf-8"
     # Where stage A (OCR + backbone) runs: this process and its OCR workers, or a Ray cluster (see ray_engine).
     engine: str = "local"
@@ -109,7 +114,10 @@ class ExtractConfig:
     def __post_init__(self):
         check_choice("backbone", self.backbone, BACKBONES, optional=True)
         check_choice("precision", self.precision, PRECISIONS, optional=True)
-        check_choice("text_encoder", self.text_encoder, TEXT_ENCODERS, optional=True)
+        if self.text_encoder is not None:
+            from prodfuse.encoders.text import parse_kinds
+
+            object.__setattr__(self, "text_encoder", ",".join(parse_kinds(self.text_encoder)))
         check_choice("ocr", self.ocr, OCR_ENGINES, optional=True)
         check_range("image_size", self.image_size, 32, 2048, integer=True, optional=True)
         check_range("batch_size", self.batch_size, 1, 65536, integer=True, optional=True)
@@ -131,8 +139,8 @@ class ExtractConfig:
             object.__setattr__(self, "views", parse_views(self.views))
         if self.text_cols is not None:
             object.__setattr__(self, "text_cols", comma_list(self.text_cols))
-        blank_to_none(self, "label_col", "split_col")
-        if not self.id_col or not self.image_col:
+        # label_col and split_col keep "" (no such column): None means "the like folder's, else the usual one".
+        if self.id_col == "" or self.image_col == "":
             raise ValueError(f"id_col and image_col must name columns; got {self.id_col!r}, {self.image_col!r}")
         import codecs
 
@@ -142,3 +150,21 @@ class ExtractConfig:
             raise ValueError(
                 f"encoding {self.encoding!r} is not a text encoding Python knows (e.g. utf-8, latin-1, cp1252)"
             ) from None
+
+
+def resolve_columns(config: ExtractConfig, like_columns: dict | None = None) -> dict:
+    """{"id", "image", "label", "split"}: each role's catalog column, or None (no label / no split). A column flag
+    given wins; else the `like` folder's manifest `columns` (its label even when that is None: an unlabelled
+    folder); else COLUMN_DEFAULTS. A split column the `like` folder lacked falls back to "split" (read only if
+    present)."""
+    out = {}
+    for role, usual in COLUMN_DEFAULTS.items():
+        given = getattr(config, f"{role}_col")
+        recorded = (like_columns or {}).get(role)
+        if given is not None:
+            out[role] = given or None
+        elif like_columns is not None and role in like_columns and (recorded or role == "label"):
+            out[role] = recorded
+        else:
+            out[role] = usual
+    return out

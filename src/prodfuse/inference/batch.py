@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from prodfuse.data.catalog import Columns, read_catalog, resolve_image_paths
+from prodfuse.data.catalog import PATH_REJECT_DETAILS, Columns, read_catalog, resolve_image_paths
 from prodfuse.inference.config import PredictConfig
 from prodfuse.inference.forward import contributions
-from prodfuse.inference.predict import prediction_table
+from prodfuse.inference.predict import check_inputs, prediction_table
 from prodfuse.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,13 @@ def predict(config: PredictConfig, predictor: Predictor | None = None, on_batch=
     out = Path(config.out)
     if out.is_dir():
         raise ValueError(f"out {config.out!r} is a folder; pass a CSV file path such as {config.out}/predictions.csv")
+    checked = check_inputs(config)  # columns and folders, before the model loads
     predictor = predictor or Predictor.from_run(
-        config.run, ocr_workers=config.ocr_workers, ocr_cache=config.ocr_cache, batch_size=min(config.batch_size, 256)
+        config.run,
+        ocr_workers=config.ocr_workers,
+        ocr_cache=config.ocr_cache,
+        batch_size=min(config.batch_size, 256),
+        trust_pickle=config.trust_pickle,
     )
     run = predictor.run
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -42,18 +47,28 @@ def predict(config: PredictConfig, predictor: Predictor | None = None, on_batch=
         table = predictor.predict_shards(config.embeddings, config.top_k)
         id_col, with_label = table.columns[0], run.label_col in table.columns
     else:
-        text_cols = config.text_cols if config.text_cols is not None else tuple(predictor.text_cols)
-        if config.text_cols is not None and list(config.text_cols) != predictor.text_cols:
-            raise ValueError(
-                f"text_cols {list(config.text_cols)} differ from the run's {predictor.text_cols}: the "
-                f"model was trained on those. Leave --text-cols out."
-            )
-        label = config.label_col
+        # {the run's text column: the catalog's column feeding it}: items are keyed by the run's names.
+        mapping = {r: c for r, c in checked["text_columns"].items() if c is not None}
+        label = checked["label_col"]
         cols = Columns(
-            id=config.id_col, image=config.image_col, text=tuple(text_cols), label=label, split=config.split_col
+            id=config.id_col,
+            image=config.image_col,
+            text=tuple(dict.fromkeys(mapping.values())),
+            label=label,
+            split=config.split_col,
         )
         df = read_catalog(config.catalog, cols, require_label=False, encoding=config.encoding)
-        with_label = bool(label) and label in df.columns
+        with_label = label is not None
+        if predictor.text_cols and not mapping:
+            log.warning(
+                "%s has none of the run's text columns %s: predicting from the photo%s alone",
+                config.catalog,
+                predictor.text_cols,
+                " and OCR" if run.extraction.get("settings", {}).get("ocr", "none") != "none" else "",
+            )
+        has_text = np.zeros(len(df), bool)
+        for c in cols.text:
+            has_text |= df[c].astype(str).str.strip().ne("").to_numpy()
         paths, path_rejects = resolve_image_paths(df, config.catalog, cols.image)
         id_col = cols.id
         tables = []
@@ -62,9 +77,17 @@ def predict(config: PredictConfig, predictor: Predictor | None = None, on_batch=
             rows = range(s, min(n, s + CATALOG_BATCH))
             for i in rows:
                 if path_rejects[i] is not None:
-                    rejects.append({"id": df[id_col].iat[i], "path": paths[i], "reason": path_rejects[i]})
+                    reason = path_rejects[i]
+                    rejects.append(
+                        {
+                            "id": df[id_col].iat[i],
+                            "path": paths[i],
+                            "reason": reason,
+                            "detail": PATH_REJECT_DETAILS[reason],
+                        }
+                    )
             kept = [i for i in rows if path_rejects[i] is None]
-            items = [{"image": paths[i], **{c: df[c].iat[i] for c in text_cols if c in df.columns}} for i in kept]
+            items = [{"image": paths[i], **{r: df[c].iat[i] for r, c in mapping.items()}} for i in kept]
             ok, extras, res = predictor.forward_items(items) if items else ([], [], None)
             for j, e in enumerate(extras):
                 if e["error"]:
@@ -120,7 +143,12 @@ def predict(config: PredictConfig, predictor: Predictor | None = None, on_batch=
         "model": run.model.name,
         "rejects": str(rejects_path(out)) if config.catalog else None,
     }
-    label_col = run.label_col if config.embeddings else (config.label_col or "label")
+    if config.catalog:
+        summary["text_columns"] = checked["text_columns"]
+        summary["rows_with_text"] = int(has_text.sum())
+        summary["input_rows"] = len(df)
+        summary["label_col"] = label
+    label_col = run.label_col if config.embeddings else (label or "label")
     if with_label and len(table):
         known = table[label_col].astype(str).isin(run.classes)
         if known.any():

@@ -72,8 +72,10 @@ class Predictor:
         ocr_workers: int | None = 1,
         ocr_cache: str | None = None,
         batch_size: int = 256,
+        trust_pickle: bool = False,
     ):
         self.run = run
+        self.trust_pickle = trust_pickle
         self.backbone = backbone
         self.text_encoder = text_encoder
         self.vocabulary = vocabulary
@@ -97,12 +99,20 @@ class Predictor:
         ocr_workers: int | None = 1,
         ocr_cache: str | None = None,
         batch_size: int = 256,
+        trust_pickle: bool = False,
     ) -> "Predictor":
         """Load the run's model now; its backbone (backbone, weights and image size from the shard manifest) and
         fitted text encoder and vocabulary (from the run's training shard folder) on the first `predict` of new
-        items. `predict_shards` needs neither."""
+        items. `predict_shards` needs neither. `trust_pickle`: also load a pre-0.2 pickled TF-IDF state (runs code)."""
         return cls(
-            Run.load(path), None, None, None, ocr_workers=ocr_workers, ocr_cache=ocr_cache, batch_size=batch_size
+            Run.load(path),
+            None,
+            None,
+            None,
+            ocr_workers=ocr_workers,
+            ocr_cache=ocr_cache,
+            batch_size=batch_size,
+            trust_pickle=trust_pickle,
         )
 
     def load_encoders(self) -> None:
@@ -119,7 +129,7 @@ class Predictor:
                     f"items need their fitted text encoder and vocabulary. Restore the folder, or embed "
                     f"the items with `prodfuse extract --like` and use predict_shards."
                 )
-            self.text_encoder = text_encoders.load_text_encoder(emb)
+            self.text_encoder = text_encoders.load_text_encoder(emb, trust_pickle=self.trust_pickle)
             self.vocabulary = text_encoders.load_vocabulary(emb)
         if self.backbone is None:
             if "backbone" not in settings:

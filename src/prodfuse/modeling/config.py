@@ -46,7 +46,7 @@ class TrainConfig:
     label_col: str | None = None
     split_col: str | None = None
     # each stream trained alone, their probabilities multiplied with weights fitted on validation: at least the
-    # better stream on grocery and fashion, where a jointly trained fusion lost to it (README "Model quality")
+    # better stream on grocery and fashion, where a jointly trained fusion lost to it (docs/reports/model-quality.md)
     fusion: str = "product"
     text_branch: str = "mlp"
     image_branch: str = "mlp"
@@ -57,7 +57,7 @@ class TrainConfig:
     lr: float = 1e-3
     lr_schedule: str = "plateau"
     # Decoupled weight decay (AdamW) with early stopping on the validation loss: +1.5 points on grocery, fashion
-    # unchanged within its noise (README "Model quality"); either alone does nothing.
+    # unchanged within its noise (docs/reports/model-quality.md); either alone does nothing.
     weight_decay: float = 0.05
     monitor: str = "val_loss"  # what early stopping and the best checkpoint follow
     class_weight: str = "none"
@@ -70,7 +70,7 @@ class TrainConfig:
     precision: str = "float32"
     # "mirrored": one model replica per device (tf.distribute.MirroredStrategy), gradients summed across replicas
     # every step. `batch_size` stays the global batch: each replica gets batch_size / replicas of it, so the same
-    # lr fits (README "train"). `devices` None: every visible GPU (the CPU when there is none), else these names.
+    # lr fits (docs/commands/train.md). `devices` None: every visible GPU (the CPU when there is none), else these names.
     strategy: str = "default"
     devices: tuple[str, ...] | None = None
     seed: int = 42

@@ -103,6 +103,18 @@ def train_config_of(config: dict) -> TrainConfig | None:
         return None  # a 0.1 run trained with values today's checks refuse: the model itself still loads
 
 
+def read_run_config(path: str | os.PathLike) -> dict:
+    """A run folder's config.json, once its files are known to be there: what a command checks (columns, shard
+    folders) before it loads the model."""
+    path = Path(path)
+    missing = [f for f in RUN_FILES if not (path / f).is_file()]
+    if missing:
+        raise ValueError(
+            f"{str(path)!r} is not a complete run folder: it lacks {missing}. Pass the --out folder of `prodfuse train`."
+        )
+    return json.loads((path / "config.json").read_text())
+
+
 @dataclass
 class Run:
     """A loaded run folder. `temperature` is 1.0 and `calibrated` False until `prodfuse evaluate` fits one."""
@@ -141,13 +153,7 @@ class Run:
         import prodfuse.modeling.fusion  # noqa: F401  (registers the fusion layers for loading)
 
         path = Path(path)
-        missing = [f for f in RUN_FILES if not (path / f).is_file()]
-        if missing:
-            raise ValueError(
-                f"{str(path)!r} is not a complete run folder: it lacks {missing}. Pass the --out "
-                f"folder of `prodfuse train`."
-            )
-        config = json.loads((path / "config.json").read_text())
+        config = read_run_config(path)
         fingerprint = model_fingerprint(path)
         recorded = config.get("model_sha256")
         if recorded is not None and recorded != fingerprint:

@@ -18,8 +18,10 @@ from prodfuse.data import shards
 from prodfuse.data.catalog import file_sha256
 from prodfuse.encoders.text import VOCAB_SIZE
 from prodfuse.modeling.config import MONITOR_MODES, TrainConfig, batch_split_message
+from prodfuse.modeling.model_card import write_model_card
 from prodfuse.modeling.optimizer import make_optimizer
 from prodfuse.modeling.run import CONFIG_SCHEMA_VERSION, Run, model_fingerprint, prepare_run_folder
+from prodfuse.version import __version__
 
 log = logging.getLogger(__name__)
 DEMO_EMBEDDINGS = Path("embeddings") / "demo"
@@ -151,6 +153,29 @@ def predict_probs(model, arrays: dict, rows: np.ndarray, batch_size: int = 1024)
     from prodfuse.modeling.probabilities import predict_arrays
 
     return predict_arrays(model, {k: v[rows] for k, v in arrays.items()}, batch_size)
+
+
+def _stream_metrics(model, alone_models: dict, arrays: dict, y_all: np.ndarray, splits: dict) -> dict:
+    """Val/test metrics of each stream alone, for the model card beside the fused model's: a product fusion's own
+    single-stream models (ensemble: their mean), else the fused model with the other stream zeroed, as `evaluate`'s
+    ablation does."""
+    from prodfuse.modeling.metrics import classification_metrics
+    from prodfuse.modeling.probabilities import zero_stream
+
+    out = {"how": "its own model, trained alone" if alone_models["image"] else "the fused model, other stream zeroed"}
+    for stream, other in (("image", "text"), ("text", "image")):
+        out[stream] = {}
+        for name in ("val", "test"):
+            rows = splits[name]
+            if not len(rows):
+                continue
+            if alone_models[stream]:
+                probs = np.mean([predict_probs(m, sub, rows) for m, sub in alone_models[stream]], axis=0)
+            else:  # zero the split's rows only: a copy of every row's arrays would double the memory
+                sub = zero_stream({k: v[rows] for k, v in arrays.items()}, other)
+                probs = predict_probs(model, sub, np.arange(len(rows)))
+            out[stream][name] = classification_metrics(y_all[rows], probs)
+    return out
 
 
 def _best_epoch(history: dict, config: TrainConfig) -> int:
@@ -379,6 +404,7 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path, replicas: 
     t0 = time.perf_counter()
     both = config.image_branch != "none" and config.text_branch != "none"
     streams = {}  # product fusion: what each single-stream model and the weight fit gave
+    alone_models = {"image": [], "text": []}  # product fusion: each stream's own (model, inputs), one per member
 
     def train_alone(branch: str, seed: int, folder: Path):
         """The model of one stream alone (the other branch off), fitted on that stream's inputs."""
@@ -434,6 +460,8 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path, replicas: 
                 "best_epoch": {"image": _best_epoch(h_img.history, config), "text": _best_epoch(h_txt.history, config)},
             }
             members.append(product_model(m_img, m_txt, a, b, name=f"member_{i}" if config.ensemble > 1 else None))
+            alone_models["image"].append((m_img, sub_img))
+            alone_models["text"].append((m_txt, sub_txt))
             if not i:
                 history = h_img  # best_epoch and curves.png: the first member's image stream
         model = members[0] if len(members) == 1 else average_members(members)
@@ -472,11 +500,13 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path, replicas: 
         if len(splits[name]):
             probs = predict_probs(model, arrays, splits[name])
             metrics[name] = classification_metrics(y_all[splits[name]], probs)
+    stream_metrics = _stream_metrics(model, alone_models, arrays, y_all, splits) if both else None
     hist = history.history
     best_epoch = _best_epoch(hist, config)
     (run / "labels.json").write_text(json.dumps(classes, indent=1))
     record = {
         "schema_version": CONFIG_SCHEMA_VERSION,
+        "versions": {"prodfuse": __version__},
         "train": as_dict(config),
         "model_sha256": model_fingerprint(run),
         "embeddings": str(emb.resolve()),
@@ -506,10 +536,25 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path, replicas: 
         # product fusion: the fitted weights, each stream's validation score and best epoch (best_epoch above and
         # curves.png are the image stream's; history.csv has both, image/ and text/ each stream's own files)
         "product_fusion": streams or None,
+        # per split, the items of each class: the model card's known limits (few training items, absent classes)
+        "class_counts": {
+            name: {c: int(n) for c, n in sorted(Counter(labels_all[rows].tolist()).items())}
+            for name, rows in splits.items()
+        },
     }
     (run / "config.json").write_text(json.dumps(record, indent=1))
-    (run / "metrics.json").write_text(json.dumps({**metrics, "model_sha256": record["model_sha256"]}, indent=1))
+    (run / "metrics.json").write_text(
+        json.dumps(
+            {
+                **metrics,
+                **({"streams": stream_metrics} if stream_metrics else {}),
+                "model_sha256": record["model_sha256"],
+            },
+            indent=1,
+        )
+    )
     plot_curves(hist, run / "curves.png")
+    write_model_card(run)  # last: it reads the files above
     return Run(
         path=run, model=model, classes=classes, config=record, fingerprint=record["model_sha256"], metrics=metrics
     )

@@ -21,6 +21,7 @@ from prodfuse.data import shards
 from prodfuse.data.catalog import file_sha256
 from prodfuse.modeling.run import prepare_run_folder
 from prodfuse.retrieval.config import AlignConfig
+from prodfuse.version import __version__
 
 KIND = "align"
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 1.0
@@ -208,6 +209,7 @@ def align(cfg: AlignConfig) -> dict:
     }
     record = {
         "kind": KIND,
+        "versions": {"prodfuse": __version__},
         "align": as_dict(cfg),
         "embeddings": str(folder.resolve()),
         "manifest_sha256": file_sha256(folder / shards.MANIFEST),

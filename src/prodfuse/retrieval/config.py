@@ -95,6 +95,7 @@ class SearchConfig:
     k: int = 10
     out: str | None = None  # a CSV of the results
     ocr_workers: int = 1
+    trust_pickle: bool = False  # load a pre-0.2 pickled TF-IDF state of the index's shards (runs code)
 
     def __post_init__(self):
         blank_to_none(self, "id", "image", "text", "out")

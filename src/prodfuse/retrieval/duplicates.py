@@ -17,6 +17,18 @@ from prodfuse.data import shards
 from prodfuse.retrieval.config import AuditConfig
 
 BLOCK_ROWS = 2048
+# pairs.csv shows a title-length excerpt of each item's text (title, description and OCR joined): enough to
+# recognise the product, where whole descriptions made the file unreadable in a spreadsheet.
+EXCERPT_CHARS = 120
+
+
+def excerpt(text, limit: int = EXCERPT_CHARS):
+    """`text` cut to at most `limit` characters at a word boundary, with "…" when cut; non-strings unchanged."""
+    if not isinstance(text, str) or len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    head = cut.rsplit(" ", 1)[0] if " " in cut[limit // 2 :] else cut
+    return head.rstrip() + "…"
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -106,7 +118,8 @@ def audit(cfg: AuditConfig) -> dict:
     left, right = a_items.iloc[i].reset_index(drop=True), other_items.iloc[j].reset_index(drop=True)
     for name, side in (("a", left), ("b", right)):
         for col in side.columns:
-            pairs[f"{col}_{name}"] = side[col].to_numpy()
+            values = side[col].to_numpy()
+            pairs[f"{col}_{name}"] = [excerpt(v) for v in values] if col == "text" else values
     if "label" in a_items.columns and "label" in other_items.columns:
         pairs["same_label"] = pairs["label_a"].astype(str).to_numpy() == pairs["label_b"].astype(str).to_numpy()
     first = ["id_a", "id_b", "image_cosine"] + (["text_cosine"] if with_text else [])

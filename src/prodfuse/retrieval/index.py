@@ -21,6 +21,7 @@ import pandas as pd
 
 from prodfuse.data.catalog import file_sha256
 from prodfuse.retrieval.config import INDEX_TYPES
+from prodfuse.version import __version__
 
 INDEX_FILE, ITEMS_FILE, MANIFEST_FILE = "index.faiss", "items.parquet", "manifest.json"
 FORMAT_VERSION = 1
@@ -36,6 +37,28 @@ IVF_MAX = 5_000_000
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 200, 64
 PQ_MIN_TRAIN = 256 * 39
 IVF_MIN_TRAIN = 16 * 39  # 16 lists, each trained on at least 39 vectors (faiss warns below that)
+
+
+# What an index of each space can be searched with (QueryEmbedder.embed): an id always, then a photo and/or words.
+QUERIES = {
+    "image": ("id", "image"),
+    "text": ("id", "text"),
+    "fused": ("id", "image", "text"),
+    "joint": ("id", "image", "text"),
+}
+QUERY_FLAGS = {"id": "--id ID", "image": "--image PATH", "text": "--text WORDS"}
+
+
+def describe(manifest: dict) -> str:
+    """ "flat (exact)" or "ivfflat nlist=256, nprobe=8": an index's type and parameters, for a summary line."""
+    params = manifest.get("params") or {}
+    detail = ", ".join(f"{k}={v}" for k, v in params.items()) if params else "exact"
+    return f"{manifest['index_type']} ({detail})"
+
+
+def query_hint(manifest: dict) -> str:
+    """The search flags an index answers: `--id ID | --image PATH` for an image index."""
+    return " | ".join(QUERY_FLAGS[q] for q in QUERIES.get(manifest.get("space"), ("id",)))
 
 
 def choose_index_type(n: int) -> str:
@@ -156,6 +179,7 @@ class Index:
         index.add(x)
         full = {
             "format_version": FORMAT_VERSION,
+            "versions": {"prodfuse": __version__},
             **manifest,
             "count": int(n),
             "dim": int(dim),

@@ -43,7 +43,7 @@ def search(cfg: SearchConfig, index: Index | None = None, embedder: QueryEmbedde
     if cfg.id is not None:
         table = index.search(index.vector(cfg.id), cfg.k, exclude=[cfg.id])[0]
     else:
-        embedder = embedder or QueryEmbedder(index.manifest, cfg.ocr_workers)
+        embedder = embedder or QueryEmbedder(index.manifest, cfg.ocr_workers, cfg.trust_pickle)
         vector = embedder.embed(image=cfg.image, text=cfg.text)
         table = index.search(vector, cfg.k)[0]
     if cfg.out:

@@ -119,8 +119,9 @@ class QueryEmbedder:
     """Embeds a new photo or text into an index's space, with the encoders the index's vectors came from (the
     run's Predictor for `fused`); loaded once, on the first query."""
 
-    def __init__(self, manifest: dict, ocr_workers: int = 1):
+    def __init__(self, manifest: dict, ocr_workers: int = 1, trust_pickle: bool = False):
         self.manifest = manifest
+        self.trust_pickle = trust_pickle
         self.space = manifest["space"]
         self.ocr_workers = ocr_workers
         self._predictor = None
@@ -156,7 +157,7 @@ class QueryEmbedder:
         if not text_encoders.has_text([text])[0]:
             raise ValueError(f"query text {text!r} is empty")
         if self._text_encoder is None:
-            self._text_encoder = text_encoders.load_text_encoder(self._shards())
+            self._text_encoder = text_encoders.load_text_encoder(self._shards(), trust_pickle=self.trust_pickle)
         return self._text_encoder.encode([text])[0]
 
     def embed(self, image=None, text: str | None = None) -> np.ndarray:
@@ -185,7 +186,9 @@ class QueryEmbedder:
         from prodfuse.inference.predictor import Predictor
 
         if self._predictor is None:
-            self._predictor = Predictor.from_run(self.manifest["run"], ocr_workers=self.ocr_workers)
+            self._predictor = Predictor.from_run(
+                self.manifest["run"], ocr_workers=self.ocr_workers, trust_pickle=self.trust_pickle
+            )
         p = self._predictor
         p.load_encoders()
         item = {"image": image} if image is not None else {c: text for c in p.text_cols[:1]}

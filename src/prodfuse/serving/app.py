@@ -9,12 +9,12 @@ model in one thread that takes items of concurrent requests in batches (see `Mic
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import datetime
 import hmac
 import json
 import logging
+import reprlib
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,17 +24,18 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from prodfuse.encoders.image import ImageRejected
+from prodfuse.encoders.image import ALLOWED_FORMATS, ImageRejected
 from prodfuse.inference.predictor import Predictor
+from prodfuse.modeling.model_card import model_card
 from prodfuse.serving.batcher import MicroBatcher
 from prodfuse.serving.config import ServeConfig
 from prodfuse.serving.metrics import Metrics
-from prodfuse.serving.ocr_pool import OcrPool, OcrWorkerDied
-from prodfuse.serving.uploads import decode_upload, remove, save_upload
+from prodfuse.serving.ocr_pool import OcrPool, OcrTimeout, OcrWorkerDied
+from prodfuse.serving.uploads import decode_base64, decode_upload, remove, save_upload
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,14 @@ PUBLIC = ("/health/live", "/health/ready", "/", "/favicon.ico")  # everything el
 ENDPOINTS = ("/", "/v1/predict", "/v1/predict/batch", "/v1/model", "/health/live", "/health/ready", "/metrics")
 DEFAULT_TOP_K = 5
 FORM_SLACK = 256 * 1024  # multipart boundaries and text fields beside the photo bytes
+_SHOW = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlist, _SHOW.maxdict = 2, 60, 60, 4, 4
+
+
+def _show(value) -> str:
+    """A client's value in an error detail: short, and safe for any nesting (a plain repr of a deeply nested list
+    recurses, and a 1 MB string would come back whole)."""
+    return _SHOW.repr(value)
 
 
 class ApiError(Exception):
@@ -141,9 +150,9 @@ class Service:
     async def start(self) -> None:
         try:
             await asyncio.to_thread(self._load)
-        except Exception as e:  # reported by /health/ready and the log; the process stays up for diagnosis
-            self.load_error = f"{type(e).__name__}: {e}"
-            log.error("the service could not load its model: %s", self.load_error)
+        except Exception as e:  # the log has the error; clients get its kind only (its text names server paths)
+            log.error("the service could not load its model: %s: %s", type(e).__name__, e)
+            self.load_error = f"the model could not be loaded ({type(e).__name__}); the server log has the details"
             return
         self.ready = True
         log.info("ready: %s (%d classes)", self.run.path, self.num_classes)
@@ -203,12 +212,18 @@ class Service:
     def top_k(self, value) -> int:
         if value is None or value == "":
             return min(DEFAULT_TOP_K, self.num_classes)
-        try:
-            k = int(value)
-            if isinstance(value, float) or isinstance(value, bool) or str(k) != str(value).strip():
-                raise ValueError
-        except (TypeError, ValueError):
-            raise ApiError(422, "bad_top_k", f"top_k must be an integer; got {value!r}") from None
+        k = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            k = value
+        elif isinstance(value, str) and len(value) <= 32:  # a form's decimal text; a float (1e400 is inf) never
+            try:
+                k = int(value)
+            except ValueError:
+                pass
+            if k is not None and str(k) != value.strip():  # "+3", "3_0", non-ASCII digits
+                k = None
+        if k is None:
+            raise ApiError(422, "bad_top_k", f"top_k must be an integer; got {_show(value)}")
         if not 1 <= k <= self.num_classes:
             raise ApiError(422, "bad_top_k", f"top_k must be in 1..{self.num_classes} (the classes); got {k}")
         return k
@@ -217,12 +232,17 @@ class Service:
         unknown = sorted(set(fields) - set(self.text_fields) - set(allowed_extra))
         if unknown:
             accepted = ", ".join(list(allowed_extra) + self.text_fields)
-            raise ApiError(422, "unknown_field", f"unknown field(s) {unknown}; this model accepts: {accepted}")
+            raise ApiError(422, "unknown_field", f"unknown field(s) {_show(unknown)}; this model accepts: {accepted}")
         out = {}
+        limit = self.config.max_text_chars
         for c in self.text_fields:
             v = fields.get(c)
             if v is not None and not isinstance(v, str):
                 raise ApiError(422, "bad_field", f"{c!r} must be text; got {type(v).__name__}")
+            if v is not None and len(v) > limit:  # bounded per item, so admission by items bounds the work too
+                raise ApiError(
+                    422, "text_too_long", f"{c!r} has {len(v)} characters, over the limit of {limit} (--max-text-chars)"
+                )
             out[c] = v or ""
         return out
 
@@ -252,7 +272,7 @@ class Service:
                 t = time.perf_counter()
                 path, sha = await loop.run_in_executor(self.decode, save_upload, data, self.tmp)
                 try:
-                    decoded = await loop.run_in_executor(
+                    decoded, megapixels = await loop.run_in_executor(
                         self.decode,
                         decode_upload,
                         path,
@@ -265,9 +285,11 @@ class Service:
                 timings["decode"] = (time.perf_counter() - t) * 1000
                 t = time.perf_counter()
                 try:
-                    ocr_text = await self.pool.read(path, sha)
+                    ocr_text = await self.pool.read(path, sha, self.config.ocr_deadline(megapixels))
                 except OcrWorkerDied as e:
                     raise ApiError(503, "ocr_worker_died", str(e), {"Retry-After": "1"}) from None
+                except OcrTimeout as e:
+                    raise ApiError(503, "ocr_timeout", str(e), {"Retry-After": "1"}) from None
                 timings["ocr"] = (time.perf_counter() - t) * 1000
             (result, model_ms), queued = await self.batcher.submit((decoded, texts, ocr_text, top_k))
         finally:
@@ -306,7 +328,7 @@ class Service:
             "inputs": run.inputs,
             "text_fields": self.text_fields,
             "backbone": settings.get("backbone"),
-            "weights": settings.get("weights"),
+            "weights": _weights_name(settings.get("weights")),
             "image_size": self.predictor.image_size,
             "views": self.predictor.views,
             "text_encoder": (encoders.get("text") or {}).get("kind") or settings.get("text_encoder"),
@@ -318,68 +340,125 @@ class Service:
             "created": datetime.datetime.fromtimestamp(model_file.stat().st_mtime, datetime.timezone.utc).isoformat(),
             "index": None
             if self.index is None
-            else {"space": self.index.space, "count": len(self.index), "path": str(self.index.path)},
+            else {"space": self.index.space, "count": len(self.index), "name": Path(self.index.path).name},
             "limits": {
                 "max_upload_mb": self.config.max_upload_mb,
                 "max_items": self.config.max_items,
                 "max_batch": self.config.max_batch,
+                "max_text_chars": self.config.max_text_chars,
+                "ocr_timeout_s_per_megapixel": self.config.ocr_timeout,
             },
         }
 
 
+def _weights_name(weights) -> str | None:
+    """The backbone weights as a kind ("imagenet", none, the random fallback) or a file name: never the server's
+    path to the file."""
+    if not isinstance(weights, str) or ("/" not in weights and "\\" not in weights):
+        return weights
+    return Path(weights.replace("\\", "/")).name
+
+
+def _names_only(value):
+    """The model card's facts with every absolute path cut to its file or folder name: a client learns which catalog
+    and shards a run came from, never where they lie on the server."""
+    if isinstance(value, dict):
+        return {k: _names_only(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_names_only(v) for v in value]
+    if isinstance(value, str) and (value.startswith("/") or value[1:3] in (":\\", ":/")):
+        return _weights_name(value)
+    return value
+
+
 # -------------------------------------------------------------------------------------------------- app
 
-_PREDICT_FORM = {
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "properties": {
-                    "image": {"type": "string", "format": "binary", "description": "the product photo"},
-                    "title": {"type": "string", "description": "a text column of the run (see GET /v1/model)"},
-                    "description": {"type": "string"},
-                    "top_k": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K},
-                },
-            }
+
+def _request_bodies(service: Service) -> tuple[dict, dict]:
+    """The OpenAPI request bodies of /v1/predict and /v1/predict/batch for this run and these limits: its text
+    fields, its classes (top_k), --max-text-chars and --max-items; a field the service refuses is not in them."""
+    config = service.config
+    top_k = {"type": "integer", "minimum": 1, "maximum": service.num_classes}
+    texts = {
+        c: {"type": "string", "maxLength": config.max_text_chars, "description": "a text column of the run"}
+        for c in service.text_fields
+    }
+    photo = {"type": "string", "format": "binary", "description": "the product photo: " + ", ".join(ALLOWED_FORMATS)}
+    predict = {
+        "type": "object",
+        "description": "an image, a non-blank text field, or both",
+        "properties": {"image": photo, **texts, "top_k": {**top_k, "default": min(DEFAULT_TOP_K, service.num_classes)}},
+        "additionalProperties": False,
+    }
+    fields = ", ".join(["image_base64", *service.text_fields, "top_k"])
+    # A batch item's own mistake is answered in its place in `results` ({"error", "detail", "status"}) and the other
+    # items are classified: so the schema leaves an item open, and says what it takes.
+    item = {"description": f"an object of {fields} (as /v1/predict's fields; the photo as base64)"}
+    batch_form = {
+        "type": "object",
+        "properties": {
+            "images": {"type": "array", "items": photo, "description": f"at most {config.max_items} (--max-items)"},
+            "items": {
+                "type": "string",
+                "description": 'JSON list: [{"image": 0, "title": "..."}, {"title": "..."}]; "image" is an index '
+                "into images. Without it, one item per image. An item's own mistake is answered in its place.",
+            },
+            "top_k": top_k,
+        },
+        "additionalProperties": False,
+    }
+    batch_json = {
+        "type": "object",
+        "required": ["items"],
+        "properties": {
+            # more than --max-items is 413 (a limit, not a malformed request), so no maxItems here
+            "items": {"type": "array", "items": item, "minItems": 1, "description": f"at most {config.max_items}"},
+            "top_k": {**top_k, "type": ["integer", "null"]},  # null: the default
+        },
+        "additionalProperties": False,
+    }
+    return (
+        {"content": {"multipart/form-data": {"schema": predict}}},
+        {"content": {"multipart/form-data": {"schema": batch_form}, "application/json": {"schema": batch_json}}},
+    )
+
+
+_ERROR_BODY = {
+    "type": "object",
+    "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
+    "required": ["error", "detail"],
+}
+_WHY = {
+    400: "a body that is not the multipart form (or form) it claims to be",
+    401: "no key, or a wrong one, in 'Authorization: Bearer KEY' (when the service has a key)",
+    413: "the body, a photo or the number of items is over its limit (--max-upload-mb, --max-items)",
+    422: "a bad field, text, top_k, JSON or photo: `error` names the reason, `detail` says what to change",
+    503: "not ready, overloaded, or an OCR worker died or timed out: retry after Retry-After seconds",
+}
+_READY_BODY = {
+    "type": "object",
+    "properties": {"status": {"type": "string"}, "detail": {"type": "string"}},
+    "required": ["status", "detail"],
+}
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}}
+
+
+def _errors(*statuses: int) -> dict:
+    """OpenAPI `responses` for these error answers: each a JSON {"error", "detail"}."""
+    return {
+        status: {
+            "description": _WHY[status],
+            "content": {"application/json": {"schema": _ERROR_BODY}},
+            **({"headers": _RETRY_AFTER} if status == 503 else {}),
         }
+        for status in statuses
     }
-}
-_BATCH_FORM = {
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "properties": {
-                    "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                    "items": {
-                        "type": "string",
-                        "description": 'JSON list: [{"image": 0, "title": "..."}, {"title": "..."}]; "image" '
-                        "is an index into images. Without it, one item per image.",
-                    },
-                    "top_k": {"type": "integer", "minimum": 1},
-                },
-            }
-        },
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "properties": {
-                    "items": {
-                        "type": "array",
-                        "items": {"type": "object", "properties": {"image_base64": {"type": "string"}}},
-                    },
-                    "top_k": {"type": "integer", "minimum": 1},
-                },
-            }
-        },
-    }
-}
 
 
 def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastAPI:
     """The service for `config.run` (or an already loaded `predictor` of it). Ready once the model, backbone
     and OCR workers are loaded and one item went through (`GET /health/ready`)."""
-    predictor = predictor or Predictor.from_run(config.run)
+    predictor = predictor or Predictor.from_run(config.run, trust_pickle=config.trust_pickle)
     service = Service(config, predictor)
 
     @asynccontextmanager
@@ -400,7 +479,7 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
     )
     app.state.service = service
     single = config.max_upload_bytes + FORM_SLACK
-    batch = (config.max_upload_bytes * 4 // 3 + FORM_SLACK) * config.max_items  # base64 in JSON is 4/3 larger
+    batch = _item_bytes(config) * config.max_items
     app.add_middleware(_LimitBody, limit_for=lambda path: batch if path == "/v1/predict/batch" else single)
 
     @app.exception_handler(ApiError)
@@ -419,7 +498,10 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
     @app.exception_handler(Exception)
     async def internal_error(request, e: Exception):
         log.exception("internal error on %s", request.url.path)  # the trace goes to the log, never to the client
-        return _error_response(500, "internal", "internal error; the server log has the details")
+        # The server drops the connection after an unhandled error: say so, so a keep-alive client opens a new one
+        # instead of finding this one dead on its next request.
+        headers = {"Connection": "close"}
+        return _error_response(500, "internal", "internal error; the server log has the details", headers)
 
     @app.middleware("http")
     async def guard_and_measure(request: Request, call_next):
@@ -448,22 +530,38 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
     async def live():
         return {"status": "live"}
 
-    @app.get("/health/ready")
+    @app.get(
+        "/health/ready",
+        responses={
+            503: {
+                "description": "loading, or the model could not be loaded (the server log says why)",
+                "content": {"application/json": {"schema": _READY_BODY}},
+                "headers": _RETRY_AFTER,
+            }
+        },
+    )
     async def ready():
         if service.ready:
             return {"status": "ready", "model": service.run.path.name}
-        detail = service.load_error or "loading"
+        detail = service.load_error or "loading"  # load_error names the kind of error only, never a server path
         return JSONResponse({"status": "not_ready", "detail": detail}, status_code=503, headers={"Retry-After": "5"})
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **_errors(401)},
+    )
     async def metrics():
-        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+        """The Prometheus text exposition format."""
+        return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/model")
+    @app.get("/v1/model", responses=_errors(401))
     async def model():
-        return service.model_info()
+        return {**service.model_info(), "card": _names_only(model_card(service.run.path))}
 
-    @app.post("/v1/predict", openapi_extra={"requestBody": _PREDICT_FORM})
+    predict_body, batch_body = _request_bodies(service)
+
+    @app.post("/v1/predict", openapi_extra={"requestBody": predict_body}, responses=_errors(400, 401, 413, 422, 503))
     async def predict(request: Request):
         """One product: multipart `image` (a file) and/or the run's text fields (`title`, `description`), `top_k`."""
         form = await request.form(max_files=2, max_fields=64)
@@ -485,7 +583,9 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
         finally:
             service.release(1)
 
-    @app.post("/v1/predict/batch", openapi_extra={"requestBody": _BATCH_FORM})
+    @app.post(
+        "/v1/predict/batch", openapi_extra={"requestBody": batch_body}, responses=_errors(400, 401, 413, 422, 503)
+    )
     async def predict_batch(request: Request):
         """Several products: multipart `images` + a JSON `items` field, or a JSON body with base64 images. One
         result or one error ({"error", "detail", "status"}) per item, in order."""
@@ -510,15 +610,14 @@ async def _batch_jobs(request: Request, service: Service) -> list[tuple | ApiErr
     item's own bad value (bad base64, a missing image index) becomes that item's error."""
     limit = service.config.max_items
     if request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(422, "bad_json", f"the body is not JSON: {e}") from None
+        raw = await request.body()
+        size = len(raw)
+        body = _json(raw, "the body")
         if not isinstance(body, dict) or not isinstance(body.get("items"), list):
             raise ApiError(422, "bad_json", 'the body must be {"items": [...], "top_k": K}')
         unknown = sorted(set(body) - {"items", "top_k"})
         if unknown:
-            raise ApiError(422, "unknown_field", f"unknown field(s) {unknown}; accepted: items, top_k")
+            raise ApiError(422, "unknown_field", f"unknown field(s) {_show(unknown)}; accepted: items, top_k")
         items, images = body["items"], None
         default_k = body.get("top_k")
     else:
@@ -526,7 +625,9 @@ async def _batch_jobs(request: Request, service: Service) -> list[tuple | ApiErr
         try:
             unknown = sorted(set(form) - {"images", "items", "top_k"})
             if unknown:
-                raise ApiError(422, "unknown_field", f"unknown field(s) {unknown}; accepted: images, items, top_k")
+                raise ApiError(
+                    422, "unknown_field", f"unknown field(s) {_show(unknown)}; accepted: images, items, top_k"
+                )
             files = form.getlist("images")
             if any(not isinstance(f, UploadFile) for f in files):
                 raise ApiError(422, "bad_field", "'images' must be file uploads (multipart/form-data)")
@@ -537,21 +638,49 @@ async def _batch_jobs(request: Request, service: Service) -> list[tuple | ApiErr
             default_k = form.get("top_k")
         finally:
             await form.close()
+        size = sum(map(len, images)) + len(raw if isinstance(raw, str) else "")
         if raw is None:
             items = [{"image": i} for i in range(len(images))]
         else:
-            try:
-                items = json.loads(raw)
-            except ValueError as e:
-                raise ApiError(422, "bad_json", f"'items' is not JSON: {e}") from None
+            items = _json(raw, "'items'")
             if not isinstance(items, list):
                 raise ApiError(422, "bad_json", "'items' must be a JSON list of objects")
     if not items:
         raise ApiError(422, "empty_batch", "the request holds no item")
     if len(items) > limit:
         raise ApiError(413, "too_many_items", f"{len(items)} items; at most {limit} per request (--max-items)")
+    # The body limit before parsing is for the largest batch (--max-items); a request of fewer items gets as many
+    # bytes as it has items, so a few items cannot carry the whole batch's allowance of text or photos.
+    allowed = _item_bytes(service.config) * len(items)
+    if size > allowed:
+        raise ApiError(
+            413,
+            "upload_too_large",
+            f"the request carries {size} bytes for {len(items)} item(s), over {allowed} "
+            f"({_item_bytes(service.config)} per item: --max-upload-mb as base64, and the text fields)",
+        )
     k_default = service.top_k(default_k)
     return [_batch_item(item, images, service, k_default) for item in items]
+
+
+def _item_bytes(config: ServeConfig) -> int:
+    """Bytes a batch request may carry per item: a photo of --max-upload-mb as base64 (4/3 larger), and room for
+    its text fields and the form's or the JSON's own bytes."""
+    return config.max_upload_bytes * 4 // 3 + FORM_SLACK
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _json(data: bytes | str, what: str):
+    """Standard JSON (no NaN or Infinity), or ApiError 422 naming `what`: never a RecursionError from nesting."""
+    try:
+        return json.loads(data, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ApiError(422, "bad_json", f"{what} is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(422, "bad_json", f"{what} is not JSON: {_show(str(e))}") from None
 
 
 def _batch_item(item, images: list[bytes] | None, service: Service, k_default: int) -> tuple | ApiError:
@@ -567,12 +696,12 @@ def _batch_item(item, images: list[bytes] | None, service: Service, k_default: i
             if not isinstance(ref, str):
                 raise ApiError(422, "bad_base64", "image_base64 must be a base64 string")
             try:
-                data = base64.b64decode(ref, validate=True)
+                data = decode_base64(ref)
             except (binascii.Error, ValueError) as e:
                 raise ApiError(422, "bad_base64", f"image_base64 is not valid base64: {e}") from None
         elif ref is not None:
             if isinstance(ref, bool) or not isinstance(ref, int) or not 0 <= ref < len(images):
-                raise ApiError(422, "bad_image_index", f"'image' must index the {len(images)} images; got {ref!r}")
+                raise ApiError(422, "bad_image_index", f"'image' must index the {len(images)} images; got {_show(ref)}")
             data = images[ref]
         return data, texts, k
     except ApiError as e:
