@@ -216,6 +216,15 @@ def test_batch_multipart_and_json_answer_per_item(served):
         _assert_same(got, e)
     assert [x.get("error") for x in results[3:]] == ["bad_base64", "not_an_image"]
 
+    # what MIME encoders (a line break every 76 characters) and browsers' FileReader (a data: URL) send
+    (b, t, _) = photos[0]
+    wrapped = [base64.encodebytes(b).decode(), "data:image/png;base64," + base64.b64encode(b).decode()]
+    body = {"items": [{"image_base64": w, "title": t} for w in wrapped], "top_k": 2}
+    r = httpx.post(f"{served['url']}/v1/predict/batch", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    for got in r.json()["results"]:
+        _assert_same(got, expected[0])
+
 
 # ------------------------------------------------------------------------------------------------ bad input
 
