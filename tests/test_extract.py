@@ -352,3 +352,36 @@ def test_interrupt_at_60_percent_keeps_checkpointed_photos_and_resume_embeds_onl
     a, b = shards.read_shards(ref), shards.read_shards(out)
     assert list(a["product_id"]) == list(b["product_id"]) == [f"p{i}" for i in range(n)]
     np.testing.assert_allclose(a["image_embedding"], b["image_embedding"], atol=1e-5)
+
+
+def test_pieces_left_beside_a_merged_chunk_are_all_deleted_on_resume(tmp_path, monkeypatch):
+    """A kill between saving a chunk from its checkpoint pieces and deleting them leaves both: the resume keeps the
+    chunk and deletes every piece, so `.work/` is gone at the end."""
+    from prodfuse.extraction.chunks import CHECKPOINT_ROWS, merge_pieces, save_chunk
+
+    n = 2 * CHECKPOINT_ROWS + 10  # three pieces in one chunk
+    (tmp_path / "img").mkdir()
+    rows = ["product_id,image_path,title,label"]
+    for i in range(n):
+        Image.new("RGB", (8, 8), (i % 256, 40, 90)).save(tmp_path / "img" / f"{i}.png")
+        rows.append(f"p{i},img/{i}.png,thing {i},{'abc'[i % 3]}")
+    (tmp_path / "catalog.csv").write_text("\n".join(rows) + "\n")
+    argv = ["--catalog", str(tmp_path / "catalog.csv"), "--out", str(tmp_path / "emb"), *FAST, "--views", "1"]
+
+    def merged_then_killed(path, pieces):
+        import numpy as np
+
+        parts = [np.load(p) for p in pieces]
+        save_chunk(path, np.concatenate([z["index"] for z in parts]), np.concatenate([z["emb"] for z in parts]), [])
+        raise KeyboardInterrupt  # before the pieces are deleted
+
+    monkeypatch.setattr(extract, "merge_pieces", merged_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        extract.extract(config(*argv))
+    work = tmp_path / "emb" / ".work"
+    assert len(list(work.glob("rows-*.npz"))) == 3 and len(list(work.glob("images-*.npz"))) == 1
+
+    monkeypatch.setattr(extract, "merge_pieces", merge_pieces)
+    extract.extract(config(*argv))
+    assert not work.exists()
+    assert shards.read_manifest(tmp_path / "emb")["rows"] == n

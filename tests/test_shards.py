@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from prodfuse.data import shards
+from prodfuse.data import catalog, shards
 
 
 def header(**settings):
@@ -229,8 +229,8 @@ def test_truncated_shard_names_the_file(tmp_path):
 def test_verified_once_per_file_identity(tmp_path, monkeypatch):
     _complete(tmp_path)
     calls = []
-    real = shards.file_sha256
-    monkeypatch.setattr(shards, "file_sha256", lambda p: calls.append(p) or real(p))
+    real = catalog.file_sha256
+    monkeypatch.setattr(catalog, "file_sha256", lambda p: calls.append(p) or real(p))
     shards.read_shards(tmp_path, ["label"])
     shards.read_shards(tmp_path, ["image_embedding"], rows=[3, 15])
     assert len(calls) == 2  # two shards, hashed on the first read only

@@ -29,6 +29,20 @@ class Columns:
     split: str | None = "split"
 
 
+# (resolved path, size, mtime_ns, inode) -> sha256 of files already hashed by this process.
+_HASHED: dict[tuple, str] = {}
+
+
+def cached_file_sha256(path: str | os.PathLike) -> str:
+    """`file_sha256`, remembered per file identity (path, size, mtime, inode): a file checked on every use (shards
+    read for many folds or seeds, model weights a service reloads) is hashed once while it stays untouched."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _HASHED:  # two threads may hash the same file at once: both store the same value
+        _HASHED[key] = file_sha256(path)
+    return _HASHED[key]
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -396,21 +396,13 @@ def packaged_minilm_path() -> Path:
     return Path(module.get_model_path())
 
 
-_WEIGHT_HASHES: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256: a service reloading hashes once
-
-
 def weights_sha256(folder: Path) -> str | None:
-    """sha256 of the folder's model.safetensors (None when the model keeps its weights another way)."""
-    from prodfuse.data.catalog import file_sha256
+    """sha256 of the folder's model.safetensors (None when the model keeps its weights another way); hashed once
+    per process while the file stays untouched."""
+    from prodfuse.data.catalog import cached_file_sha256
 
     path = folder / MINILM_WEIGHTS_FILE
-    if not path.is_file():
-        return None
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _WEIGHT_HASHES:
-        _WEIGHT_HASHES[key] = file_sha256(path)
-    return _WEIGHT_HASHES[key]
+    return cached_file_sha256(path) if path.is_file() else None
 
 
 class MiniLMTextEncoder:
@@ -589,12 +581,9 @@ def make_text_encoder(kind: str, model: str | None = None, dim: int = DEFAULT_DI
         raise ValueError(
             f"--text-model {model!r} only applies to --text-encoder minilm, not {kind!r}; drop --text-model."
         )
-    parts = [
-        MiniLMTextEncoder(model) if k == "minilm" else TfidfTextEncoder(dim=dim, seed=seed) if k == "tfidf" else None
-        for k in kinds
-    ]
     if kinds == ["none"]:
         return NoTextEncoder()
+    parts = [MiniLMTextEncoder(model) if k == "minilm" else TfidfTextEncoder(dim=dim, seed=seed) for k in kinds]
     return parts[0] if len(parts) == 1 else StackedTextEncoder(parts)
 
 

@@ -23,7 +23,7 @@ from prodfuse.inference.calibration import apply_temperature, fit_temperature, n
 from prodfuse.inference.forward import contributions, forward
 from prodfuse.inference.predict import check_compatible, prediction_table
 from prodfuse.modeling.metrics import classification_metrics, expected_calibration_error
-from prodfuse.modeling.model_card import record_evaluation, write_model_card
+from prodfuse.modeling.model_card import jsonable, record_evaluation, write_model_card
 from prodfuse.modeling.probabilities import predict_arrays
 from prodfuse.modeling.run import Run, save_temperature, train_config_of
 
@@ -392,11 +392,11 @@ def evaluate(cfg: EvaluateConfig) -> dict:
             else None
         ),
     }
-    (out_dir / "metrics.json").write_text(json.dumps(_jsonable(result), indent=1))
+    (out_dir / "metrics.json").write_text(json.dumps(jsonable(result), indent=1))
     (out_dir / "report.md").write_text(_report(result, classes))
     # the run's card shows this evaluation (replacing an earlier one of the same folder and split) and the
     # temperature calibrate_run just saved
-    record_evaluation(run.path, _jsonable(result))
+    record_evaluation(run.path, jsonable(result))
     write_model_card(run.path)
     return result
 
@@ -427,18 +427,6 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     import pandas as pd
 
     pd.DataFrame(rows, columns=columns).to_csv(path, index=False)
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return None if not np.isfinite(obj) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def _duplicates_lines(wd: dict) -> list[str]:

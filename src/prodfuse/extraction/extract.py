@@ -250,7 +250,7 @@ def _local_stage_a(job: Job, config: ExtractConfig, ocr_rows: list[int], model, 
             pieces = job.pieces(s, e)
             piece_paths = [path] if len(pieces) == 1 else [job.piece_file(ps, pe) for ps, pe in pieces]
             if path.is_file():
-                for leftover in piece_paths[1:] if len(pieces) > 1 else []:
+                for leftover in piece_paths if len(pieces) > 1 else []:
                     leftover.unlink(missing_ok=True)  # killed between the merge and their deletion
                 continue
             for (ps, pe), piece_path in zip(pieces, piece_paths):
@@ -440,9 +440,8 @@ def _extract(config: ExtractConfig, stop: threading.Event | None = None, ray=Non
     if encoder_source is not None and "text_fit" not in manifest:
         manifest["text_fit"] = shards.read_manifest(encoder_source).get("text_fit")
     encode = encoder.encode
-    if ray is not None and "minilm" in text_kind.split(
-        ","
-    ):  # a transformer per batch on the cluster, not on the driver
+    # A transformer per batch on the cluster, not on the driver.
+    if ray is not None and "minilm" in text_kind.split(","):
         chunk_rows = [chunk_index(job.chunk_file(s)) for s, _ in chunks]
         embedded = ray_engine.iter_text_embeddings(
             out, [[texts[i] for i in rows] for rows in chunk_rows], pools, encoder.dim

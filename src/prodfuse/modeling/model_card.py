@@ -13,6 +13,8 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
+
 from prodfuse.modeling.run import TEMPERATURE_FILE, load_temperature, model_fingerprint, read_run_config
 
 CARD_FILE = "MODEL_CARD.md"
@@ -32,14 +34,17 @@ def fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def _finite(obj):
-    """JSON-safe copy: NaN/inf (an empty split's accuracy) become None, which strict JSON encoders accept."""
+def jsonable(obj):
+    """JSON-safe copy: numpy scalars become Python ones, and NaN/inf (an empty split's accuracy) None, which strict
+    JSON encoders accept."""
     if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
     return obj
 
 
@@ -210,7 +215,7 @@ def model_card(run_path: str | os.PathLike) -> dict:
     classes = [str(c) for c in json.loads((run / "labels.json").read_text())]
     metrics = _read_json(run / "metrics.json")
     fingerprint = config.get("model_sha256")
-    return _finite(
+    return jsonable(
         {
             "run": run.resolve().name,
             "model_sha256": fingerprint,
@@ -259,7 +264,7 @@ def record_evaluation(run_path: str | os.PathLike, result: dict) -> Path:
     }
     path = run / EVALUATIONS_FILE
     found = _read_json(path)
-    found[f"{Path(shards).resolve()}::{result['split']}"] = _finite(entry)
+    found[f"{Path(shards).resolve()}::{result['split']}"] = jsonable(entry)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(found, indent=1))
     os.replace(tmp, path)  # a reader never sees half a file
