@@ -1,14 +1,17 @@
 """Model quality against the baselines a reviewer tries first, on the shared fashion and grocery data.
 
-    python benchmarks/model_quality.py [--seeds 3] [--datasets grocery,fashion] [--models ...] [--out DIR]
+    python benchmarks/model_quality.py [--seeds 3] [--datasets grocery,fashion,fashion_columns] [--models ...] [--out DIR]
 
 For each data set it extracts the shards once (cached like the accuracy tests' shards, under
 ~/.cache/prodfuse/test-embeddings or $PRODFUSE_CACHE), then runs `prodfuse compare --seeds N`: the default fused
-model (product fusion) and the previous one (gated, wide and deep), the image-only and text-only prodfuse models, their calibrated late fusion, and the
-linear probes (logistic regression on image, text, both, and their calibrated late fusion), every one on the same
-splits, as mean ± std over the seeds.
+model (the product of image, text and linear-probe experts), the previous one (the two streams' product), each
+stream's own model inside the product run, and the linear probes (logistic regression on image, text and both),
+every one on the same splits, as mean ± std over the seeds; `--models` adds any other `compare` row (stack, joint,
+gated, ...).
 - fashion: `article_type` (135 classes), MobileNetV2 @ 128 px, titles, no OCR; the catalog's split column
   (test: 1,484 items). Seeds vary the models' initialisation; the probes are deterministic (std 0).
+- fashion_columns: the same products with the title and four other catalog columns (gender, base colour, season,
+  usage) joined into the text: a stand-in for a longer listing.
 - grocery: fine `label` (81 classes), MobileNetV2 @ 224 px with its default views, RapidOCR text; trained on
   train.csv (90/10 train/val by seed, so seeds also vary the split), scored on val.csv (296 photos), which
   training never sees.
@@ -34,7 +37,8 @@ import numpy as np  # noqa: E402
 import prodfuse  # noqa: E402
 from prodfuse.modeling.config import TrainConfig  # noqa: E402
 
-DEFAULT_MODELS = "image,text,late,product,gated,lr_image,lr_text,lr_concat,lr_late"
+# the default fusion, the previous one, and the probes (each stream's own model comes with the product's run)
+DEFAULT_MODELS = "product,product_no_probe,lr_image,lr_text,lr_concat"
 
 
 def product_streams(summary: dict) -> dict[str, list[float]]:
@@ -73,7 +77,7 @@ def main() -> None:
     tf.config.experimental.enable_op_determinism()  # repeatable per seed, as the CLI runs it
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # compare's progress lines
 
-    from test_accuracy import fashion_shards, grocery_shards
+    from test_accuracy import fashion_columns_shards, fashion_shards, grocery_shards
 
     out = Path(args.out or tempfile.mkdtemp(prefix="model-quality-"))
     figures = {}
@@ -81,11 +85,13 @@ def main() -> None:
         t0 = time.perf_counter()
         if name == "fashion":
             data = {"embeddings": str(fashion_shards()), "label_col": "article_type", "batch_size": 128}
+        elif name == "fashion_columns":
+            data = {"embeddings": str(fashion_columns_shards()), "label_col": "article_type", "batch_size": 128}
         elif name == "grocery":
             train_emb, val_emb = grocery_shards()
             data = {"embeddings": str(train_emb), "test_embeddings": str(val_emb)}
         else:
-            raise SystemExit(f"unknown data set {name!r}; choose fashion and/or grocery")
+            raise SystemExit(f"unknown data set {name!r}; choose from fashion, fashion_columns, grocery")
         config = prodfuse.CompareConfig(
             **data,
             seeds=args.seeds,

@@ -55,18 +55,28 @@ def extract_cached(name: str, catalog: Path, **settings) -> Path:
     return out
 
 
-def fashion_shards() -> Path:
-    """Fashion, 135 article types: titles (the default text encoder: MiniLM and TF-IDF side by side) + MobileNetV2
-    @ 128 px (the photos are 60x80), no OCR."""
+def _fashion(name: str, text_cols: str) -> Path:
     return extract_cached(
-        "fashion-mnv2-128-minilm-tfidf",
+        name,
         SHARED / "data" / "fashion" / "catalog.csv",
         **MOBILENET,
         image_size=128,
         ocr="none",
-        text_cols="title",
+        text_cols=text_cols,
         label_col="article_type",
     )
+
+
+def fashion_shards() -> Path:
+    """Fashion, 135 article types: titles (the default text encoder: MiniLM and TF-IDF side by side) + MobileNetV2
+    @ 128 px (the photos are 60x80), no OCR."""
+    return _fashion("fashion-mnv2-128-minilm-tfidf", "title")
+
+
+def fashion_columns_shards() -> Path:
+    """Fashion as fashion_shards, with the title and four other catalog columns joined into the text: a stand-in for
+    a longer listing (the benchmarks' "fashion titles + columns")."""
+    return _fashion("fashion-mnv2-128-minilm-tfidf-columns", "title,gender,base_colour,season,usage")
 
 
 def grocery_shards() -> tuple[Path, Path]:
@@ -134,12 +144,13 @@ def test_fashion_article_type_fusion(tmp_path):
     acc["text"] = sub_model_accuracy(r["product"]["run"], "text", emb, "test")  # the product's own title model
     print("fashion article_type test accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in acc.items()))
     assert r["product"]["n"] == 1484
-    # Seed 42 (25 epochs, batches of 128) reads product 0.9724, its title model 0.9677, LR on the title 0.9670, on
-    # both 0.9717 (MiniLM and TF-IDF side by side). Over 3 seeds: product 0.9730 ± 0.0012, title model 0.9681 ±
-    # 0.0003 (docs/reports/model-quality.md); the floors sit below them by the seeds' spread.
-    assert acc["product"] >= 0.962
-    assert acc["product"] >= acc["text"] - 0.004  # the photo costs nothing beyond noise
-    assert acc["product"] >= acc["lr_concat"] - 0.004  # in the mean the product is 0.13 point ahead
+    # Seed 42 (25 epochs, batches of 128) reads product 0.9730 (image, title and linear-probe experts), its title
+    # model 0.9677, LR on the title 0.9670, on both 0.9717 (MiniLM and TF-IDF side by side). Over 3 seeds: product
+    # 0.9739 ± 0.0016, title model 0.9681 ± 0.0003 (docs/reports/model-quality.md); the floors sit below them by the
+    # seeds' spread.
+    assert acc["product"] >= 0.968
+    assert acc["product"] >= acc["text"] + 0.002  # the photo and the probe add to the title
+    assert acc["product"] >= acc["lr_concat"] - 0.001  # in the mean the product is 0.2 point ahead
     assert acc["text"] >= 0.964  # the title model with MiniLM + TF-IDF
     assert acc["text"] >= acc["lr_text"] - 0.003  # the stream alone at least matches its linear probe
 
@@ -227,12 +238,13 @@ def test_grocery_fine_label_fusion_with_ocr(tmp_path):
         f"OCR words on {with_words:.0%} of Packages photos"
     )
     assert fused["n"] == 296 and fused["accuracy"] == pytest.approx(acc["product"])
-    # This seed reads product 0.824, image 0.838, OCR text 0.196, LR on the image 0.811, on the text 0.193, on both
-    # 0.767 (PP-OCRv6 text through MiniLM + TF-IDF). Means over seeds are in docs/reports/model-quality.md; the floors
-    # are the spread below the means, not this run's figures.
-    assert acc["product"] >= 0.78
-    assert acc["product"] >= acc["lr_concat"] + 0.01
-    assert acc["product"] >= acc["image"] - 0.025  # within the seeds' noise
+    # This seed reads product 0.841 (image, OCR text and linear-probe experts), image 0.838, OCR text 0.196, LR on
+    # the image 0.811, on the text 0.193, on both 0.767 (PP-OCRv6 text through MiniLM + TF-IDF). Over 3 seeds:
+    # product 0.837 ± 0.008, image 0.829 ± 0.008 (docs/reports/model-quality.md); the floors are the spread below
+    # the means, not this run's figures.
+    assert acc["product"] >= 0.80
+    assert acc["product"] >= acc["lr_concat"] + 0.04
+    assert acc["product"] >= acc["image"] - 0.01  # at least its image model, within three photos
     assert acc["image"] >= acc["lr_image"] - 0.01
     assert acc["text"] >= acc["lr_text"] - 0.01  # the OCR text model at least its linear probe
 

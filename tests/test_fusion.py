@@ -154,6 +154,32 @@ def test_product_fusion_is_a_weighted_product_and_drops_an_absent_stream():
     assert (restored.image_weight, restored.text_weight) == (0.5, 0.0)
     with pytest.raises(ValueError, match="text_weight must be >= 0, got -1.0"):
         ProductFusion(1.0, -1.0)
+    assert "probe_weight" not in ProductFusion(0.5, 1.0).get_config()  # a two-expert config reads as before
+
+
+def test_product_fusion_multiplies_in_the_probe_for_every_item():
+    rng = np.random.default_rng(1)
+    p_img, p_txt, p_probe = _probs(rng, B, 4), _probs(rng, B, 4), _probs(rng, B, 4)
+    img, txt = np.ones((B, 3), "float32"), np.ones((B, 2), "float32")
+    txt[1] = 0  # no text: the text model drops out, the probe (which reads the image too) stays
+    out = keras.ops.convert_to_numpy(ProductFusion(0.7, 1.8, 0.4)([p_img, p_txt, img, txt, p_probe]))
+    z = 0.7 * np.log(p_img) + 1.8 * np.log(p_txt) * np.any(txt != 0, axis=1)[:, None] + 0.4 * np.log(p_probe)
+    np.testing.assert_allclose(out, np.exp(z) / np.exp(z).sum(1, keepdims=True), rtol=1e-4, atol=1e-6)
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(ProductFusion(0.5, 1, 0.3)))
+    assert (restored.image_weight, restored.text_weight, restored.probe_weight) == (0.5, 1.0, 0.3)
+    with pytest.raises(ValueError, match="probe_weight must be >= 0, got -0.1"):
+        ProductFusion(1.0, 1.0, -0.1)
+
+
+def test_fit_product_weights_gives_the_probe_its_weight_when_it_knows_more():
+    from prodfuse.modeling.experts import fit_product_weights
+
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 4, 400)
+    weak, strong = _expert(rng, y, 4, 0.5), _expert(rng, y, 4, 3.0)
+    a, b, c, info = fit_product_weights(y, weak, weak[rng.permutation(400)], p_probe=strong)
+    assert c > max(a, b) and info["probe"]["accuracy"] > info["image"]["accuracy"]
+    assert info["product"]["weights"] == [a, b, c] and info["product"]["logloss"] <= info["probe"]["logloss"]
 
 
 def _expert(rng, y, k, signal):

@@ -150,3 +150,13 @@ def test_audit_labels_command(tmp_path, capsys):
     assert "likely mislabelled" in printed and "b -> a" in printed and "r (2)" in printed
     assert pd.read_csv(out / "label_issues.csv", dtype={"id": str})["id"].iloc[0] == PLANTED
     assert (out / "label_issues.html").read_text().count("<img ") <= 2
+
+
+def test_audit_labels_flags_reach_the_config():
+    from prodfuse.cli import audit as audit_cli
+    from prodfuse.cli import build_parser
+
+    argv = ["audit", "--labels", "--embeddings", "e", "--epochs", "25", "--patience", "8", "--batch-size", "128"]
+    cfg = audit_cli.config(build_parser().parse_args(argv))
+    assert (cfg.epochs, cfg.patience, cfg.batch_size) == (25, 8, 128)
+    assert audit_cli.config(build_parser().parse_args(argv[:4])).batch_size == AuditLabelsConfig.batch_size

@@ -186,7 +186,7 @@ def test_mixed_precision_output_is_float32():
     [
         ({"image_branch": "cnn"}, r"'cnn'.*\['mlp', 'none'\]"),
         ({"text_branch": "rnn"}, r"'rnn'.*\['mlp', 'cnn', 'none'\]"),
-        ({"fusion": "sum"}, r"'sum'.*\['concat', 'gated', 'cross_attention', 'product'\]"),
+        ({"fusion": "sum"}, r"'sum'.*\['concat', 'gated', 'cross_attention', 'product', 'stack', 'joint'\]"),
         ({"image_branch": "none", "text_branch": "none"}, "both 'none'"),
         ({"image_dim": None}, "image_dim"),
         ({"text_dim": None}, "text_dim"),

@@ -67,8 +67,11 @@ def test_train_writes_a_card_whose_figures_are_metrics_json(run):
     assert f"- Rows: 121 (train {s['train']}, val {s['val']}, test {s['test']})" in text
     fit = config["product_fusion"]["fit"]
     weights = card["fusion"]["product_weights"][0]
-    assert card["fusion"]["fusion"] == "product" and [weights["image"], weights["text"]] == fit["product"]["weights"]
-    assert table_row(text, "fit")[1:3] == [fmt(w) for w in fit["product"]["weights"]]
+    # the default product: image, text and the linear probe as a third expert
+    assert card["fusion"]["fusion"] == "product"
+    assert [weights["image"], weights["text"], weights["probe"]] == fit["product"]["weights"]
+    assert table_row(text, "fit")[1:4] == [fmt(w) for w in fit["product"]["weights"]]
+    assert "+ c log p_probe" in text
     assert not card["calibration"]["fitted"] and "Not calibrated yet" in text
     # no server path but the catalog and shard paths config.json records
     recorded = {config["embeddings"], config["extraction"]["catalog_path"]}

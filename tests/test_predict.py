@@ -53,6 +53,19 @@ def _write_catalog(folder, n, with_label=True, seed=0):
     return path
 
 
+def catalog_items(trained, ids) -> list[dict]:
+    """The training catalog's rows `ids` as Predictor items: photo path, title and description."""
+    cat = read_catalog(trained / "train" / "catalog.csv").set_index("product_id")
+    return [
+        {
+            "image": str(trained / "train" / cat.loc[pid, "image_path"]),
+            "title": cat.loc[pid, "title"],
+            "description": cat.loc[pid, "description"],
+        }
+        for pid in ids
+    ]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
@@ -222,16 +235,7 @@ def test_predict_reproduces_evaluate_probabilities(trained, capsys):
     all_rows = pd.read_csv(trained / "all.csv")
     np.testing.assert_allclose(all_rows[["prob_1", "prob_2", "prob_3"]].to_numpy(), expected, atol=2e-6)
     # and the Predictor, from the catalog's files, agrees with evaluate on its shards (issue 11: <= 1e-5)
-    cat = read_catalog(trained / "train" / "catalog.csv").set_index("product_id")
-    items = [
-        {
-            "image": str(trained / "train" / cat.loc[pid, "image_path"]),
-            "title": cat.loc[pid, "title"],
-            "description": cat.loc[pid, "description"],
-        }
-        for pid in ev["product_id"]
-    ]
-    got = prodfuse.Predictor.from_run(run).predict(items, top_k=3)
+    got = prodfuse.Predictor.from_run(run).predict(catalog_items(trained, ev["product_id"]), top_k=3)
     assert [g["labels"] for g in got] == ev[["label_1", "label_2", "label_3"]].values.tolist()
     np.testing.assert_allclose([g["probs"] for g in got], ev[["prob_1", "prob_2", "prob_3"]].to_numpy(), atol=1e-5)
 
@@ -370,3 +374,29 @@ def test_predict_maps_renamed_text_columns_or_stops(trained, capsys):
     # predicting from the photo alone is possible, on request
     assert main([*base, "--catalog", str(shop), "--out", str(out), "--allow-missing-text"]) == 0
     assert "0 of 6 rows have text" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flags", [["--fusion", "stack", "--stack-folds", "2"], ["--fusion", "joint"], ["--fusion", "product"]], ids=str
+)
+def test_late_fusions_predict_as_evaluate_scores(trained, flags, tmp_path):
+    """Stack, joint and the product with its probe expert (the default): the Predictor, from the catalog's files, gives evaluate's probabilities on
+    the shards (<= 1e-5), and the fused retrieval space embeds them."""
+    import tensorflow as tf
+
+    run = tmp_path / "run"
+    tf.config.run_functions_eagerly(True)  # 30 rows: tracing would be most of the time
+    try:
+        argv = ["train", "--embeddings", str(trained / "emb"), "--out", str(run), "--epochs", "2", "--quiet"]
+        assert main([*argv, *flags]) == 0
+    finally:
+        tf.config.run_functions_eagerly(False)
+    assert main(["evaluate", "--run", str(run), "--out", str(tmp_path / "ev")]) == 0
+    ev = pd.read_csv(tmp_path / "ev" / "predictions.csv")
+    got = prodfuse.Predictor.from_run(str(run)).predict(catalog_items(trained, ev["product_id"]), top_k=3)
+    assert [g["labels"] for g in got] == ev[["label_1", "label_2", "label_3"]].values.tolist()
+    np.testing.assert_allclose([g["probs"] for g in got], ev[["prob_1", "prob_2", "prob_3"]].to_numpy(), atol=1e-5)
+    from prodfuse.retrieval.spaces import space_vectors
+
+    vectors, items_table, info = space_vectors(trained / "emb", "fused", prodfuse.Run.load(run))
+    assert len(vectors) == len(items_table) == 30 and np.isfinite(vectors).all()

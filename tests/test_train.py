@@ -58,7 +58,7 @@ def runs(synth, tmp_path_factory):
         for name, flags in {
             "concat": ["--fusion", "concat"],
             "gated": ["--fusion", "gated"],
-            "product": ["--fusion", "product"],
+            "product": ["--fusion", "product", "--no-probe-expert"],  # the two streams' product (test_late_fusions)
             "gated_deep_only": [
                 *("--fusion", "gated", "--no-wide", "--modality-dropout", "0", "--input-norm", "none"),
                 # the mechanism alone: decay pulls the gate's weights (so its logit) to 0, and the lowest-loss epoch

@@ -11,7 +11,7 @@ from prodfuse.retrieval.config import AuditConfig
 
 HELP = "near-duplicate pairs and groups within shards, or between two shard folders; likely mislabelled rows"
 # flags of the label audit alone: None unless given, so a duplicate audit can refuse them
-LABEL_FLAGS = ("label_col", "folds", "model", "top", "epochs")
+LABEL_FLAGS = ("label_col", "folds", "model", "top", "epochs", "patience", "batch_size")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -58,12 +58,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"suspects shown in label_issues.html (default {default(AuditLabelsConfig, 'top')})",
     )
-    g.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help=f"trained models: at most this many epochs per fold (default {default(AuditLabelsConfig, 'epochs')})",
-    )
+    for flag, what in (
+        ("--epochs", "at most this many epochs per fold"),
+        ("--patience", "early stopping's patience"),
+        ("--batch-size", "batch size"),
+    ):
+        field = flag[2:].replace("-", "_")
+        g.add_argument(
+            flag, type=int, default=None, help=f"trained models: {what} (default {default(AuditLabelsConfig, field)})"
+        )
 
 
 def config(args: argparse.Namespace) -> AuditConfig | AuditLabelsConfig:

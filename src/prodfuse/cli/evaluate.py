@@ -75,6 +75,10 @@ def print_summary(r: dict) -> None:
         f"  accuracy {r['accuracy']:.4f}  top-3 {r['top3_accuracy']:.4f}  top-5 {r['top5_accuracy']:.4f}  "
         f"weighted F1 {r['weighted_f1']:.4f}  macro F1 {r['macro_f1']:.4f}"
     )
+    if r.get("levels"):
+        from prodfuse.cli.train import print_levels
+
+        print_levels(r)
     kept = r["calibration"].get("val_kept_t1")
     if kept:
         print(f"  ECE {r['ece']:.4f}; temperature kept at 1: {kept}")

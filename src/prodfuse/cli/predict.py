@@ -21,6 +21,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="predictions CSV to write; rows that cannot be embedded go to <out stem>_rejects.csv",
     )
     p.add_argument("--top-k", type=int, default=default(PredictConfig, "top_k"), help="labels per item (default 3)")
+    p.add_argument(
+        "--min-confidence",
+        type=float,
+        default=None,
+        metavar="P",
+        help="a run trained with --label-cols: each item's path (pred_LEVEL, prob_LEVEL columns) stops at the "
+        "deepest level whose probability is at least P, in (0, 1] (default: every level)",
+    )
     p.add_argument("--batch-size", type=int, default=default(PredictConfig, "batch_size"), help="items per model batch")
     p.add_argument("--ocr-workers", type=int, default=None, help="OCR processes (default: in-process)")
     p.add_argument("--ocr-cache", default=None, help="OCR cache folder (default ~/.cache/prodfuse/ocr)")
@@ -78,6 +86,11 @@ def run(cfg: PredictConfig, stop=None) -> int:
             print(f"  text columns: {mapped}; {s['rows_with_text']} of {s['input_rows']} rows have text")
         rej = ", ".join(f"{k} {v}" for k, v in sorted(s["rejected_by_reason"].items())) or "none"
         print(f"  rejected (not embeddable): {s['rejected']} ({rej}); see {s['rejects']}")
+    if "hierarchy" in s:
+        h = s["hierarchy"]
+        at = ", ".join(f"{level} {n}" for level, n in h["answered_at"].items())
+        how = f"min confidence {h['min_confidence']}" if h["min_confidence"] is not None else "no min confidence"
+        print(f"  levels {' > '.join(h['levels'])}; deepest level answered ({how}): {at}")
     if cfg.catalog and not s["label_col"]:
         print("  no label column in the catalog: no accuracy (pass --label-col NAME if it has one)")
     if "accuracy_known_labels" in s:

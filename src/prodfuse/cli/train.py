@@ -17,6 +17,7 @@ from prodfuse.modeling.config import (
     TEXT_BRANCHES,
     TrainConfig,
 )
+from prodfuse.modeling.hierarchy import LABEL_PARENTS
 
 HELP = "shards -> fusion MLP run folder"
 
@@ -68,7 +69,43 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "test, the next fold val (used by compare --folds)",
     )
     p.add_argument("--fold", type=int, default=0, help="which fold is the test split with --folds (default 0)")
-    p.add_argument("--fusion", default=d("fusion"), choices=FUSIONS)
+    p.add_argument(
+        "--label-cols",
+        default=None,
+        help="a category hierarchy: comma list of label columns carried in the shards, coarse to fine (e.g. "
+        "master_category,sub_category,article_type); the model learns the last, each coarser level's probability "
+        "is the sum of its labels' (docs/concepts/hierarchies.md)",
+    )
+    p.add_argument(
+        "--label-parents",
+        default=d("label_parents"),
+        choices=LABEL_PARENTS,
+        help="with --label-cols: a label found under two parents is an error (unique, the default), or keeps its "
+        "most frequent parent (majority; hierarchy.json lists the conflicts)",
+    )
+    p.add_argument(
+        "--fusion",
+        default=d("fusion"),
+        choices=FUSIONS,
+        help="product (default): each stream trained alone, probabilities multiplied with weights fitted on "
+        "validation; stack: a logistic regression on the streams' out-of-fold log-probabilities; joint: a head on "
+        "the frozen streams' vectors; concat, gated, cross_attention: one model trained jointly",
+    )
+    p.add_argument(
+        "--probe-expert",
+        action=argparse.BooleanOptionalAction,
+        default=d("probe_expert"),
+        help="with --fusion product: a third expert, a logistic regression on both embeddings, its weight fitted "
+        "on validation with the streams' (default: on for the product of an image and a text embedding; "
+        "--no-probe-expert: the two streams alone)",
+    )
+    p.add_argument(
+        "--stack-folds",
+        type=int,
+        default=d("stack_folds"),
+        help="with --fusion stack: folds of the training rows for the out-of-fold probabilities (default 3; each "
+        "fold trains both streams once more)",
+    )
     p.add_argument("--text-branch", default=d("text_branch"), choices=TEXT_BRANCHES)
     p.add_argument("--image-branch", default=d("image_branch"), choices=IMAGE_BRANCHES)
     p.add_argument(
@@ -151,6 +188,8 @@ def check(cfg) -> None:
         check_shard_column(cfg.embeddings, cfg.label_col, "label", "--label-col")
         if cfg.split_col:
             check_shard_column(cfg.embeddings, cfg.split_col, "split", "--split-col")
+        for column in getattr(cfg, "label_cols", None) or ():  # compare and tune have no hierarchy
+            check_shard_column(cfg.embeddings, column, "label", "--label-cols")
 
 
 def run(cfg: TrainConfig, stop=None) -> int:
@@ -164,13 +203,28 @@ def run(cfg: TrainConfig, stop=None) -> int:
     return 0
 
 
+def print_levels(m: dict) -> None:
+    """The per-level lines of a split's metrics (train and evaluate)."""
+    levels = ", ".join(f"{level} {v['accuracy']:.4f}" for level, v in m["levels"].items())
+    print(f"        accuracy per level: {levels}; consistent paths {m['consistent_paths']:.4f}")
+    b = m["backoff"].get("0.9")
+    if b:
+        accuracy = "–" if b["accuracy"] is None or b["accuracy"] != b["accuracy"] else f"{b['accuracy']:.4f}"
+        print(
+            f"        at min confidence 0.9: {b['answered']:.1%} answered ({b['leaf']:.1%} at the finest level), "
+            f"accuracy {accuracy}"
+        )
+
+
 def print_summary(run) -> None:
     c = run.config
     s = c["splits"]
     fit = (c.get("product_fusion") or {}).get("fit")
+    late = (c.get("late_fusion") or {}).get("fit")
+    best = (fit or late or {}).get("best_epoch")
     epochs = (
-        f"best epochs image {fit['best_epoch']['image']}, text {fit['best_epoch']['text']}"
-        if fit
+        "best epochs " + ", ".join(f"{k} {v}" for k, v in best.items())
+        if best
         else f"best epoch {c['best_epoch']} of {c['epochs_run']}"
     )
     print(
@@ -178,11 +232,19 @@ def print_summary(run) -> None:
         f"({s['source']}: {s['train']} train / {s['val']} val / {s['test']} test)"
     )
     if fit:
-        a, b = fit["product"]["weights"]
+        a, b, *probe_w = fit["product"]["weights"]
+        probe = f", probe weight {probe_w[0]:.3g}" if probe_w else ""
+        probe_alone = f", probe alone {fit['probe']['accuracy']:.4f}" if probe_w else ""
         print(
-            f"  product fusion: image weight {a:.3g}, text weight {b:.3g}, fitted on validation (accuracy "
+            f"  product fusion: image weight {a:.3g}, text weight {b:.3g}{probe}, fitted on validation (accuracy "
             f"{fit['product']['accuracy']:.4f}; image alone {fit['image']['accuracy']:.4f}, text alone "
-            f"{fit['text']['accuracy']:.4f})"
+            f"{fit['text']['accuracy']:.4f}{probe_alone})"
+        )
+    if late and "folds" in late:
+        acc = late["oof_accuracy"]
+        print(
+            f"  stack: meta-classifier on {late['folds']}-fold out-of-fold probabilities of the training rows (image "
+            f"{acc['image']:.4f}, text {acc['text']:.4f} out of fold)"
         )
     train = c.get("train", {})
     if train.get("strategy", "default") != "default":
@@ -194,6 +256,13 @@ def print_summary(run) -> None:
         print(
             f"  {name:5s} accuracy {m['accuracy']:.4f}  top-3 {m['top3_accuracy']:.4f}  weighted F1 "
             f"{m['weighted_f1']:.4f}  macro F1 {m['macro_f1']:.4f}  (n={m['n']})"
+        )
+        if "levels" in m:
+            print_levels(m)
+    if run.hierarchy is not None and run.hierarchy.conflicts:
+        print(
+            f"  hierarchy: {len(run.hierarchy.conflicts)} label(s) had several parents; each kept its most frequent "
+            f"(listed in {run.path / 'hierarchy.json'})"
         )
     weights = c["extraction"]["settings"].get("weights")
     if weights == "random (fallback)":

@@ -60,7 +60,11 @@ def train_config(config: CompareConfig, model: str, out: Path, text_branch: str,
         return dataclasses.replace(shared, image_branch="none", text_branch=text_branch)
     if model in FUSIONS:
         return dataclasses.replace(shared, fusion=model, text_branch=text_branch)
-    raise ValueError(f"{model!r} is not a trained model; choose one of image, text, {', '.join(FUSIONS)}")
+    if model == "product_no_probe":
+        return dataclasses.replace(shared, fusion="product", probe_expert=False, text_branch=text_branch)
+    raise ValueError(
+        f"{model!r} is not a trained model; choose one of image, text, {', '.join(FUSIONS)}, product_no_probe"
+    )
 
 
 def late_fusion(image_run: Path, text_run: Path, eval_split: str, objective: str = "logloss") -> dict:

@@ -6,11 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prodfuse.checks import blank_to_none, check_choice, check_range, comma_list
-from prodfuse.modeling.config import FUSIONS, INPUT_NORMS, LR_SCHEDULES, MONITORS, TrainConfig
+from prodfuse.modeling.config import FUSIONS, INPUT_NORMS, LATE_FUSIONS, LR_SCHEDULES, MONITORS, TrainConfig
 
 SPLITS = ("test", "val", "all")
 PROBES = ("lr_image", "lr_text", "lr_concat", "lr_late")  # the linear probes of probes.py
-TRAINED = ("image", "text", "late") + FUSIONS
+# "product_no_probe": the product fusion of the two streams alone (train --no-probe-expert), the default before the
+# linear probe joined it as a third expert
+TRAINED = ("image", "text", "late") + FUSIONS + ("product_no_probe",)
 MODELS = TRAINED + PROBES
 METRICS_ORDER = ("accuracy", "weighted_f1", "macro_f1")
 
@@ -107,7 +109,7 @@ TUNE_SPACE = {
 def tune_space(names, fusion: str) -> dict:
     """The searched settings: `names` (None: every one that applies to `fusion`), with their ranges."""
     if names is None:
-        return {k: v for k, v in TUNE_SPACE.items() if k != "modality_dropout" or fusion != "product"}
+        return {k: v for k, v in TUNE_SPACE.items() if k != "modality_dropout" or fusion not in LATE_FUSIONS}
     names = list(comma_list(names))
     bad = [n for n in names if n not in TUNE_SPACE]
     if bad or not names:

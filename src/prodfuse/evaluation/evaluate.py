@@ -259,6 +259,14 @@ def evaluate(cfg: EvaluateConfig) -> dict:
             f"Shards {str(folder)!r} have no label column {label_col!r} (the run's); evaluation "
             f"needs labels. Use `prodfuse predict` for unlabelled data."
         )
+    levels = list(run.hierarchy.levels[:-1]) if run.hierarchy is not None else []
+    missing = [c for c in levels if present and c not in present]
+    if missing:
+        raise ValueError(
+            f"Shards {str(folder)!r} have no {missing} column(s), the coarser levels of the run's category hierarchy "
+            f"{list(run.hierarchy.levels)}: the per-level figures need each row's true labels. Evaluate shards "
+            f"extracted from a catalog with those columns (extraction keeps every catalog column)."
+        )
     if cfg.group_col and present and cfg.group_col not in present:
         raise ValueError(
             f"--group-col {cfg.group_col!r} is not a column of {str(folder)!r}; it has "
@@ -269,7 +277,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
     temperature, cal_info = calibrate_run(run, cfg.batch_size)
 
-    extra = [id_col, label_col] + ([cfg.group_col] if cfg.group_col else [])
+    extra = [id_col, label_col] + levels + ([cfg.group_col] if cfg.group_col else [])
     data = read_items(folder, run.inputs, extra, rows)
     labels = np.asarray(data[label_col]).astype(str)
     index = {c: i for i, c in enumerate(classes)}
@@ -296,6 +304,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         id_col=id_col,
         true_labels=labels,
         label_col=label_col,
+        hierarchy=run.hierarchy,
     ).to_csv(out_dir / "predictions.csv", index=False)
 
     y = y_all[known]
@@ -312,6 +321,11 @@ def evaluate(cfg: EvaluateConfig) -> dict:
             "nll_calibrated": negative_log_likelihood(y, probs),
         }
     )
+    if run.hierarchy is not None:  # per level, consistency and back-off, on the calibrated probabilities
+        from prodfuse.modeling.hierarchy import hierarchy_metrics
+
+        truth = {c: np.asarray(data[c])[known] for c in levels}
+        metrics.update(hierarchy_metrics(run.hierarchy, probs, classes, y, truth))
 
     per_class = per_class_report(y, pred, classes)
     per_class.round(6).to_csv(out_dir / "per_class.csv", index=False)
@@ -439,6 +453,26 @@ def _duplicates_lines(wd: dict) -> list[str]:
     ]
 
 
+def _hierarchy_lines(r: dict) -> list[str]:
+    """The report's per-level section (a run trained with label_cols)."""
+    return [
+        "## Category levels",
+        "",
+        "Each level's prediction is the node of the most probable label's path; its probability is the sum of its "
+        f"labels' (calibrated). Predicted paths that are paths of the tree: {r['consistent_paths']:.4f}.",
+        "",
+        _md_table([{"level": level, **m} for level, m in r["levels"].items()], ["level", "accuracy", "weighted_f1"]),
+        "",
+        "Backing off to the deepest level whose probability reaches a minimum confidence:",
+        "",
+        _md_table(
+            [{"min confidence": t, **b} for t, b in r["backoff"].items()],
+            ["min confidence", "leaf", "answered", "accuracy"],
+        ),
+        "",
+    ]
+
+
 def _report(r: dict, classes: list[str]) -> str:
     ab = r["ablation"]
     lines = [
@@ -461,6 +495,7 @@ def _report(r: dict, classes: list[str]) -> str:
         *(_duplicates_lines(r["without_duplicates"]) if r.get("without_duplicates") else []),
         "Per class: [per_class.csv](per_class.csv). Per item: [predictions.csv](predictions.csv).",
         "",
+        *(_hierarchy_lines(r) if r.get("levels") else []),
         "## Calibration",
         "",
         f"Temperature T = {r['temperature']:.4g}, fitted on the run's validation split "

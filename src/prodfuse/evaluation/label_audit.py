@@ -110,7 +110,7 @@ def _trained_oof(
     from prodfuse.data.sequence import load_inputs
     from prodfuse.evaluation.compare import repetitions, text_branch_for, train_config
     from prodfuse.modeling.model import model_inputs
-    from prodfuse.modeling.probabilities import product_parts
+    from prodfuse.modeling.probabilities import stream_models
     from prodfuse.modeling.training import predict_probs, train
 
     emb = Path(config.embeddings)
@@ -144,7 +144,7 @@ def _trained_oof(
         if arrays is None:  # every fold's run takes the same inputs
             arrays = load_inputs(emb, run.inputs)
         cols = [index[c] for c in run.classes]
-        parts = product_parts(run.model)
+        parts = stream_models(run.model)
         scored = {"fused": run.model}
         if parts:
             scored.update(image=parts[0], text=parts[1])

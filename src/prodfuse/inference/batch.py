@@ -44,7 +44,7 @@ def predict(config: PredictConfig, predictor: Predictor | None = None, on_batch=
     out.parent.mkdir(parents=True, exist_ok=True)
     rejects = []
     if config.embeddings:
-        table = predictor.predict_shards(config.embeddings, config.top_k)
+        table = predictor.predict_shards(config.embeddings, config.top_k, config.min_confidence)
         id_col, with_label = table.columns[0], run.label_col in table.columns
     else:
         # {the run's text column: the catalog's column feeding it}: items are keyed by the run's names.
@@ -108,6 +108,8 @@ def predict(config: PredictConfig, predictor: Predictor | None = None, on_batch=
                         id_col=id_col,
                         true_labels=df[label].to_numpy()[rows_ok] if with_label else None,
                         label_col=label or "label",
+                        hierarchy=run.hierarchy,
+                        min_confidence=config.min_confidence,
                     )
                 )
             if on_batch:
@@ -123,6 +125,7 @@ def predict(config: PredictConfig, predictor: Predictor | None = None, on_batch=
                 id_col=id_col,
                 true_labels=[] if with_label else None,
                 label_col=label or "label",
+                hierarchy=run.hierarchy,
             )
         )
         with open(rejects_path(out), "w", newline="") as f:
@@ -148,6 +151,17 @@ def predict(config: PredictConfig, predictor: Predictor | None = None, on_batch=
         summary["rows_with_text"] = int(has_text.sum())
         summary["input_rows"] = len(df)
         summary["label_col"] = label
+    if run.hierarchy is not None:  # how deep the answers go: all at the finest level without min_confidence
+        levels = run.hierarchy.levels
+        depth = sum(table[f"pred_{level}"].notna().to_numpy().astype(int) for level in levels)
+        summary["hierarchy"] = {
+            "levels": list(levels),
+            "min_confidence": config.min_confidence,
+            "answered_at": {
+                **{level: int((depth == i + 1).sum()) for i, level in enumerate(levels)},
+                "none": int((depth == 0).sum()),
+            },
+        }
     label_col = run.label_col if config.embeddings else (label or "label")
     if with_label and len(table):
         known = table[label_col].astype(str).isin(run.classes)

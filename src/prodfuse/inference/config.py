@@ -16,6 +16,8 @@ class PredictConfig:
     catalog: str | None = None
     embeddings: str | None = None
     top_k: int = 3
+    # a run with a category hierarchy: each item's path stops at the deepest level whose probability reaches this
+    min_confidence: float | None = None
     work: str | None = None  # where the catalog is embedded; None: <out without .csv>.embeddings/
     batch_size: int = 1024
     ocr_workers: int | None = None
@@ -40,6 +42,9 @@ class PredictConfig:
                 f"embeddings={self.embeddings!r}"
             )
         check_range("top_k", self.top_k, 1, 1000, integer=True)
+        from prodfuse.modeling.hierarchy import check_min_confidence
+
+        object.__setattr__(self, "min_confidence", check_min_confidence(self.min_confidence))
         check_range("batch_size", self.batch_size, 1, 1 << 20, integer=True)
         check_range("ocr_workers", self.ocr_workers, 1, 256, integer=True, optional=True)
         for name, usual in (("id_col", "product_id"), ("image_col", "image_path")):

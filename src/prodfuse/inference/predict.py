@@ -21,8 +21,12 @@ def prediction_table(
     id_col: str = "product_id",
     true_labels=None,
     label_col: str = "label",
+    hierarchy=None,
+    min_confidence: float | None = None,
 ):
-    """One row per item: id, [true label], label_1, prob_1, ..., label_k, prob_k, image/text contribution."""
+    """One row per item: id, [true label], label_1, prob_1, ..., label_k, prob_k, [pred_LEVEL, prob_LEVEL per level
+    of a `hierarchy`, coarse to fine], image/text contribution. A level below `min_confidence` and every level after
+    it are left empty: the path backs off to the deepest level that reaches it."""
     import pandas as pd
 
     k = max(1, min(int(k), len(classes)))
@@ -36,6 +40,15 @@ def prediction_table(
     for j in range(k):
         cols[f"label_{j + 1}"] = names[order[:, j]] if n else np.zeros(0, object)
         cols[f"prob_{j + 1}"] = np.round(probs[np.arange(n), order[:, j]], 6) if n else np.zeros(0)
+    if hierarchy is not None:
+        from prodfuse.modeling.hierarchy import answered_depth, best_paths
+
+        paths = best_paths(hierarchy, probs.reshape(n, len(classes)), classes)
+        depth = answered_depth(paths, min_confidence)
+        for i, (level, (labels, p)) in enumerate(paths.items()):
+            kept = depth > i
+            cols[f"pred_{level}"] = np.where(kept, labels, None).astype(object)
+            cols[f"prob_{level}"] = np.where(kept, np.round(p, 6), np.nan)
     for name, v in (("image_contribution", image_contribution), ("text_contribution", text_contribution)):
         cols[name] = np.round(np.asarray(v, dtype=np.float64), 6) if v is not None else np.full(n, np.nan)
     return pd.DataFrame(cols)
@@ -137,9 +150,16 @@ def check_inputs(config) -> dict:
     Returns {"run": the run's config.json, "label_col": the catalog's label column or None, "text_columns":
     text_column_map's answer (a catalog) or None}."""
     from prodfuse.data.catalog import Columns, catalog_columns
+    from prodfuse.modeling.hierarchy import HIERARCHY_FILE
     from prodfuse.modeling.run import read_run_config
 
     run = read_run_config(config.run)
+    if config.min_confidence is not None and not (Path(config.run) / HIERARCHY_FILE).is_file():
+        raise ValueError(
+            f"--min-confidence {config.min_confidence} backs off along a category hierarchy, and the run "
+            f"{config.run!r} has none (no {HIERARCHY_FILE}); train it with --label-cols COARSE,...,FINE, or leave "
+            f"--min-confidence out"
+        )
     if config.embeddings:
         if not (Path(config.embeddings) / "manifest.json").is_file():
             raise ValueError(

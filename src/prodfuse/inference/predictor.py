@@ -59,6 +59,19 @@ def _check_top_k(top_k) -> None:
         raise ValueError(f"top_k must be an integer >= 1; got {top_k!r}")
 
 
+def check_min_confidence(run: Run, min_confidence) -> float | None:
+    """`min_confidence` checked (None or a number in (0, 1]) for a run that has a category hierarchy to back off in."""
+    from prodfuse.modeling.hierarchy import check_min_confidence as check
+
+    value = check(min_confidence)
+    if value is not None and run.hierarchy is None:
+        raise ValueError(
+            f"min_confidence {min_confidence!r} backs off along a category hierarchy, and the run "
+            f"{run.path.name!r} has none; train it with --label-cols COARSE,...,FINE, or leave min_confidence out"
+        )
+    return value
+
+
 class Predictor:
     """A run's model plus its embedding pipeline, loaded once; thread-compatible, not thread-safe."""
 
@@ -241,22 +254,33 @@ class Predictor:
         res = forward(self.run.model, arrays, self.run.temperature, self.batch_size) if ok else None
         return ok, extras, res
 
-    def predict(self, items: list[dict], top_k: int = 5) -> list[dict]:
+    def predict(self, items: list[dict], top_k: int = 5, min_confidence: float | None = None) -> list[dict]:
         """For each item (a dict with `image`: path, bytes, PIL.Image or uint8 array, and/or the run's text columns
         by name), in order: {"labels", "probs" (calibrated, top_k of them), "ocr_text", "image_contribution",
-        "text_contribution", "error"}; an item that cannot be embedded has only its "error" set."""
+        "text_contribution", "error"}; an item that cannot be embedded has only its "error" set.
+
+        A run trained with label_cols also gives "path": [{"level", "label", "probability"}] coarse to fine, the
+        path to the most probable label, each node's probability the sum of its labels'; with `min_confidence` (in
+        (0, 1]) it stops at the deepest level whose probability is at least that (empty when none is)."""
         _check_top_k(top_k)
+        min_confidence = check_min_confidence(self.run, min_confidence)
         ok, extras, res = self.forward_items(list(items))
-        return self._results(ok, extras, res, top_k)
+        return self._results(ok, extras, res, top_k, min_confidence)
 
     def predict_prepared(
-        self, images: list[np.ndarray | None], items: list[dict], ocr_texts: list[str], top_k: int = 5
+        self,
+        images: list[np.ndarray | None],
+        items: list[dict],
+        ocr_texts: list[str],
+        top_k: int = 5,
+        min_confidence: float | None = None,
     ) -> list[dict]:
         """`predict` for items whose photos are already decoded (each as `load_image` returns it for this run's
         image size and views, or None) and read by OCR: the same backbone call, text encoder and model, so an
         item gets the same result as through `predict`. The service gathers concurrent requests into one call."""
         _check_top_k(top_k)  # before any work
-        return self.results(*self.prepare_arrays(images, items, ocr_texts), top_k)
+        check_min_confidence(self.run, min_confidence)
+        return self.results(*self.prepare_arrays(images, items, ocr_texts), top_k, min_confidence)
 
     def prepare_arrays(
         self, images: list[np.ndarray | None], items: list[dict], ocr_texts: list[str]
@@ -280,13 +304,23 @@ class Predictor:
             )
         return ok, extras, self._arrays(ok, embedded, items, extras)
 
-    def results(self, ok: list[int], extras: list[dict], arrays: dict[str, np.ndarray], top_k: int = 5) -> list[dict]:
+    def results(
+        self,
+        ok: list[int],
+        extras: list[dict],
+        arrays: dict[str, np.ndarray],
+        top_k: int = 5,
+        min_confidence: float | None = None,
+    ) -> list[dict]:
         """`predict`'s answers for arrays from `prepare_arrays`."""
         _check_top_k(top_k)
+        min_confidence = check_min_confidence(self.run, min_confidence)
         res = forward(self.run.model, arrays, self.run.temperature, self.batch_size) if ok else None
-        return self._results(ok, extras, res, top_k)
+        return self._results(ok, extras, res, top_k, min_confidence)
 
-    def _results(self, ok: list[int], extras: list[dict], res: dict | None, top_k: int) -> list[dict]:
+    def _results(
+        self, ok: list[int], extras: list[dict], res: dict | None, top_k: int, min_confidence: float | None = None
+    ) -> list[dict]:
         out = [
             {
                 "labels": [],
@@ -295,11 +329,18 @@ class Predictor:
                 "image_contribution": None,
                 "text_contribution": None,
                 "error": e["error"],
+                **({"path": []} if self.run.hierarchy is not None else {}),  # a flat run's answers stay as they were
             }
             for e in extras
         ]
         if not ok:
             return out
+        if self.run.hierarchy is not None:
+            from prodfuse.modeling.hierarchy import best_paths, path_records
+
+            paths = best_paths(self.run.hierarchy, res["probs"], self.run.classes)
+            for i, path in zip(ok, path_records(paths, min_confidence)):
+                out[i]["path"] = path
         img_c, txt_c = contributions(res)
         k = min(top_k, len(self.run.classes))
         order = np.argsort(-res["probs"], axis=1, kind="stable")[:, :k]
@@ -316,9 +357,11 @@ class Predictor:
 
     # ------------------------------------------------------------------------------------------------ shards
 
-    def predict_shards(self, folder: str | os.PathLike, top_k: int = 5):
+    def predict_shards(self, folder: str | os.PathLike, top_k: int = 5, min_confidence: float | None = None):
         """A DataFrame of top-k labels for every row of an already-extracted shard folder (embedded like the run's
-        training data), in the format of `prodfuse predict`: id, [label], label_i, prob_i, contributions."""
+        training data), in the format of `prodfuse predict`: id, [label], label_i, prob_i, [pred_LEVEL, prob_LEVEL
+        per level of the run's hierarchy], contributions."""
+        min_confidence = check_min_confidence(self.run, min_confidence)
         folder = Path(folder)
         manifest = shards.read_manifest(folder)
         check_compatible(self.run.config, manifest, folder)
@@ -337,4 +380,6 @@ class Predictor:
             id_col=id_col,
             true_labels=data[label_col] if with_label else None,
             label_col=label_col,
+            hierarchy=self.run.hierarchy,
+            min_confidence=min_confidence,
         )

@@ -6,8 +6,11 @@ from dataclasses import dataclass
 
 from prodfuse.checks import blank_to_none, check_choice, check_range, comma_list
 
-# "product": each stream trained alone, their probabilities multiplied with weights fitted on validation
-FUSIONS = ("concat", "gated", "cross_attention", "product")
+# "product": each stream trained alone, their probabilities multiplied with weights fitted on validation;
+# "stack": the same two models, a logistic regression on their out-of-fold log-probabilities; "joint": the same two
+# models frozen, a small head trained on their penultimate vectors and logits (prodfuse.modeling.stacking)
+FUSIONS = ("concat", "gated", "cross_attention", "product", "stack", "joint")
+LATE_FUSIONS = ("product", "stack", "joint")  # each stream trained alone first
 TEXT_BRANCHES = ("mlp", "cnn", "none")
 IMAGE_BRANCHES = ("mlp", "none")
 INPUT_NORMS = ("l2", "none")
@@ -44,10 +47,20 @@ class TrainConfig:
     folds: int | None = None
     fold: int = 0
     label_col: str | None = None
+    # A category hierarchy, label columns coarse to fine ("master_category,sub_category,article_type"): the model
+    # learns the last one (label_col), the coarser levels are sums of its leaves' probabilities (modeling/hierarchy.py)
+    label_cols: tuple[str, ...] | None = None
+    label_parents: str = "unique"  # "majority": a label seen under several parents keeps its most frequent one
     split_col: str | None = None
     # each stream trained alone, their probabilities multiplied with weights fitted on validation: at least the
     # better stream on grocery and fashion, where a jointly trained fusion lost to it (docs/reports/model-quality.md)
     fusion: str = "product"
+    # fusion "product": a third expert, the linear probe on both embeddings (logistic regression, as compare's
+    # lr_concat), its weight fitted on validation with the two streams'. None: on wherever it applies (product of
+    # an image and a text embedding): it read above the two-expert product on every seed of fashion, fashion with
+    # catalog columns and grocery (docs/reports/model-quality.md)
+    probe_expert: bool | None = None
+    stack_folds: int = 3  # fusion "stack": folds of the training rows for the out-of-fold probabilities
     text_branch: str = "mlp"
     image_branch: str = "mlp"
     wide: bool = True  # a linear path from the embeddings to the logits beside the MLP
@@ -99,18 +112,42 @@ class TrainConfig:
         check_range("patience", self.patience, 1, 100_000, integer=True)
         check_range("ensemble", self.ensemble, 1, 64, integer=True)
         check_range("seed", self.seed, 0, 2**31 - 1, integer=True)
+        check_range("stack_folds", self.stack_folds, 2, 20, integer=True)
         check_range("folds", self.folds, 3, 100, integer=True, optional=True)
         if self.folds is not None:
             check_range("fold", self.fold, 0, self.folds - 1, integer=True)
         if self.image_branch == "none" and self.text_branch == "none":
             raise ValueError("image_branch and text_branch are both 'none': the model would have no input")
-        if self.staged and self.fusion == "product":
-            raise ValueError("staged training fine-tunes a joint fusion layer; fusion 'product' has none: choose one")
+        if self.staged and self.fusion in LATE_FUSIONS:
+            raise ValueError(
+                f"staged training fine-tunes a joint fusion layer; fusion {self.fusion!r} trains each stream alone "
+                f"and has none: choose concat, gated or cross_attention, or leave staged off"
+            )
+        if self.probe_expert and not self._probe_applies:
+            raise ValueError(
+                f"probe_expert joins the product fusion of an image and a text embedding; got fusion {self.fusion!r}, "
+                f"image_branch {self.image_branch!r}, text_branch {self.text_branch!r}: use fusion product with both "
+                f"branches mlp, or leave probe_expert off"
+            )
         if self.ensemble > 1 and self.staged:
             raise ValueError(f"ensemble {self.ensemble} cannot be combined with staged training; choose one")
         blank_to_none(self, "label_col")
+        self._check_label_cols()
         if self.devices is not None:
             self._check_devices()
+
+    def _check_label_cols(self) -> None:
+        from prodfuse.modeling.hierarchy import LABEL_PARENTS, check_label_cols
+
+        check_choice("label_parents", self.label_parents, LABEL_PARENTS)
+        cols = check_label_cols(self.label_cols, self.label_col)
+        object.__setattr__(self, "label_cols", cols)
+        if cols is None and self.label_parents != "unique":
+            raise ValueError(
+                f"label_parents {self.label_parents!r} applies to a hierarchy; give label_cols too (--label-cols)"
+            )
+        if cols is not None:
+            object.__setattr__(self, "label_col", cols[-1])  # the model learns the finest level
 
     def _check_devices(self) -> None:
         given = self.devices
@@ -126,6 +163,15 @@ class TrainConfig:
             raise ValueError(f"devices must not repeat a device; got {list(devices)}")
         if self.batch_size % len(devices):
             raise ValueError(batch_split_message(self.batch_size, len(devices)))
+
+    @property
+    def _probe_applies(self) -> bool:
+        return self.fusion == "product" and self.image_branch == "mlp" and self.text_branch == "mlp"
+
+    @property
+    def uses_probe_expert(self) -> bool:
+        """Whether the product fusion gets the linear probe as a third expert (probe_expert None: where it applies)."""
+        return self._probe_applies if self.probe_expert is None else bool(self.probe_expert)
 
     @property
     def both_streams(self) -> bool:

@@ -264,19 +264,25 @@ class ProductFusion(keras.layers.Layer):
     weights also calibrate: 1/T of temperature scaling is the weight of a single stream. A stream whose raw input
     is all zeros for an item (no text, or a blanked stream in the ablation) has weight 0 for that item.
 
-    Called on ``[p_image, p_text, image_input, text_input]``; returns ``[B, classes]`` float32 probabilities.
+    A third expert, the linear probe (a logistic regression on both embeddings side by side), joins with
+    ``probe_weight``: ``+ probe_weight * log p_probe``, for every item (it reads whichever streams are there).
+
+    Called on ``[p_image, p_text, image_input, text_input]``, or ``[..., p_probe]`` with a probe; returns
+    ``[B, classes]`` float32 probabilities.
 
     Args:
         image_weight: weight of log p_image (>= 0).
         text_weight: weight of log p_text (>= 0).
+        probe_weight: weight of log p_probe (>= 0), or None: no probe expert.
     """
 
-    def __init__(self, image_weight=1.0, text_weight=1.0, **kwargs):
+    def __init__(self, image_weight=1.0, text_weight=1.0, probe_weight=None, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.image_weight = float(image_weight)
         self.text_weight = float(text_weight)
-        for name in ("image_weight", "text_weight"):
+        self.probe_weight = None if probe_weight is None else float(probe_weight)
+        for name in ("image_weight", "text_weight") + (("probe_weight",) if probe_weight is not None else ()):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"ProductFusion {name} must be >= 0, got {getattr(self, name)!r}.")
 
@@ -287,10 +293,11 @@ class ProductFusion(keras.layers.Layer):
         return ops.cast(ops.expand_dims(there, -1), "float32")
 
     def call(self, inputs):
-        p_image, p_text, image, text = inputs
-        log_image = ops.log(ops.clip(ops.cast(p_image, "float32"), 1e-12, 1.0))
-        log_text = ops.log(ops.clip(ops.cast(p_text, "float32"), 1e-12, 1.0))
-        z = self.image_weight * self.present(image) * log_image + self.text_weight * self.present(text) * log_text
+        p_image, p_text, image, text = inputs[:4]
+        log = lambda p: ops.log(ops.clip(ops.cast(p, "float32"), 1e-12, 1.0))  # noqa: E731
+        z = self.image_weight * self.present(image) * log(p_image) + self.text_weight * self.present(text) * log(p_text)
+        if self.probe_weight is not None:
+            z = z + self.probe_weight * log(inputs[4])
         return ops.softmax(z, axis=-1)
 
     def compute_output_shape(self, input_shape):
@@ -299,6 +306,75 @@ class ProductFusion(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update({"image_weight": self.image_weight, "text_weight": self.text_weight})
+        if self.probe_weight is not None:  # absent: a 0.2 model file's config, unchanged
+            config["probe_weight"] = self.probe_weight
+        return config
+
+
+@keras.saving.register_keras_serializable(package="prodfuse")
+class StackFusion(keras.layers.Layer):
+    """Stacking: a multinomial logistic regression (the meta-classifier) on both streams' log-probabilities.
+
+    ``probs = softmax([present_image * log p_image, present_text * log p_text] @ kernel + bias)``, where each ``p``
+    comes from a model trained on its stream alone and the kernel was fitted on out-of-fold probabilities of the
+    training rows (``prodfuse.modeling.stacking``), so it learns how far to trust each stream for each class rather
+    than two global weights. A stream whose raw input is all zeros for an item contributes zeros, as it did in the
+    fit.
+
+    Called on ``[p_image, p_text, image_input, text_input]``; returns ``[B, classes]`` float32 probabilities.
+
+    Args:
+        num_classes: classes of both streams and of the output.
+        kernel: ``[2 * num_classes, num_classes]`` fitted coefficients (None: zeros, to be set by ``set_weights``).
+        bias: ``[num_classes]`` fitted intercepts.
+    """
+
+    def __init__(self, num_classes, kernel=None, bias=None, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.num_classes = int(num_classes)
+        if self.num_classes < 2:
+            raise ValueError(f"StackFusion num_classes must be >= 2, got {num_classes!r}.")
+        # the fitted values travel as the layer's weights (saved with the model), not in its config
+        self._initial = (kernel, bias)
+
+    def build(self, input_shape):
+        k = self.num_classes
+        if tuple(input_shape[0])[-1] != k or tuple(input_shape[1])[-1] != k:
+            raise ValueError(
+                f"StackFusion expects [p_image, p_text, image, text] with {k} classes each, got {input_shape!r}."
+            )
+        kernel, bias = self._initial
+        self.kernel = self.add_weight(shape=(2 * k, k), initializer="zeros", trainable=False, name="kernel")
+        self.bias = self.add_weight(shape=(k,), initializer="zeros", trainable=False, name="bias")
+        if kernel is not None:
+            self.kernel.assign(ops.convert_to_tensor(kernel, "float32"))
+        if bias is not None:
+            self.bias.assign(ops.convert_to_tensor(bias, "float32"))
+        self.built = True
+
+    def call(self, inputs):
+        p_image, p_text, image, text = inputs
+        log_image = ops.log(ops.clip(ops.cast(p_image, "float32"), 1e-12, 1.0)) * ProductFusion.present(image)
+        log_text = ops.log(ops.clip(ops.cast(p_text, "float32"), 1e-12, 1.0)) * ProductFusion.present(text)
+        z = ops.matmul(ops.concatenate([log_image, log_text], axis=-1), self.kernel) + self.bias
+        return ops.softmax(z, axis=-1)
+
+    def stream_weights(self):
+        """(image, text): the mean diagonal coefficient of each stream's block, at least 0: how much a class's own
+        log-probability counts, the stacked counterpart of the product's two weights (retrieval's fused space)."""
+        import numpy as np
+
+        w = np.asarray(keras.ops.convert_to_numpy(self.kernel))
+        k = self.num_classes
+        return tuple(max(float(np.mean(np.diag(w[i * k : (i + 1) * k]))), 0.0) for i in range(2))
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[0])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"num_classes": self.num_classes})
         return config
 
 

@@ -13,6 +13,7 @@ import keras
 
 from prodfuse.encoders.text import SEQUENCE_LENGTH as SEQ_LEN  # noqa: E402  (one definition)
 from prodfuse.encoders.text import VOCAB_SIZE  # noqa: E402
+from prodfuse.modeling.config import LATE_FUSIONS
 from prodfuse.modeling.fusion import BN_MOMENTUM, FUSIONS, GatedFusion, get_fusion
 
 IMAGE_BRANCHES = ("mlp", "none")
@@ -130,10 +131,11 @@ def build_model(
             _text_cnn(inputs["tokens"], vocab_size, embed_dim, tuple(cnn_kernels), cnn_filters, cnn_units, cnn_dropout)
         )
 
-    if len(branches) == 2 and fusion == "product":
+    if len(branches) == 2 and fusion in LATE_FUSIONS:
         raise ValueError(
-            "fusion 'product' joins two single-stream models trained alone (prodfuse.modeling.experts.product_model); "
-            "build_model makes one jointly trained model: choose concat, gated or cross_attention"
+            f"fusion {fusion!r} joins two single-stream models trained alone (prodfuse.modeling.experts, "
+            f"prodfuse.modeling.stacking); build_model makes one jointly trained model: choose concat, gated or "
+            f"cross_attention"
         )
     if len(branches) == 2:
         fused = get_fusion(fusion, name="fusion", **(fusion_kwargs or {}))(branches)

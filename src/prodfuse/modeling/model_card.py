@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prodfuse.modeling.hierarchy import load_hierarchy
 from prodfuse.modeling.run import TEMPERATURE_FILE, load_temperature, model_fingerprint, read_run_config
 
 CARD_FILE = "MODEL_CARD.md"
@@ -132,6 +133,7 @@ def _fusion(config: dict) -> dict:
         "text_branch": train.get("text_branch"),
         "ensemble": train.get("ensemble", 1),
         "product_weights": None,
+        "late_fusion": config.get("late_fusion"),  # stack or joint: best epochs, the stack's out-of-fold figures
     }
     # product fusion: one weight fit per ensemble member ("fit" is the first, "member_i" the others)
     fits = config.get("product_fusion") or {}
@@ -141,6 +143,8 @@ def _fusion(config: dict) -> dict:
                 "member": name,
                 "image": fit["product"]["weights"][0],
                 "text": fit["product"]["weights"][1],
+                # the linear probe as a third expert (train --probe-expert); absent: none
+                "probe": fit["product"]["weights"][2] if len(fit["product"]["weights"]) > 2 else None,
                 "fitted_on": fit.get("fitted_on"),
                 "n": fit.get("n"),
                 **{
@@ -160,6 +164,25 @@ def _metrics(metrics: dict) -> dict:
     out["streams"] = {s: streams[s] for s in STREAMS if isinstance(streams.get(s), dict)} or None
     out["streams_how"] = streams.get("how")
     return out
+
+
+def _hierarchy(run: Path, metrics: dict) -> dict | None:
+    """The category levels of a run trained with label_cols and their figures per split; None without."""
+    tree = load_hierarchy(run)
+    if tree is None:
+        return None
+    splits = {name: metrics[name] for name in ("val", "test") if isinstance(metrics.get(name), dict)}
+    return {
+        "levels": list(tree.levels),
+        "nodes": {level: len(tree.nodes(level)) for level in tree.levels},
+        "label_parents": tree.label_parents,
+        "conflicts": len(tree.conflicts),
+        "splits": {
+            name: {k: m.get(k) for k in ("levels", "consistent_paths", "backoff")}
+            for name, m in splits.items()
+            if "levels" in m
+        },
+    }
 
 
 def _calibration(run: Path, config: dict) -> dict:
@@ -209,7 +232,8 @@ def _evaluations(run: Path, fingerprint: str | None) -> list[dict]:
 
 def model_card(run_path: str | os.PathLike) -> dict:
     """The facts of a run folder's model card, JSON-serialisable (no NaN; paths only those config.json records for
-    the catalog and shards): data, encoders, fusion, metrics, calibration, evaluations and known limits."""
+    the catalog and shards): data, encoders, fusion, metrics, the category hierarchy (None without one),
+    calibration, evaluations and known limits."""
     run = Path(run_path)
     config = read_run_config(run)  # a ValueError naming the folder when it is not a run folder
     classes = [str(c) for c in json.loads((run / "labels.json").read_text())]
@@ -225,6 +249,7 @@ def model_card(run_path: str | os.PathLike) -> dict:
             "encoders": _encoders(config),
             "fusion": _fusion(config),
             "metrics": _metrics(metrics),
+            "hierarchy": _hierarchy(run, metrics),
             "calibration": _calibration(run, config),
             "evaluations": _evaluations(run, fingerprint),
             "known_limits": _known_limits(config, classes),
@@ -257,6 +282,8 @@ def record_evaluation(run_path: str | os.PathLike, result: dict) -> Path:
         if result.get("per_group")
         else None,
         "group_col": result.get("group_col"),
+        # a run with a category hierarchy: each level's accuracy
+        "levels": {level: m.get("accuracy") for level, m in result["levels"].items()} if result.get("levels") else None,
         "note": result.get("note"),
         # the report folder only when it is inside the run: another location is a server path
         "report": str(out.relative_to(run.resolve())) if out and out.is_relative_to(run.resolve()) else None,
@@ -347,16 +374,36 @@ def _fusion_lines(f: dict) -> list[str]:
     ]
     if f["product_weights"]:
         n = f["product_weights"][0]["n"]
+        probe = f["product_weights"][0].get("probe") is not None
         lines += [
-            f"Fitted weights of softmax(a log p_image + b log p_text), fitted on validation (n = {n}), with the "
-            "validation score of the fused model and of each stream alone (calibrated):",
+            f"Fitted weights of softmax(a log p_image + b log p_text{' + c log p_probe' if probe else ''}), fitted on "
+            f"validation (n = {n}), with the validation score of the fused model and of each stream alone "
+            "(calibrated):",
             "",
             *_table(
                 f["product_weights"],
-                ["member", "image", "text", "val_logloss_product", "val_accuracy_product"]
-                + ["val_accuracy_image", "val_accuracy_text"],
-                ["member", "a (image)", "b (text)", "val log-loss", "val accuracy", "image alone", "text alone"],
+                ["member", "image", "text"]
+                + (["probe"] if probe else [])
+                + ["val_logloss_product", "val_accuracy_product", "val_accuracy_image", "val_accuracy_text"],
+                ["member", "a (image)", "b (text)"]
+                + (["c (linear probe)"] if probe else [])
+                + ["val log-loss", "val accuracy", "image alone", "text alone"],
             ),
+        ]
+    late = (f.get("late_fusion") or {}).get("fit")
+    if f["fusion"] == "stack" and late:
+        acc = late["oof_accuracy"]
+        lines += [
+            f"A multinomial logistic regression on both streams' log-probabilities, fitted on their {late['folds']}-fold "
+            f"out-of-fold probabilities of the training rows (out-of-fold accuracy: image {acc['image']:.4f}, text "
+            f"{acc['text']:.4f}).",
+            "",
+        ]
+    elif f["fusion"] == "joint" and late:
+        lines += [
+            "Both stream models frozen; a head on their branch vectors and logits trained on the training rows, "
+            f"stopped on validation (best epochs: {late['best_epoch']}).",
+            "",
         ]
     return lines
 
@@ -441,8 +488,48 @@ def _evaluation_lines(e: dict) -> list[str]:
         lines += _table(
             [{e["group_col"]: g, **m} for g, m in e["per_group"].items()], [e["group_col"], "accuracy", "n"]
         )
+    if e.get("levels"):
+        lines += ["Accuracy per level: " + ", ".join(f"{k} {fmt(v)}" for k, v in e["levels"].items()) + ".", ""]
     if e["note"]:
         lines += [e["note"], ""]
+    return lines
+
+
+def _hierarchy_lines(h: dict) -> list[str]:
+    lines = [
+        "## Category hierarchy",
+        "",
+        "Levels, coarse to fine: "
+        + " > ".join(f"`{level}` ({h['nodes'][level]})" for level in h["levels"])
+        + ". The model learns the finest; a coarser level's probability is the sum of its labels', and the predicted "
+        "path is the most probable label's."
+        + (
+            f" {h['conflicts']} label(s) had rows under several parents; each kept its most frequent "
+            "(`hierarchy.json`)."
+            if h["conflicts"]
+            else ""
+        ),
+        "",
+    ]
+    if not h["splits"]:
+        return lines
+    levels = h["levels"]
+    rows = [
+        {"split": name, **{level: m["levels"][level]["accuracy"] for level in levels}, "paths": m["consistent_paths"]}
+        for name, m in h["splits"].items()
+    ]
+    lines += _table(
+        rows, ["split", *levels, "paths"], ["split", *[f"{x} accuracy" for x in levels], "consistent paths"]
+    )
+    name = "test" if "test" in h["splits"] else next(iter(h["splits"]))
+    backoff = [{"min": t, **b} for t, b in h["splits"][name]["backoff"].items()]
+    lines += [
+        f"Backing off on {name} to the deepest level whose probability reaches a minimum confidence:",
+        "",
+        *_table(
+            backoff, ["min", "leaf", "answered", "accuracy"], ["min confidence", "finest level", "answered", "accuracy"]
+        ),
+    ]
     return lines
 
 
@@ -492,6 +579,7 @@ def render_model_card(card: dict) -> str:
         *_encoder_lines(card["encoders"]),
         *_fusion_lines(card["fusion"]),
         *_metric_lines(card["metrics"]),
+        *(_hierarchy_lines(card["hierarchy"]) if card.get("hierarchy") else []),
         *_calibration_lines(card["calibration"]),
     ]
     if card["evaluations"]:

@@ -63,28 +63,52 @@ def model_outputs(model, x: dict[str, np.ndarray], batch_size: int) -> np.ndarra
     return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)
 
 
-def product_parts(model):
-    """(image model, text model, ProductFusion layer) of a product-fusion model; None for any other model."""
+def stream_models(model):
+    """(image model, text model) inside a model made of two stream models trained alone (fusion product, stack or
+    joint), else None."""
     import keras
 
-    from prodfuse.modeling.fusion import ProductFusion
     from prodfuse.modeling.model import model_inputs
+
+    subs = [layer for layer in getattr(model, "layers", []) if isinstance(layer, keras.Model)]
+    image = [m for m in subs if model_inputs(m) == ["image"]]
+    text = [m for m in subs if model_inputs(m) and "image" not in model_inputs(m)]
+    if len(image) != 1 or len(text) != 1:
+        return None
+    # a joint head's streams are wrapped to give their vectors and logits too: their probabilities are the last
+    return tuple(
+        m if len(m.outputs) == 1 else keras.Model(m.inputs, m.outputs[-1], name=m.name) for m in (*image, *text)
+    )
+
+
+def probe_expert(model):
+    """The linear probe inside a product fusion (the sub-model that reads both streams), else None."""
+    import keras
+
+    from prodfuse.modeling.model import model_inputs
+
+    subs = [layer for layer in getattr(model, "layers", []) if isinstance(layer, keras.Model)]
+    return next((m for m in subs if len(model_inputs(m)) > 1), None)
+
+
+def product_parts(model):
+    """(image model, text model, fusion layer) of a model whose "probs" fuses two stream models' probabilities (a
+    ProductFusion or a StackFusion); None for any other model (a joint head reads their vectors, not their
+    probabilities)."""
+    from prodfuse.modeling.fusion import ProductFusion, StackFusion
 
     names = [layer.name for layer in getattr(model, "layers", [])]
     fusion = model.get_layer("probs") if "probs" in names else None
-    if not isinstance(fusion, ProductFusion):
-        return None
-    subs = [layer for layer in model.layers if isinstance(layer, keras.Model)]
-    image = next(m for m in subs if "image" in model_inputs(m))
-    text = next(m for m in subs if m is not image)
-    return image, text, fusion
+    streams = stream_models(model) if isinstance(fusion, (ProductFusion, StackFusion)) else None
+    return (*streams, fusion) if streams else None
 
 
-def _product_over_views(parts, arrays: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
-    """A product fusion under test-time augmentation: the image model's probabilities averaged over the views
-    first, then the product with the text's, as its weights were fitted (a product per view, then averaged,
-    sharpens each view's guess and read 1-2 points lower on grocery)."""
+def _product_over_views(model, parts, arrays: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
+    """A late fusion under test-time augmentation: the image model's probabilities averaged over the views
+    first, then fused with the text's, as the fusion was fitted (a product per view, then averaged, sharpens each
+    view's guess and read 1-2 points lower on grocery)."""
     from prodfuse.modeling.experts import present, product_probs
+    from prodfuse.modeling.fusion import StackFusion
     from prodfuse.modeling.model import model_inputs
 
     image, text, fusion = parts
@@ -92,7 +116,14 @@ def _product_over_views(parts, arrays: dict[str, np.ndarray], batch_size: int) -
     p_image = predict_arrays(image, {k: v for k, v in arrays.items() if k in STREAMS["image"]}, batch_size)
     text_in = {k: arrays[k] for k in model_inputs(text)}
     p_text = model_outputs(text, text_in, batch_size)
+    if isinstance(fusion, StackFusion):
+        import keras
+
+        out = fusion([p_image, p_text, arrays["image"], next(iter(text_in.values()))])
+        return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float32)
     log = lambda p: np.log(np.clip(p.astype(np.float64), 1e-12, 1.0))  # noqa: E731
+    probe = probe_expert(model)
+    probe_in = [k for k in ("image", "image_views", "text") if k in arrays]
     probs = product_probs(
         log(p_image)[None],
         log(p_text),
@@ -100,6 +131,8 @@ def _product_over_views(parts, arrays: dict[str, np.ndarray], batch_size: int) -
         fusion.text_weight,
         present(arrays["image"]),
         present(next(iter(text_in.values()))),
+        None if probe is None else log(predict_arrays(probe, {k: arrays[k] for k in probe_in}, batch_size)),
+        fusion.probe_weight or 0.0,
     )
     return probs.astype(np.float32)
 
@@ -116,7 +149,7 @@ def predict_arrays(model, arrays: dict[str, np.ndarray], batch_size: int = 1024)
     views = view_count(arrays)
     parts = product_parts(model) if views > 1 else None
     if parts:
-        return _product_over_views(parts, arrays, batch_size)
+        return _product_over_views(model, parts, arrays, batch_size)
     per_view = [with_view(arrays, v) for v in range(views)]
     if views > 1 and n * views <= min(batch_size, DIRECT_CALL_ROWS):
         stacked = {k: np.concatenate([x[k] for x in per_view]) for k in per_view[0]}

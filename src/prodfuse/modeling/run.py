@@ -17,6 +17,7 @@ from pathlib import Path
 from prodfuse.checks import from_dict
 from prodfuse.data.catalog import file_sha256
 from prodfuse.modeling.config import TrainConfig
+from prodfuse.modeling.hierarchy import Hierarchy, load_hierarchy
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class Run:
     calibrated: bool = False
     fingerprint: str = ""
     metrics: dict = field(default_factory=dict)
+    hierarchy: Hierarchy | None = None  # the label tree of a run trained with label_cols (hierarchy.json)
 
     @property
     def inputs(self) -> list[str]:
@@ -174,4 +176,5 @@ class Run:
             calibrated=calibrated,
             fingerprint=fingerprint,
             metrics=metrics,
+            hierarchy=load_hierarchy(path),
         )

@@ -17,7 +17,7 @@ from prodfuse.checks import as_dict
 from prodfuse.data import shards
 from prodfuse.data.catalog import file_sha256
 from prodfuse.encoders.text import VOCAB_SIZE
-from prodfuse.modeling.config import MONITOR_MODES, TrainConfig, batch_split_message
+from prodfuse.modeling.config import LATE_FUSIONS, MONITOR_MODES, TrainConfig, batch_split_message
 from prodfuse.modeling.model_card import write_model_card
 from prodfuse.modeling.optimizer import make_optimizer
 from prodfuse.modeling.run import CONFIG_SCHEMA_VERSION, Run, model_fingerprint, prepare_run_folder
@@ -195,6 +195,16 @@ def _stream_history(run: Path, *streams: str) -> None:
     pd.concat(frames).to_csv(run / "history.csv", index=False)
 
 
+def _level_metrics(hierarchy: tuple, probs, classes, y_all, rows, labels_all) -> dict:
+    """metrics.json's per-level, consistency and back-off figures of one split (modeling/hierarchy.py)."""
+    from prodfuse.modeling.hierarchy import hierarchy_metrics
+
+    tree, values = hierarchy
+    if len(values[tree.leaf_level]) != len(labels_all):  # both read every row of the same folders, in order
+        raise ValueError(f"the shards changed while training read them ({tree.leaf_level!r} rows differ); train again")
+    return hierarchy_metrics(tree, probs, classes, y_all[rows], {c: v[rows] for c, v in values.items()})
+
+
 def plot_curves(history: dict, path: Path) -> None:
     from matplotlib.figure import Figure  # no pyplot: no process-wide backend or figure registry
 
@@ -311,6 +321,13 @@ def train(config: TrainConfig) -> Run:
     if config.precision == "mixed_float16" and not tf.config.list_physical_devices("GPU"):
         raise ValueError("precision mixed_float16 needs a GPU and none is visible; use --precision float32.")
     strategy = distribution_strategy(config)  # an unusable device or batch split fails before the folder is made
+    hierarchy = None
+    if config.label_cols:  # learned before the folder is made: a missing column or a bad tree writes nothing
+        from prodfuse.modeling.hierarchy import hierarchy_from_shards
+
+        hierarchy = hierarchy_from_shards(
+            [emb, config.val_embeddings, config.test_embeddings], config.label_cols, config.label_parents
+        )
     run = prepare_run_folder(config.out or default_run_folder(config), config.overwrite)
     previous_policy = keras.config.dtype_policy()
     if config.precision == "mixed_float16":
@@ -319,12 +336,13 @@ def train(config: TrainConfig) -> Run:
         # Under a strategy's scope every model, optimizer and variable is made per replica, and fit/predict split
         # each batch of the same Sequence feed between the replicas.
         with strategy.scope() if strategy else contextlib.nullcontext():
-            return _train(config, emb, manifest, run, strategy.num_replicas_in_sync if strategy else 1)
+            return _train(config, emb, manifest, run, strategy.num_replicas_in_sync if strategy else 1, hierarchy)
     finally:
         keras.config.set_dtype_policy(previous_policy)
 
 
-def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path, replicas: int = 1) -> Run:
+def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path, replicas: int = 1, hierarchy=None) -> Run:
+    """`hierarchy`: (the tree, the level columns of every row in load_split_data's order) or None."""
     from prodfuse.data.sequence import ShardSequence
     from prodfuse.modeling.metrics import classification_metrics
     from prodfuse.modeling.model import build_model as build_one
@@ -404,10 +422,12 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path, replicas: 
     t0 = time.perf_counter()
     both = config.image_branch != "none" and config.text_branch != "none"
     streams = {}  # product fusion: what each single-stream model and the weight fit gave
+    late = {}  # stack or joint fusion: each member's streams' best epochs, the stack's out-of-fold figures
     alone_models = {"image": [], "text": []}  # product fusion: each stream's own (model, inputs), one per member
 
-    def train_alone(branch: str, seed: int, folder: Path):
-        """The model of one stream alone (the other branch off), fitted on that stream's inputs."""
+    def train_alone(branch: str, seed: int, folder: Path, rows=None):
+        """The model of one stream alone (the other branch off), fitted on that stream's inputs (on `rows`, else
+        the training split), stopped early on the validation split."""
         m = build_model(**{**build, f"{'text' if branch == 'image' else 'image'}_branch": "none"}, seed=seed)
         names = [t.name for t in m.inputs]
         sub = {k: arrays[k] for k in names + (["image_views"] if "image_views" in arrays and "image" in names else [])}
@@ -416,7 +436,7 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path, replicas: 
             m,
             ShardSequence(
                 **{**seq_kw, "arrays": sub},
-                rows=splits["train"],
+                rows=splits["train"] if rows is None else rows,
                 training=True,
                 class_weight=class_weight,
                 seed=seed,
@@ -427,8 +447,70 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path, replicas: 
         )
         return m, hist, sub
 
-    if config.fusion == "product" and both:
+    def fit_stack(fit_alone, subs: dict, seed: int, folder: Path):
+        """The meta-classifier of fusion "stack": each stream refitted on K-1 folds of the training rows scores the
+        K-th (out-of-fold probabilities of every training row), then a logistic regression on both streams'
+        log-probabilities. Returns (kernel, bias, info)."""
+        from prodfuse.modeling.experts import present
+        from prodfuse.modeling.stacking import fit_meta, oof_folds, stack_features
+
+        train_rows = splits["train"]
+        folds = oof_folds(y_all[train_rows], config.stack_folds, seed)
+        oof = {b: np.zeros((len(train_rows), len(classes)), dtype=np.float32) for b in ("image", "text")}
+        for k, held in enumerate(folds):
+            fit_rows = np.setdiff1d(np.arange(len(train_rows)), held)
+            for branch in ("image", "text"):
+                log.info("stack: %s stream, fold %d of %d", branch, k + 1, len(folds))
+                m, _, _ = fit_alone(branch, seed + 1000 * (k + 1), folder / f"{branch}_{k}", train_rows[fit_rows])
+                oof[branch][held] = predict_probs(m, subs[branch], train_rows[held])
+        image_there = present(subs["image"]["image"][train_rows])
+        text_there = present(next(iter(subs["text"].values()))[train_rows])
+        features = stack_features(oof["image"], oof["text"], image_there, text_there)
+        kernel, bias = fit_meta(features, y_all[train_rows], len(classes), seed)
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)  # the fold models are not kept: only their probabilities served
+        info = {
+            "folds": len(folds),
+            "oof_accuracy": {b: float(np.mean(oof[b].argmax(axis=1) == y_all[train_rows])) for b in ("image", "text")},
+        }
+        return kernel, bias, info
+
+    def fit_probe_expert(seed: int):
+        """The linear probe on [L2(image); L2(text)] of the training rows, every stored view of each photo."""
+        from prodfuse.data.sequence import view_count, with_view
+        from prodfuse.modeling.experts import probe_model
+
+        rows = splits["train"]
+        sub = {k: arrays[k][rows] for k in ("image", "image_views") if k in arrays}
+        views = [with_view(sub, v)["image"] for v in range(view_count(sub))]
+        return probe_model(views, arrays["text"][rows], y_all[rows], len(classes), seed=seed)
+
+    def fit_joint(m_img, m_txt, seed: int, folder: Path):
+        """Fusion "joint": both stream models frozen, a head on their vectors and logits trained on the training
+        split, stopped early on validation."""
+        from prodfuse.modeling.stacking import joint_model
+
+        joint = joint_model(m_img, m_txt, seed=seed)
+        sub = {
+            k: arrays[k] for k in [t.name for t in joint.inputs] + (["image_views"] if "image_views" in arrays else [])
+        }
+        folder.mkdir(parents=True, exist_ok=True)
+        hist = fit_model(
+            joint,
+            ShardSequence(
+                **{**seq_kw, "arrays": sub}, rows=splits["train"], training=True, class_weight=class_weight, seed=seed
+            ),
+            ShardSequence(**{**seq_kw, "arrays": sub}, rows=splits["val"]),
+            config,
+            folder,
+        )
+        (folder / "checkpoint.keras").unlink(missing_ok=True)
+        return joint, hist
+
+    if config.fusion in LATE_FUSIONS and both:
         from prodfuse.modeling.experts import fit_product_weights, present, product_model
+        from prodfuse.modeling.stacking import stack_model
 
         members = []
         for i in range(config.ensemble):
@@ -440,32 +522,54 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path, replicas: 
                 plot_curves(fitted[branch][1].history, folders[branch] / "curves.png")
                 (folders[branch] / "checkpoint.keras").unlink(missing_ok=True)
             (m_img, h_img, sub_img), (m_txt, h_txt, sub_txt) = fitted["image"], fitted["text"]
-            val = splits["val"]
-            # each model's validation probabilities as prediction makes them (the image's averaged over its views)
-            p_image, p_text = predict_probs(m_img, sub_img, val), predict_probs(m_txt, sub_txt, val)
-            a, b, info = fit_product_weights(
-                y_all[val], p_image, p_text, present(sub_img["image"][val]), present(next(iter(sub_txt.values()))[val])
-            )
-            log.info(
-                "product fusion weights: image %.3g, text %.3g (validation log-loss %.4f; image alone %.4f, "
-                "text alone %.4f)",
-                a,
-                b,
-                info["product"]["logloss"],
-                info["image"]["logloss"],
-                info["text"]["logloss"],
-            )
-            streams[f"member_{i}" if i else "fit"] = {
-                **info,
-                "best_epoch": {"image": _best_epoch(h_img.history, config), "text": _best_epoch(h_txt.history, config)},
-            }
-            members.append(product_model(m_img, m_txt, a, b, name=f"member_{i}" if config.ensemble > 1 else None))
+            if config.fusion == "product":
+                val = splits["val"]
+                # each model's validation probabilities as prediction makes them (the image's averaged over its views)
+                p_image, p_text = predict_probs(m_img, sub_img, val), predict_probs(m_txt, sub_txt, val)
+                probe, p_probe = None, None
+                if config.uses_probe_expert:
+                    log.info("linear probe expert: logistic regression on both embeddings")
+                    probe = fit_probe_expert(seed)
+                    p_probe = predict_probs(probe, {k: v for k, v in arrays.items() if k != "tokens"}, val)
+                a, b, *c, info = fit_product_weights(
+                    y_all[val],
+                    p_image,
+                    p_text,
+                    present(sub_img["image"][val]),
+                    present(next(iter(sub_txt.values()))[val]),
+                    p_probe,
+                )
+                log.info(
+                    "product fusion weights: image %.3g, text %.3g%s (validation log-loss %.4f; image alone %.4f, "
+                    "text alone %.4f)",
+                    a,
+                    b,
+                    f", probe {c[0]:.3g}" if c else "",
+                    info["product"]["logloss"],
+                    info["image"]["logloss"],
+                    info["text"]["logloss"],
+                )
+            best = {"image": _best_epoch(h_img.history, config), "text": _best_epoch(h_txt.history, config)}
+            key, member_name = f"member_{i}" if i else "fit", f"member_{i}" if config.ensemble > 1 else None
+            if config.fusion == "product":
+                streams[key] = {**info, "best_epoch": best}
+                members.append(product_model(m_img, m_txt, a, b, member_name, probe, c[0] if c else None))
+            elif config.fusion == "stack":
+                kernel, bias, stacked = fit_stack(
+                    train_alone, {"image": sub_img, "text": sub_txt}, seed, run / (f"oof_{i}" if i else "oof")
+                )
+                late[key] = {**stacked, "best_epoch": best}
+                members.append(stack_model(m_img, m_txt, kernel, bias, name=member_name))
+            else:
+                joint, h_joint = fit_joint(m_img, m_txt, seed, run / (f"joint_{i}" if i else "joint"))
+                late[key] = {"best_epoch": {**best, "joint": _best_epoch(h_joint.history, config)}}
+                members.append(joint)
             alone_models["image"].append((m_img, sub_img))
             alone_models["text"].append((m_txt, sub_txt))
             if not i:
                 history = h_img  # best_epoch and curves.png: the first member's image stream
         model = members[0] if len(members) == 1 else average_members(members)
-        _stream_history(run, "image", "text")
+        _stream_history(run, "image", "text", *(["joint"] if config.fusion == "joint" else []))
     elif config.staged and both:
         branch_models = []
         for branch in ("image", "text"):
@@ -500,10 +604,16 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path, replicas: 
         if len(splits[name]):
             probs = predict_probs(model, arrays, splits[name])
             metrics[name] = classification_metrics(y_all[splits[name]], probs)
+            if hierarchy:
+                metrics[name].update(_level_metrics(hierarchy, probs, classes, y_all, splits[name], labels_all))
     stream_metrics = _stream_metrics(model, alone_models, arrays, y_all, splits) if both else None
     hist = history.history
     best_epoch = _best_epoch(hist, config)
     (run / "labels.json").write_text(json.dumps(classes, indent=1))
+    if hierarchy:
+        from prodfuse.modeling.hierarchy import save_hierarchy
+
+        save_hierarchy(run, hierarchy[0])
     record = {
         "schema_version": CONFIG_SCHEMA_VERSION,
         "versions": {"prodfuse": __version__},
@@ -536,6 +646,9 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path, replicas: 
         # product fusion: the fitted weights, each stream's validation score and best epoch (best_epoch above and
         # curves.png are the image stream's; history.csv has both, image/ and text/ each stream's own files)
         "product_fusion": streams or None,
+        # fusion stack or joint: per member ("fit" the first) the streams' (and the joint head's) best epochs, and a
+        # stack's folds and its streams' out-of-fold accuracy on the training rows
+        "late_fusion": late or None,
         # per split, the items of each class: the model card's known limits (few training items, absent classes)
         "class_counts": {
             name: {c: int(n) for c, n in sorted(Counter(labels_all[rows].tolist()).items())}
@@ -556,5 +669,11 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path, replicas: 
     plot_curves(hist, run / "curves.png")
     write_model_card(run)  # last: it reads the files above
     return Run(
-        path=run, model=model, classes=classes, config=record, fingerprint=record["model_sha256"], metrics=metrics
+        path=run,
+        model=model,
+        classes=classes,
+        config=record,
+        fingerprint=record["model_sha256"],
+        metrics=metrics,
+        hierarchy=hierarchy[0] if hierarchy else None,
     )

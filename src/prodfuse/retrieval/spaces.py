@@ -35,27 +35,32 @@ def items_table(folder: Path, manifest: dict, rows=None) -> pd.DataFrame:
 
 def fused_model(model):
     """Sub-model from a classifier's inputs to the vector its classifier reads: the fusion output (or the one
-    branch's output of a unimodal model). A product fusion has no joint vector: its two streams' branch vectors,
-    each of unit length and scaled by the square root of its share of the fitted weights, side by side, so the
-    cosine of two items is the weighted mean of their image and text cosines (a stream an item lacks is zeros)."""
+    branch's output of a unimodal model; a joint head's hidden vector). A product or stacked fusion has no joint
+    vector: its two streams' branch vectors, each of unit length and scaled by the square root of its share of the
+    fitted weights (a stack: its mean diagonal coefficients), side by side, so the cosine of two items is the
+    weighted mean of their image and text cosines (a stream an item lacks is zeros)."""
     import keras
 
+    from prodfuse.modeling.fusion import ProductFusion
     from prodfuse.modeling.model import model_inputs
     from prodfuse.modeling.probabilities import product_parts
 
     parts = product_parts(model)
     if parts:
         *subs, fusion = parts
-        total = fusion.image_weight + fusion.text_weight or 1.0
+        weights = (
+            fusion.stream_weights() if hasattr(fusion, "stream_weights") else (fusion.image_weight, fusion.text_weight)
+        )
+        total = sum(weights) or 1.0
         vectors = []
-        for stream, sub, weight in zip(("image", "text"), subs, (fusion.image_weight, fusion.text_weight)):
+        for stream, sub, weight in zip(("image", "text"), subs, weights):
             names = model_inputs(sub)
             branch = keras.Model(sub.input, sub.get_layer(f"{stream}_branch_out").output)(
                 {k: model.input[k] for k in names}
             )
             unit = keras.layers.UnitNormalization(name=f"{stream}_unit")(branch)
             # an item without this stream (all-zero input) gets zeros here, as the product gives it no say
-            there = fusion.present(model.input[names[0]])
+            there = ProductFusion.present(model.input[names[0]])
             vectors.append(keras.layers.Rescaling((weight / total) ** 0.5, name=f"{stream}_share")(unit) * there)
         return keras.Model(
             model.input, keras.layers.Concatenate(name="streams")(vectors), name=f"{model.name}_embedding"

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException
 
 from prodfuse.encoders.image import ALLOWED_FORMATS, ImageRejected
 from prodfuse.inference.predictor import Predictor
+from prodfuse.modeling.hierarchy import back_off
 from prodfuse.modeling.model_card import model_card
 from prodfuse.serving.batcher import MicroBatcher
 from prodfuse.serving.config import ServeConfig
@@ -129,6 +130,8 @@ class Service:
         self.inflight = 0
         self.text_fields = list(predictor.text_cols)
         self.num_classes = len(self.run.classes)
+        self.hierarchy = self.run.hierarchy  # a run trained with label_cols answers a path and takes min_confidence
+        self.options = ("top_k", "min_confidence") if self.hierarchy is not None else ("top_k",)
         self.index, self.to_space = None, None
         if config.index:
             from prodfuse.retrieval.index import Index
@@ -228,7 +231,37 @@ class Service:
             raise ApiError(422, "bad_top_k", f"top_k must be in 1..{self.num_classes} (the classes); got {k}")
         return k
 
+    def min_confidence(self, value) -> float | None:
+        """A request's min_confidence: None when absent, else a number in (0, 1] (a form sends it as text)."""
+        from prodfuse.modeling.hierarchy import check_min_confidence
+
+        if value is None or value == "":
+            return None
+        if self.hierarchy is None:
+            raise ApiError(422, "no_hierarchy", self._no_hierarchy())
+        p = value
+        if isinstance(value, str) and len(value) <= 32:
+            try:
+                p = float(value)
+            except ValueError:
+                pass
+        try:
+            return check_min_confidence(p)
+        except ValueError:
+            raise ApiError(
+                422, "bad_min_confidence", f"min_confidence must be a number in (0, 1]; got {_show(value)}"
+            ) from None
+
+    def _no_hierarchy(self) -> str:
+        return (
+            "min_confidence backs off along a category hierarchy, and this model has none (trained without "
+            "--label-cols)"
+        )
+
     def texts(self, fields: dict, allowed_extra: tuple[str, ...]) -> dict:
+        if "min_confidence" in fields and self.hierarchy is None:
+            raise ApiError(422, "no_hierarchy", self._no_hierarchy())
+        allowed_extra = tuple(allowed_extra) + (("min_confidence",) if self.hierarchy is not None else ())
         unknown = sorted(set(fields) - set(self.text_fields) - set(allowed_extra))
         if unknown:
             accepted = ", ".join(list(allowed_extra) + self.text_fields)
@@ -246,17 +279,17 @@ class Service:
             out[c] = v or ""
         return out
 
-    async def item(self, data: bytes | None, texts: dict, top_k: int) -> dict:
+    async def item(self, data: bytes | None, texts: dict, top_k: int, min_confidence: float | None = None) -> dict:
         """Classify one item (ApiError when it cannot be), counted by outcome in the metrics."""
         try:
-            out = await self._item(data, texts, top_k)
+            out = await self._item(data, texts, top_k, min_confidence)
         except ApiError as e:
             self.metrics.items.labels(e.error).inc()
             raise
         self.metrics.items.labels("ok").inc()
         return out
 
-    async def _item(self, data: bytes | None, texts: dict, top_k: int) -> dict:
+    async def _item(self, data: bytes | None, texts: dict, top_k: int, min_confidence: float | None = None) -> dict:
         """Decode and OCR the item's photo (if any), then wait for its place in a model batch."""
         started = time.perf_counter()
         timings = {}
@@ -300,6 +333,8 @@ class Service:
         timings.update(queue=queued * 1000, model=model_ms, total=(time.perf_counter() - started) * 1000)
         return {
             "top_k": [{"label": lb, "probability": p} for lb, p in zip(result["labels"][:top_k], result["probs"])],
+            # the batch's model call gives each item's whole path; its own min_confidence cuts it (a prefix)
+            **({"path": back_off(result["path"], min_confidence)} if "path" in result else {}),
             "ocr_text": result["ocr_text"],
             "contributions": {"image": result["image_contribution"], "text": result["text_contribution"]},
             "model": {"name": self.run.path.name, "fingerprint": self.run.fingerprint},
@@ -325,6 +360,7 @@ class Service:
             "name": run.path.name,
             "fingerprint": run.fingerprint,
             "labels": run.classes,
+            **({"levels": list(self.hierarchy.levels)} if self.hierarchy is not None else {}),
             "inputs": run.inputs,
             "text_fields": self.text_fields,
             "backbone": settings.get("backbone"),
@@ -384,13 +420,31 @@ def _request_bodies(service: Service) -> tuple[dict, dict]:
         for c in service.text_fields
     }
     photo = {"type": "string", "format": "binary", "description": "the product photo: " + ", ".join(ALLOWED_FORMATS)}
+    # only a run with a category hierarchy takes min_confidence (others refuse it, so their schema lacks it)
+    confidence = (
+        {
+            "min_confidence": {
+                "type": "number",
+                "exclusiveMinimum": 0,
+                "maximum": 1,
+                "description": "the answered path stops at the deepest level whose probability is at least this",
+            }
+        }
+        if service.hierarchy is not None
+        else {}
+    )
     predict = {
         "type": "object",
         "description": "an image, a non-blank text field, or both",
-        "properties": {"image": photo, **texts, "top_k": {**top_k, "default": min(DEFAULT_TOP_K, service.num_classes)}},
+        "properties": {
+            "image": photo,
+            **texts,
+            "top_k": {**top_k, "default": min(DEFAULT_TOP_K, service.num_classes)},
+            **confidence,
+        },
         "additionalProperties": False,
     }
-    fields = ", ".join(["image_base64", *service.text_fields, "top_k"])
+    fields = ", ".join(["image_base64", *service.text_fields, *service.options])
     # A batch item's own mistake is answered in its place in `results` ({"error", "detail", "status"}) and the other
     # items are classified: so the schema leaves an item open, and says what it takes.
     item = {"description": f"an object of {fields} (as /v1/predict's fields; the photo as base64)"}
@@ -404,6 +458,7 @@ def _request_bodies(service: Service) -> tuple[dict, dict]:
                 "into images. Without it, one item per image. An item's own mistake is answered in its place.",
             },
             "top_k": top_k,
+            **confidence,
         },
         "additionalProperties": False,
     }
@@ -414,6 +469,7 @@ def _request_bodies(service: Service) -> tuple[dict, dict]:
             # more than --max-items is 413 (a limit, not a malformed request), so no maxItems here
             "items": {"type": "array", "items": item, "minItems": 1, "description": f"at most {config.max_items}"},
             "top_k": {**top_k, "type": ["integer", "null"]},  # null: the default
+            **{k: {**v, "type": ["number", "null"]} for k, v in confidence.items()},
         },
         "additionalProperties": False,
     }
@@ -574,12 +630,13 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
             fields = {k: v for k, v in form.multi_items() if k != "image"}
             texts = service.texts(fields, ("image", "top_k"))
             k = service.top_k(fields.get("top_k"))
+            min_confidence = service.min_confidence(fields.get("min_confidence"))
             data = await images[0].read() if images else None
         finally:
             await form.close()
         service.admit(1)
         try:
-            return await service.item(data, texts, k)
+            return await service.item(data, texts, k, min_confidence)
         finally:
             service.release(1)
 
@@ -615,19 +672,24 @@ async def _batch_jobs(request: Request, service: Service) -> list[tuple | ApiErr
         body = _json(raw, "the body")
         if not isinstance(body, dict) or not isinstance(body.get("items"), list):
             raise ApiError(422, "bad_json", 'the body must be {"items": [...], "top_k": K}')
-        unknown = sorted(set(body) - {"items", "top_k"})
+        if "min_confidence" in body and service.hierarchy is None:
+            raise ApiError(422, "no_hierarchy", service._no_hierarchy())
+        unknown = sorted(set(body) - {"items", *service.options})
         if unknown:
-            raise ApiError(422, "unknown_field", f"unknown field(s) {_show(unknown)}; accepted: items, top_k")
+            accepted = ", ".join(["items", *service.options])
+            raise ApiError(422, "unknown_field", f"unknown field(s) {_show(unknown)}; accepted: {accepted}")
         items, images = body["items"], None
         default_k = body.get("top_k")
+        default_confidence = body.get("min_confidence")
     else:
         form = await request.form(max_files=limit + 1, max_fields=64)
         try:
-            unknown = sorted(set(form) - {"images", "items", "top_k"})
+            if "min_confidence" in form and service.hierarchy is None:
+                raise ApiError(422, "no_hierarchy", service._no_hierarchy())
+            unknown = sorted(set(form) - {"images", "items", *service.options})
             if unknown:
-                raise ApiError(
-                    422, "unknown_field", f"unknown field(s) {_show(unknown)}; accepted: images, items, top_k"
-                )
+                accepted = ", ".join(["images", "items", *service.options])
+                raise ApiError(422, "unknown_field", f"unknown field(s) {_show(unknown)}; accepted: {accepted}")
             files = form.getlist("images")
             if any(not isinstance(f, UploadFile) for f in files):
                 raise ApiError(422, "bad_field", "'images' must be file uploads (multipart/form-data)")
@@ -636,6 +698,7 @@ async def _batch_jobs(request: Request, service: Service) -> list[tuple | ApiErr
             images = [await f.read() for f in files]
             raw = form.get("items")
             default_k = form.get("top_k")
+            default_confidence = form.get("min_confidence")
         finally:
             await form.close()
         size = sum(map(len, images)) + len(raw if isinstance(raw, str) else "")
@@ -660,7 +723,8 @@ async def _batch_jobs(request: Request, service: Service) -> list[tuple | ApiErr
             f"({_item_bytes(service.config)} per item: --max-upload-mb as base64, and the text fields)",
         )
     k_default = service.top_k(default_k)
-    return [_batch_item(item, images, service, k_default) for item in items]
+    confidence_default = service.min_confidence(default_confidence)
+    return [_batch_item(item, images, service, k_default, confidence_default) for item in items]
 
 
 def _item_bytes(config: ServeConfig) -> int:
@@ -683,14 +747,20 @@ def _json(data: bytes | str, what: str):
         raise ApiError(422, "bad_json", f"{what} is not JSON: {_show(str(e))}") from None
 
 
-def _batch_item(item, images: list[bytes] | None, service: Service, k_default: int) -> tuple | ApiError:
-    """One job (data, texts, top_k), or the item's own error."""
+def _batch_item(
+    item, images: list[bytes] | None, service: Service, k_default: int, confidence_default: float | None = None
+) -> tuple | ApiError:
+    """One job (data, texts, top_k, min_confidence), or the item's own error."""
     try:
         if not isinstance(item, dict):
             raise ApiError(422, "bad_item", f"an item must be a JSON object; got {type(item).__name__}")
         image_key = "image_base64" if images is None else "image"
-        texts = service.texts({k: v for k, v in item.items() if k not in (image_key, "top_k")}, (image_key, "top_k"))
+        options = (image_key, *service.options)
+        texts = service.texts({k: v for k, v in item.items() if k not in options}, (image_key, "top_k"))
         k = service.top_k(item["top_k"]) if "top_k" in item else k_default
+        min_confidence = (
+            service.min_confidence(item["min_confidence"]) if "min_confidence" in item else confidence_default
+        )
         ref, data = item.get(image_key), None
         if ref is not None and images is None:
             if not isinstance(ref, str):
@@ -703,6 +773,6 @@ def _batch_item(item, images: list[bytes] | None, service: Service, k_default: i
             if isinstance(ref, bool) or not isinstance(ref, int) or not 0 <= ref < len(images):
                 raise ApiError(422, "bad_image_index", f"'image' must index the {len(images)} images; got {_show(ref)}")
             data = images[ref]
-        return data, texts, k
+        return data, texts, k, min_confidence
     except ApiError as e:
         return e
