@@ -48,9 +48,6 @@ def _small_tree() -> Hierarchy:
 
 def test_tree_is_learned_from_the_labelled_rows():
     cols = _columns(["img_a", "img_b", "txt_c", "txt_d", "img_a"])
-    # an unlabelled row (empty finest label) says nothing about the tree, even with empty or odd coarser labels
-    for c, v in (("family", ""), ("kind", "Z"), ("label", "")):
-        cols[c].append(v)
     h = learn_hierarchy(cols, LEVELS)
     assert h.levels == LEVELS and h.leaf_level == "label"
     assert h.parents == {
@@ -80,6 +77,15 @@ def test_a_label_with_two_parents_is_an_error_naming_it_unless_majority():
     cols["family"][1] = "words"
     with pytest.raises(ValueError, match="kind 'B' has 2 parents at level 'family'"):
         learn_hierarchy(cols, LEVELS)
+
+
+@pytest.mark.parametrize("empty", [None, "", float("nan")])
+def test_an_empty_finest_label_is_an_error_not_a_class(empty):
+    # training would learn the empty cell as a class of its own ("None", "nan") that the tree does not have
+    cols = _columns(["img_a", "img_b", "txt_c"])
+    cols["label"][1] = empty
+    with pytest.raises(ValueError, match=r"1 rows have no 'label' label \(empty\), e.g. ids \['p1'\]"):
+        learn_hierarchy(cols, LEVELS, ids=["p0", "p1", "p2"])
 
 
 def test_an_empty_coarser_label_on_a_labelled_row_is_an_error():

@@ -136,3 +136,12 @@ def test_late_fusion_settings_are_checked():
         TrainConfig(fusion="stack", stack_folds=1)
     with pytest.raises(ValueError, match="staged training.*'joint'"):
         TrainConfig(fusion="joint", staged=True)
+
+
+@pytest.mark.parametrize("fusion", ["joint", "product"])
+def test_an_ensemble_of_late_fusions_is_one_model(synth, tmp_path, fusion):
+    """Each member is named apart, so the averaged model builds, saves and loads (a joint ensemble did not)."""
+    r = train(synth, tmp_path / fusion, "--fusion", fusion, "--ensemble", "2", "--epochs", "3")
+    model = keras.models.load_model(Path(r["run"]) / "model.keras")
+    assert [layer.name for layer in model.layers if isinstance(layer, keras.Model)] == ["member_0", "member_1"]
+    assert r["metrics"]["val"]["accuracy"] > 0.25

@@ -57,8 +57,8 @@ class TrainConfig:
     fusion: str = "product"
     # fusion "product": a third expert, the linear probe on both embeddings (logistic regression, as compare's
     # lr_concat), its weight fitted on validation with the two streams'. None: on wherever it applies (product of
-    # an image and a text embedding): it read above the two-expert product on every seed of fashion, fashion with
-    # catalog columns and grocery (docs/reports/model-quality.md)
+    # an image and a text embedding): it read at least the two-expert product on every seed of fashion, fashion with
+    # catalog columns and grocery, above it on 7 of 9 (docs/reports/model-quality.md)
     probe_expert: bool | None = None
     stack_folds: int = 3  # fusion "stack": folds of the training rows for the out-of-fold probabilities
     text_branch: str = "mlp"

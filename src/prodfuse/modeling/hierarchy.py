@@ -127,9 +127,12 @@ def check_min_confidence(value) -> float | None:
 # ---------------------------------------------------------------------------------------------------- learning
 
 
+EMPTY = ("", "nan", "None")  # how an empty catalog cell reads once carried into a shard column (None, NaN)
+
+
 def _text(values) -> np.ndarray:
-    """Labels as str, None (no value in the shard) as ""."""
-    return np.array(["" if v is None else str(v) for v in values], dtype=object)
+    """Labels as str, an empty cell (None, NaN, blank) as ""."""
+    return np.array(["" if v is None or str(v) in EMPTY else str(v) for v in values], dtype=object)
 
 
 def learn_hierarchy(columns: dict, levels, label_parents: str = "unique", ids=None) -> Hierarchy:
@@ -145,6 +148,14 @@ def learn_hierarchy(columns: dict, levels, label_parents: str = "unique", ids=No
     labelled = values[levels[-1]] != ""
     if not labelled.any():
         raise ValueError(f"no row has a {levels[-1]!r} label: the hierarchy {list(levels)} cannot be learned")
+    if not labelled.all():  # training would learn the empty cell as a class of its own ("nan", "None")
+        rows = np.flatnonzero(~labelled)[:_SHOWN]
+        named = [str(ids[i]) for i in rows] if ids is not None else [int(i) for i in rows]
+        raise ValueError(
+            f"{int((~labelled).sum())} rows have no {levels[-1]!r} label (empty), e.g. "
+            f"{'ids' if ids is not None else 'rows'} {named}: a hierarchy needs every row labelled. Fill them in the "
+            f"catalog, or leave those rows out, and extract again."
+        )
     for level in levels[:-1]:
         empty = labelled & (values[level] == "")
         if empty.any():

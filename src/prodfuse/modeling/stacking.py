@@ -88,7 +88,8 @@ def joint_model(image_model: keras.Model, text_model: keras.Model, seed=None, na
     ReLU -> Dropout -> "deep_logits" -> "probs". Only the head trains; the streams stay as they were trained alone.
 
     The branch vectors are the ``*_branch_out`` layers of build_model's single-stream models; the logits are their
-    ``logits`` (wide and deep) or the input of "probs"."""
+    ``logits`` (wide and deep) or the input of "probs" (without the wide path: the vector again). ``seed`` calls
+    ``keras.utils.set_random_seed`` (global), as build_model does, so the head's weights are reproducible."""
     inputs, image_names, text_names = _late_inputs(image_model, text_model)
     parts = []
     for stream, sub, names in (("image", image_model, image_names), ("text", text_model, text_names)):

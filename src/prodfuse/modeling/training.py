@@ -486,12 +486,12 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path, replicas: 
         views = [with_view(sub, v)["image"] for v in range(view_count(sub))]
         return probe_model(views, arrays["text"][rows], y_all[rows], len(classes), seed=seed)
 
-    def fit_joint(m_img, m_txt, seed: int, folder: Path):
+    def fit_joint(m_img, m_txt, seed: int, folder: Path, name=None):
         """Fusion "joint": both stream models frozen, a head on their vectors and logits trained on the training
         split, stopped early on validation."""
         from prodfuse.modeling.stacking import joint_model
 
-        joint = joint_model(m_img, m_txt, seed=seed)
+        joint = joint_model(m_img, m_txt, seed=seed, name=name)
         sub = {
             k: arrays[k] for k in [t.name for t in joint.inputs] + (["image_views"] if "image_views" in arrays else [])
         }
@@ -561,7 +561,7 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path, replicas: 
                 late[key] = {**stacked, "best_epoch": best}
                 members.append(stack_model(m_img, m_txt, kernel, bias, name=member_name))
             else:
-                joint, h_joint = fit_joint(m_img, m_txt, seed, run / (f"joint_{i}" if i else "joint"))
+                joint, h_joint = fit_joint(m_img, m_txt, seed, run / (f"joint_{i}" if i else "joint"), member_name)
                 late[key] = {"best_epoch": {**best, "joint": _best_epoch(h_joint.history, config)}}
                 members.append(joint)
             alone_models["image"].append((m_img, sub_img))
