@@ -29,6 +29,7 @@ FORMAT_VERSION = 1
 EMBEDDING_COLUMNS = ("image_embedding", "text_embedding", "image_views")
 READ_BATCH_ROWS = 1000
 NON_NULL_COLUMNS = EMBEDDING_COLUMNS + ("tokens", "has_text")
+EMPTY_CELLS = ("", "nan", "None")  # how an empty catalog cell reads once carried into a shard column as text
 # Keys of the manifest that must match for a re-run to resume instead of starting over.
 RESUME_KEYS = ("catalog_sha256", "columns", "settings", "encoders")
 

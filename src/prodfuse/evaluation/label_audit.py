@@ -38,7 +38,6 @@ ISSUE_COLUMNS = ["id", "rank", "given_label", "suggested_label", "suggested_prob
 SUMMARY_COLUMNS = ["given_label", "suggested_label", "count"]
 TEXT_CHARS = 120  # a title's length: the excerpt a reviewer reads beside the photo
 THUMB_PX = 128
-EMPTY_LABELS = ("", "nan", "None")  # how an empty catalog cell reads once carried into a shard column
 INTERNAL = {"has_text", "text", "ocr_text", "tokens"}
 
 
@@ -219,7 +218,7 @@ def audit_labels(config: AuditLabelsConfig) -> dict:
     wanted = [id_col, label_col] + [c for c in (image_col, "text") if c in present and c not in (id_col, label_col)]
     items = shards.read_shards(emb, list(dict.fromkeys(wanted)))
     labels = np.array(["" if v is None else str(v) for v in items[label_col]], dtype=object)
-    empty = np.isin(labels, EMPTY_LABELS)
+    empty = np.isin(labels, shards.EMPTY_CELLS)
     if empty.any():
         ids = [str(v) for v in items[id_col][empty][:5]]
         raise ValueError(

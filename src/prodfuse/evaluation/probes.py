@@ -15,16 +15,8 @@ import numpy as np
 
 from prodfuse.evaluation.config import PROBES  # noqa: E402,F401  (the names, defined with the configs)
 from prodfuse.inference.calibration import apply_temperature, fit_late_weight, fit_temperature
+from prodfuse.modeling.linear import PROBE_C, l2_rows  # one probe for compare and the probe expert
 from prodfuse.modeling.metrics import classification_metrics
-
-PROBE_C = 10.0
-
-
-def l2_rows(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length; all-zero rows (no text) stay zero."""
-    x = np.asarray(x, dtype=np.float32)
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norm, 1e-12)
 
 
 def probe_features(arrays: dict[str, np.ndarray], streams: tuple[str, ...], rows: np.ndarray) -> list[np.ndarray]:

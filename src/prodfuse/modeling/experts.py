@@ -14,11 +14,22 @@ import keras
 import numpy as np
 
 from prodfuse.modeling.fusion import ProductFusion
+from prodfuse.modeling.linear import PROBE_C, dense_weights, l2_rows
 
-PROBE_C = 10.0  # the linear probe's inverse L2 strength, as compare's probes (prodfuse.evaluation.probes)
 # Upper bound of either weight: a weight is 1/T of temperature scaling, and T below 0.2 is a one-hot oracle.
 MAX_WEIGHT = 5.0
 _EPS = 1e-12
+
+
+def stream_inputs(image_model: keras.Model, text_model: keras.Model):
+    """(inputs, image input names, text input names): one Keras Input per input of the two stream models, for a
+    model that joins them."""
+    from prodfuse.modeling.model import model_inputs
+
+    image_names, text_names = model_inputs(image_model), model_inputs(text_model)
+    specs = {t.name: t for m in (image_model, text_model) for t in m.inputs}
+    inputs = {k: keras.Input(specs[k].shape[1:], dtype=specs[k].dtype, name=k) for k in image_names + text_names}
+    return inputs, image_names, text_names
 
 
 def present(x: np.ndarray) -> np.ndarray:
@@ -124,9 +135,7 @@ def product_model(
     is used, saved and loaded like any other prodfuse model."""
     from prodfuse.modeling.model import model_inputs
 
-    image_names, text_names = model_inputs(image_model), model_inputs(text_model)
-    specs = {t.name: t for m in (image_model, text_model) for t in m.inputs}
-    inputs = {k: keras.Input(specs[k].shape[1:], dtype=specs[k].dtype, name=k) for k in image_names + text_names}
+    inputs, image_names, text_names = stream_inputs(image_model, text_model)
     p_image = image_model({k: inputs[k] for k in image_names})
     p_text = text_model({k: inputs[k] for k in text_names})
     parts = [p_image, p_text, inputs[image_names[0]], inputs[text_names[0]]]
@@ -147,18 +156,9 @@ def probe_model(
     with registered layers only. ``image_views``: one [n, image_dim] array per view."""
     from sklearn.linear_model import LogisticRegression
 
-    def unit(x):
-        x = np.asarray(x, dtype=np.float32)
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-    x = np.concatenate([np.concatenate([unit(v), unit(text)], axis=1) for v in image_views])
+    x = np.concatenate([np.concatenate([l2_rows(v), l2_rows(text)], axis=1) for v in image_views])
     clf = LogisticRegression(C=c, max_iter=1000, random_state=seed).fit(x, np.tile(y, len(image_views)))
-    kernel = np.zeros((x.shape[1], num_classes), dtype=np.float32)
-    bias = np.full(num_classes, -30.0, dtype=np.float32)  # a class the rows lack is never predicted, as in training
-    if len(clf.classes_) == 2:
-        kernel[:, clf.classes_[1]], bias[clf.classes_[1]], bias[clf.classes_[0]] = clf.coef_[0], clf.intercept_[0], 0
-    else:
-        kernel[:, clf.classes_], bias[clf.classes_] = clf.coef_.T, clf.intercept_
+    kernel, bias = dense_weights(clf, num_classes, x.shape[1])
     image = keras.Input((image_views[0].shape[1],), dtype="float32", name="image")
     text_in = keras.Input((text.shape[1],), dtype="float32", name="text")
     both = keras.layers.Concatenate(name="probe_in")(

@@ -300,6 +300,10 @@ class ProductFusion(keras.layers.Layer):
             z = z + self.probe_weight * log(inputs[4])
         return ops.softmax(z, axis=-1)
 
+    def stream_weights(self):
+        """(image, text): the two streams' fitted weights (retrieval's fused space shares them out)."""
+        return self.image_weight, self.text_weight
+
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[0])
 

@@ -127,12 +127,11 @@ def check_min_confidence(value) -> float | None:
 # ---------------------------------------------------------------------------------------------------- learning
 
 
-EMPTY = ("", "nan", "None")  # how an empty catalog cell reads once carried into a shard column (None, NaN)
-
-
 def _text(values) -> np.ndarray:
     """Labels as str, an empty cell (None, NaN, blank) as ""."""
-    return np.array(["" if v is None or str(v) in EMPTY else str(v) for v in values], dtype=object)
+    from prodfuse.data.shards import EMPTY_CELLS
+
+    return np.array(["" if v is None or str(v) in EMPTY_CELLS else str(v) for v in values], dtype=object)
 
 
 def learn_hierarchy(columns: dict, levels, label_parents: str = "unique", ids=None) -> Hierarchy:

@@ -16,7 +16,9 @@ import warnings
 import keras
 import numpy as np
 
+from prodfuse.modeling.experts import stream_inputs
 from prodfuse.modeling.fusion import BN_MOMENTUM, StackFusion
+from prodfuse.modeling.linear import dense_weights
 
 META_C = 0.1  # the meta-classifier's inverse L2 strength: 2 x classes features on a few thousand rows overfit at C=1
 JOINT_UNITS = 256
@@ -48,33 +50,16 @@ def stack_features(p_image, p_text, image_present, text_present) -> np.ndarray:
 
 def fit_meta(features: np.ndarray, y: np.ndarray, num_classes: int, seed: int = 0, c: float = META_C):
     """The meta-classifier's (kernel [2k, k], bias [k]) from out-of-fold features: scikit-learn's multinomial
-    LogisticRegression. A class absent from `y` gets a bias of -30, so it is never predicted (as in training)."""
+    LogisticRegression, as a Dense layer's weights (linear.dense_weights)."""
     from sklearn.linear_model import LogisticRegression
 
     clf = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(features, y)
-    kernel = np.zeros((features.shape[1], num_classes), dtype=np.float32)
-    bias = np.full(num_classes, -30.0, dtype=np.float32)
-    if len(clf.classes_) == 2:  # binary: scikit-learn keeps one row, the log-odds of the second class
-        kernel[:, clf.classes_[1]], bias[clf.classes_[1]] = clf.coef_[0], clf.intercept_[0]
-        bias[clf.classes_[0]] = 0.0
-    else:
-        kernel[:, clf.classes_] = clf.coef_.T
-        bias[clf.classes_] = clf.intercept_
-    return kernel, bias
-
-
-def _late_inputs(image_model: keras.Model, text_model: keras.Model):
-    from prodfuse.modeling.model import model_inputs
-
-    image_names, text_names = model_inputs(image_model), model_inputs(text_model)
-    specs = {t.name: t for m in (image_model, text_model) for t in m.inputs}
-    inputs = {k: keras.Input(specs[k].shape[1:], dtype=specs[k].dtype, name=k) for k in image_names + text_names}
-    return inputs, image_names, text_names
+    return dense_weights(clf, num_classes, features.shape[1])
 
 
 def stack_model(image_model: keras.Model, text_model: keras.Model, kernel, bias, name=None) -> keras.Model:
     """One Functional model: both stream models side by side, their probabilities fused by StackFusion ("probs")."""
-    inputs, image_names, text_names = _late_inputs(image_model, text_model)
+    inputs, image_names, text_names = stream_inputs(image_model, text_model)
     p_image = image_model({k: inputs[k] for k in image_names})
     p_text = text_model({k: inputs[k] for k in text_names})
     probs = StackFusion(int(p_image.shape[-1]), kernel, bias, name="probs")(
@@ -90,7 +75,7 @@ def joint_model(image_model: keras.Model, text_model: keras.Model, seed=None, na
     The branch vectors are the ``*_branch_out`` layers of build_model's single-stream models; the logits are their
     ``logits`` (wide and deep) or the input of "probs" (without the wide path: the vector again). ``seed`` calls
     ``keras.utils.set_random_seed`` (global), as build_model does, so the head's weights are reproducible."""
-    inputs, image_names, text_names = _late_inputs(image_model, text_model)
+    inputs, image_names, text_names = stream_inputs(image_model, text_model)
     parts = []
     for stream, sub, names in (("image", image_model, image_names), ("text", text_model, text_names)):
         sub.trainable = False

@@ -451,6 +451,8 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path, replicas: 
         """The meta-classifier of fusion "stack": each stream refitted on K-1 folds of the training rows scores the
         K-th (out-of-fold probabilities of every training row), then a logistic regression on both streams'
         log-probabilities. Returns (kernel, bias, info)."""
+        import shutil
+
         from prodfuse.modeling.experts import present
         from prodfuse.modeling.stacking import fit_meta, oof_folds, stack_features
 
@@ -467,8 +469,6 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path, replicas: 
         text_there = present(next(iter(subs["text"].values()))[train_rows])
         features = stack_features(oof["image"], oof["text"], image_there, text_there)
         kernel, bias = fit_meta(features, y_all[train_rows], len(classes), seed)
-        import shutil
-
         shutil.rmtree(folder, ignore_errors=True)  # the fold models are not kept: only their probabilities served
         info = {
             "folds": len(folds),

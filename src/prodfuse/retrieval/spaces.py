@@ -48,9 +48,7 @@ def fused_model(model):
     parts = product_parts(model)
     if parts:
         *subs, fusion = parts
-        weights = (
-            fusion.stream_weights() if hasattr(fusion, "stream_weights") else (fusion.image_weight, fusion.text_weight)
-        )
+        weights = fusion.stream_weights()
         total = sum(weights) or 1.0
         vectors = []
         for stream, sub, weight in zip(("image", "text"), subs, weights):
