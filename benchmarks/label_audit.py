@@ -15,7 +15,10 @@ and `audit_labels` runs on it once per model:
 For each: precision and recall at k = the number flipped of the ranking by self-confidence (the given label's
 out-of-fold probability, lowest first), the area under the precision-recall curve of that ranking (average
 precision), precision and recall of the rows cleanlab flags, and the recall at k of the confused flips, the random
-ones and the flips that stay in the same sub-category (the hard ones). Last printed line: one JSON object.
+ones and the flips that stay in the same sub-category (the hard ones). The clean labels have mislabels of their own,
+which the ranking finds and the score counts as false positives: how many of those at k the clean-label audit
+(the linear probe's) already flags, and the precision at k with its flagged rows that were not flipped left out.
+Last printed line: one JSON object.
 """
 
 from __future__ import annotations
@@ -92,7 +95,11 @@ def flip(labels: np.ndarray, probs: np.ndarray, classes: list[str], fraction: fl
     return np.array(classes, dtype=object)[noisy], rows, confused
 
 
-def score(probs: np.ndarray, audited: np.ndarray, given: np.ndarray, classes, flipped, groups: dict, flagged) -> dict:
+def score(
+    probs: np.ndarray, audited: np.ndarray, given: np.ndarray, classes, flipped, groups: dict, flagged, suspects
+) -> dict:
+    """The ranking's figures; `suspects` (rows the audit flags on the clean labels, before any flip) also gives the
+    precision at k with those rows left out of the ranking, since a real mislabel there counts as a false positive."""
     from sklearn.metrics import average_precision_score
 
     index = {c: i for i, c in enumerate(classes)}
@@ -114,6 +121,13 @@ def score(probs: np.ndarray, audited: np.ndarray, given: np.ndarray, classes, fl
     }
     for name, mask in groups.items():
         out[f"recall_at_k_{name}"] = round(float((top & mask).sum() / max(mask.sum(), 1)), 4)
+    # false positives among the top k that the clean-label audit already flagged: the catalog's own mislabels
+    out["false_positives_at_k"] = int((top & ~flipped).sum())
+    out["false_positives_at_k_clean_suspects"] = int((top & ~flipped & suspects).sum())
+    kept = np.where(suspects & ~flipped, -2.0, suspicion)  # the clean suspects that were not flipped: ranked last
+    top_kept = np.zeros(len(y), bool)
+    top_kept[np.argsort(-kept, kind="stable")[:k]] = True
+    out["precision_at_k_without_clean_suspects"] = round(float((top_kept & flipped).sum() / k), 4)
     return out
 
 
@@ -158,6 +172,7 @@ def main() -> None:
     )
     with np.load(out / "clean" / "pred_probs.npz") as f:
         clean_probs, classes = f["probs"], f["classes"].tolist()
+    suspects = np.isin(ids, pd.read_csv(out / "clean" / "label_issues.csv", dtype={"id": str})["id"])
     noisy, rows, confused = flip(truth, clean_probs, classes, args.noise, args.seed)
     flipped = np.zeros(len(truth), bool)
     flipped[rows] = True
@@ -183,7 +198,7 @@ def main() -> None:
             # cleanlab's flags come with the audited model only; a stream's own are computed as audit_labels does
             flags = flagged if name == m else _flags(probs, audited, noisy, classes)
             figures[name] = {
-                **score(probs, audited, noisy, classes, flipped, groups, flags),
+                **score(probs, audited, noisy, classes, flipped, groups, flags, suspects),
                 "out_of_fold_accuracy_on_noisy": round(_accuracy(probs, noisy, classes), 4),
                 "seconds": seconds,
             }

@@ -203,6 +203,26 @@ def test_evaluate_other_folder_reports_unknown_labels(gated_run):
     assert "never saw" in (out / "report.md").read_text()
 
 
+def test_evaluate_leaves_out_and_counts_the_rows_with_an_empty_label(gated_run, capsys):
+    from prodfuse.cli import main
+    from prodfuse.evaluation.config import EvaluateConfig
+    from prodfuse.evaluation.evaluate import evaluate
+
+    other = make_shards(gated_run / "unlabelled", list("abcd") * 2 + ["", "nan", "None", " ", "zz"], seed=0)
+    out = gated_run / "ev_unlabelled"
+    assert main(["evaluate", "--run", str(gated_run / "run"), "--embeddings", str(other), "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n"] == 8 and m["unlabelled_rows"] == 4
+    assert m["unknown_label_rows"] == 1 and m["unknown_labels"] == {"zz": 1}  # an empty label is not an unknown class
+    assert "4 rows have an empty label (unlabelled, not scored)" in capsys.readouterr().out
+    assert "4 rows with an empty label were not scored" in (out / "report.md").read_text()
+    preds = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    assert len(preds) == 13 and preds["label"].tolist()[8:] == ["", "", "", "", "zz"]  # predicted, not scored
+    nothing = make_shards(gated_run / "all_unlabelled", ["", "nan", "None"], seed=0)
+    with pytest.raises(ValueError, match=r"Every one of the 3 rows selected .* has an empty 'label' label"):
+        evaluate(EvaluateConfig(run=str(gated_run / "run"), embeddings=str(nothing), out=str(gated_run / "ev_none")))
+
+
 def test_evaluate_rejects_a_missing_group_column(gated_run, capsys):
     from prodfuse.cli import main
 

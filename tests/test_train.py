@@ -268,6 +268,58 @@ def test_separate_test_folder_leaves_train_and_val_to_the_main_folder():
     assert "separate test folder" in source
 
 
+def test_rows_with_an_empty_label_are_in_no_split():
+    from prodfuse.data.shards import empty_cells
+    from prodfuse.data.splits import plan_labelled_splits, plan_splits
+
+    assert empty_cells([None, float("nan"), "", "  ", "nan", "None", "red", "0"]).tolist() == [True] * 6 + [False] * 2
+    labels = np.array(["a"] * 10 + ["nan"] * 3 + ["b"] * 10 + ["", None], dtype=object)
+    empty = {10, 11, 12, 23, 24}
+    plan, small, _, n = plan_labelled_splits({"main": labels}, None, None, 0, label_col="label")
+    rows = np.concatenate([r for _, r in plan.values()])
+    assert n == 5 and sorted(rows.tolist()) == sorted(set(range(25)) - empty) and small == []  # no class "nan"
+    split = np.array(["train", "val", "test"] * 8 + [None], dtype=object)  # an unlabelled row's split may be empty
+    plan, _, _, n = plan_labelled_splits({"main": labels}, split, "split", 0, label_col="label")
+    assert n == 5 and not set(np.concatenate([r for _, r in plan.values()]).tolist()) & empty
+    plan, _, _, n = plan_labelled_splits(
+        {"main": labels, "val": np.array(["a", "None", "b"])}, None, None, 0, label_col="label"
+    )
+    assert plan["val"][0] == "val" and plan["val"][1].tolist() == [0, 2] and n == 6
+    with pytest.raises(ValueError, match=r"every one of the 3 rows of 'v' has an empty 'cat' label.*--label-col"):
+        plan_labelled_splits(
+            {"main": labels, "val": np.array(["", "nan", None])}, None, None, 0, label_col="cat", folders={"val": "v"}
+        )
+    # runs trained before unlabelled rows were left out: their splits, recomputed by evaluate, were over every row
+    old, _, _, n = plan_labelled_splits({"main": labels}, None, None, 0, label_col="label", skip_empty=False)
+    again, _, _ = plan_splits(labels.astype(str), None, None, 0)
+    assert n == 0 and all(np.array_equal(old[k][1], again[k][1]) for k in old)
+
+
+def test_train_leaves_out_and_counts_the_rows_with_an_empty_label(tmp_path, eager, capsys):
+    from prodfuse.cli import main
+
+    img, txt, labels = image_vs_text_classes(n_per_class=20)
+    labels = labels.astype(object)
+    empty = [0, 5, 9, 30, 61, 77, 78]
+    labels[empty] = ["", "nan", "None", None, "", " ", None]  # None: a null cell in the shards
+    emb = write_synthetic_shards(tmp_path / "emb", img, txt, labels, shard_rows=30)
+    run = tmp_path / "run"
+    argv = ["--embeddings", str(emb), "--out", str(run), "--fusion", "concat", "--epochs", "1", "--quiet"]
+    assert main(["train", *argv]) == 0
+    assert json.loads((run / "labels.json").read_text()) == ["img_a", "img_b", "txt_c", "txt_d"]
+    config = json.loads((run / "config.json").read_text())
+    s = config["splits"]
+    assert s["unlabelled_rows"] == len(empty) and s["train"] + s["val"] + s["test"] == len(labels) - len(empty)
+    assert all(set(counts) == {"img_a", "img_b", "txt_c", "txt_d"} for counts in config["class_counts"].values())
+    assert f"rows with an empty 'label' label (unlabelled, left out of every split): {len(empty)}" in (
+        capsys.readouterr().out
+    )
+    labels[:] = ["", "nan", None, " "] * 20
+    nothing = write_synthetic_shards(tmp_path / "nothing", img, txt, labels)
+    with pytest.raises(ValueError, match=r"every one of the 80 rows of .* has an empty 'label' label.*--label-col"):
+        prodfuse.train(prodfuse.TrainConfig(embeddings=str(nothing), out=str(tmp_path / "r2"), verbose=0))
+
+
 def test_ensemble_saves_the_mean_of_its_members(synth, tmp_path):
     from prodfuse.data.sequence import read_items
 

@@ -109,6 +109,8 @@ def print_summary(r: dict) -> None:
         )
     if r["unknown_label_rows"]:
         print(f"  {r['unknown_label_rows']} rows have labels the run never saw (not scored): {r['unknown_labels']}")
+    if r.get("unlabelled_rows"):
+        print(f"  {r['unlabelled_rows']} rows have an empty label (unlabelled, not scored)")
     if r.get("note"):
         print(f"  NOTE: {r['note']}")
     print(f"  report: {out_dir / 'report.md'}")

@@ -273,6 +273,9 @@ def print_summary(run) -> None:
     if s["too_small_for_split"]:
         small = ", ".join(f"{d['label']} ({d['items']})" for d in s["too_small_for_split"])
         print(f"  classes too small to split (kept in train only): {small}")
+    if s.get("unlabelled_rows"):
+        n, col = s["unlabelled_rows"], c["label_col"]
+        print(f"  rows with an empty {col!r} label (unlabelled, left out of every split): {n}")
     if s["unseen_labels_excluded"]:
         print(f"  val/test items whose label never occurs in train (not scored): {s['unseen_labels_excluded']}")
     print(f"  run folder: {run.path}")

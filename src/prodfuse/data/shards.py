@@ -34,6 +34,14 @@ EMPTY_CELLS = ("", "nan", "None")  # how an empty catalog cell reads once carrie
 RESUME_KEYS = ("catalog_sha256", "columns", "settings", "encoders")
 
 
+def empty_cells(values) -> np.ndarray:
+    """Per value, True where it is an empty cell: None, NaN, blank, or text in EMPTY_CELLS (a label column's empty
+    cells, read back from a shard: a row that has no label, not a class)."""
+    return np.array(
+        [v is None or (isinstance(v, float) and v != v) or str(v).strip() in EMPTY_CELLS for v in values], dtype=bool
+    )
+
+
 def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 

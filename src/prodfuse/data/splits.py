@@ -144,3 +144,51 @@ def plan_splits(
             source + ", separate test folder",
         )
     return {k: ("main", v) for k, v in splits.items()}, too_small, source
+
+
+def plan_labelled_splits(
+    labels: dict,
+    split_values: np.ndarray | None,
+    split_col: str | None,
+    seed: int,
+    *,
+    label_col: str,
+    folders: dict | None = None,
+    folds: int | None = None,
+    fold: int = 0,
+    skip_empty: bool = True,
+) -> tuple[dict, list, str, int]:
+    """`plan_splits` over the rows that have a label; `train` and `evaluate` both plan with it, so they get the same
+    rows. `labels`: the label column of the main folder ("main") and of a separate "val" / "test" folder if any. A
+    row whose label is empty (`shards.empty_cells`) is unlabelled, not a class: it is in no split. Returns (plan,
+    classes too small to split, description, unlabelled rows of all the folders). A folder with rows but none
+    labelled is a ValueError naming `label_col` (and the folder, from `folders`). `skip_empty` False plans over every
+    row, as runs trained before unlabelled rows were left out did."""
+    from prodfuse.data.shards import empty_cells
+
+    kept = {}
+    for where, values in labels.items():
+        empty = empty_cells(values) if skip_empty else np.zeros(len(values), dtype=bool)
+        if len(values) and empty.all():
+            folder = (folders or {}).get(where)
+            raise ValueError(
+                f"every one of the {len(values)} rows{f' of {str(folder)!r}' if folder else ''} has an empty "
+                f"{label_col!r} label (None, NaN or blank): unlabelled rows are left out, so there is nothing to "
+                f"{'train on' if where == 'main' else 'validate on' if where == 'val' else 'test on'}. Fill "
+                f"{label_col!r} in the catalog and extract again, or pass --label-col with a column that holds the "
+                f"labels."
+            )
+        kept[where] = np.flatnonzero(~empty)
+    main = kept["main"]
+    plan, too_small, source = plan_splits(
+        np.asarray(labels["main"])[main].astype(str),
+        None if split_values is None else np.asarray(split_values)[main],
+        split_col,
+        seed,
+        folds=folds,
+        fold=fold,
+        n_val_folder=len(kept["val"]) if "val" in kept else None,
+        n_test_folder=len(kept["test"]) if "test" in kept else None,
+    )
+    unlabelled = sum(len(labels[where]) - len(rows) for where, rows in kept.items())
+    return {name: (where, kept[where][rows]) for name, (where, rows) in plan.items()}, too_small, source, unlabelled

@@ -40,9 +40,10 @@ FEW_ITEMS = 100
 def run_splits(config: dict) -> dict[str, tuple[Path, np.ndarray]]:
     """The run's train/val/test rows as (shard folder, row positions), recomputed exactly as `train` made them.
 
-    Rows whose label training never saw are kept here (train drops them from val/test); callers report them.
+    Rows whose label training never saw are kept here (train drops them from val/test); callers report them. Rows
+    with an empty label are in no split, as in training (runs trained before that: their splits were over every row).
     """
-    from prodfuse.data.splits import plan_splits
+    from prodfuse.data.splits import plan_labelled_splits
     from prodfuse.modeling.training import resolve_split_col
 
     emb = Path(config["embeddings"])
@@ -56,24 +57,27 @@ def run_splits(config: dict) -> dict[str, tuple[Path, np.ndarray]]:
             emb,
         )
     folders = {"main": emb}
-    sizes = {}
     for where, key in (("val", "val_embeddings"), ("test", "test_embeddings")):
         if config.get(key):
             folders[where] = Path(config[key])
-            sizes[where] = int(shards.read_manifest(folders[where]).get("rows", 0))
-    folds = a.get("folds")
-    split_col = resolve_split_col(manifest, a.get("split_col")) if "val" not in sizes else None
-    cols = shards.read_shards(emb, [config["label_col"]] + ([split_col] if split_col else []))
-    plan, _, _ = plan_splits(
-        np.asarray(cols[config["label_col"]]).astype(str),
+    label_col = config["label_col"]
+    split_col = resolve_split_col(manifest, a.get("split_col")) if "val" not in folders else None
+    cols = shards.read_shards(emb, [label_col] + ([split_col] if split_col else []))
+    labels = {"main": np.asarray(cols[label_col]).astype(str)}
+    for where in ("val", "test"):
+        if where in folders:
+            labels[where] = np.asarray(shards.read_shards(folders[where], [label_col])[label_col]).astype(str)
+    plan = plan_labelled_splits(
+        labels,
         np.asarray(cols[split_col]) if split_col else None,
         split_col,
         a["seed"],
-        folds=folds,
+        label_col=label_col,
+        folders=folders,
+        folds=a.get("folds"),
         fold=a.get("fold") or 0,
-        n_val_folder=sizes.get("val"),
-        n_test_folder=sizes.get("test"),
-    )
+        skip_empty="unlabelled_rows" in config.get("splits", {}),
+    )[0]
     return {k: (folders[where], rows) for k, (where, rows) in plan.items()}
 
 
@@ -201,7 +205,7 @@ def split_probs(run: Run, name: str, batch_size: int = 1024) -> tuple[np.ndarray
     data = read_items(folder, run.inputs, [label_col], rows)
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index.get(str(v), -1) for v in data[label_col]], dtype=np.int64)
-    keep = y >= 0
+    keep = (y >= 0) & ~shards.empty_cells(data[label_col])
     probs = predict_arrays(run.model, {k: data[k][keep] for k in run.inputs}, batch_size)
     return y[keep], probs
 
@@ -280,10 +284,18 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     extra = [id_col, label_col] + levels + ([cfg.group_col] if cfg.group_col else [])
     data = read_items(folder, run.inputs, extra, rows)
     labels = np.asarray(data[label_col]).astype(str)
+    unlabelled = shards.empty_cells(labels)  # not a class, not scored (a run trained before may know "nan")
+    labels[unlabelled] = ""
     index = {c: i for i, c in enumerate(classes)}
     y_all = np.array([index.get(c, -1) for c in labels], dtype=np.int64)
-    known = y_all >= 0
-    unknown = dict(Counter(labels[~known].tolist()))
+    known = (y_all >= 0) & ~unlabelled
+    unknown = dict(Counter(labels[~known & ~unlabelled].tolist()))
+    if unlabelled.all():
+        raise ValueError(
+            f"Every one of the {len(labels)} rows selected ({note}) has an empty {label_col!r} label (None, NaN or "
+            f"blank): there is nothing to score. Fill {label_col!r} in the catalog and extract again, or use "
+            f"`prodfuse predict` for unlabelled data."
+        )
     if not known.any():
         raise ValueError(
             f"None of the {len(labels)} rows selected ({note}) has a label the run knows "
@@ -383,7 +395,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         "without_duplicates": without_duplicates,
         "split": split,
         "rows": note,
-        "unknown_label_rows": int((~known).sum()),
+        "unknown_label_rows": int((~known & ~unlabelled).sum()),
+        "unlabelled_rows": int(unlabelled.sum()),
         "unknown_labels": unknown,
         "per_group": per_group,
         "group_col": cfg.group_col,
@@ -485,6 +498,7 @@ def _report(r: dict, classes: list[str]) -> str:
             if r["unknown_label_rows"]
             else ""
         )
+        + (f"; {r['unlabelled_rows']} rows with an empty label were not scored" if r.get("unlabelled_rows") else "")
         + ".",
         "",
         "## Metrics",

@@ -218,7 +218,7 @@ def audit_labels(config: AuditLabelsConfig) -> dict:
     wanted = [id_col, label_col] + [c for c in (image_col, "text") if c in present and c not in (id_col, label_col)]
     items = shards.read_shards(emb, list(dict.fromkeys(wanted)))
     labels = np.array(["" if v is None else str(v) for v in items[label_col]], dtype=object)
-    empty = np.isin(labels, shards.EMPTY_CELLS)
+    empty = shards.empty_cells(items[label_col])
     if empty.any():
         ids = [str(v) for v in items[id_col][empty][:5]]
         raise ValueError(

@@ -129,9 +129,9 @@ def check_min_confidence(value) -> float | None:
 
 def _text(values) -> np.ndarray:
     """Labels as str, an empty cell (None, NaN, blank) as ""."""
-    from prodfuse.data.shards import EMPTY_CELLS
+    from prodfuse.data.shards import empty_cells
 
-    return np.array(["" if v is None or str(v) in EMPTY_CELLS else str(v) for v in values], dtype=object)
+    return np.where(empty_cells(values), "", np.array([str(v) for v in values], dtype=object)).astype(object)
 
 
 def learn_hierarchy(columns: dict, levels, label_parents: str = "unique", ids=None) -> Hierarchy:

@@ -68,8 +68,9 @@ def load_split_data(
     fold: int = 0,
 ) -> dict:
     """The model inputs and labels of every row (main folder, then the validation and test folders if given,
-    concatenated) and the row positions of each split in them; see `splits.plan_splits`."""
-    from prodfuse.data.splits import plan_splits
+    concatenated) and the row positions of each split in them; see `splits.plan_labelled_splits`: rows with an empty
+    label are in no split, and "unlabelled" counts them."""
+    from prodfuse.data.splits import plan_labelled_splits
 
     split_col = resolve_split_col(shards.read_manifest(emb), split_col_arg)
     use_col = split_col if not val_embeddings else None  # with folds too: its test rows are left out of them
@@ -78,15 +79,15 @@ def load_split_data(
         if folder:
             parts[where] = load_training_data(Path(folder), label_col, None, inputs)
     labels = {k: np.asarray(v[label_col]).astype(str) for k, v in parts.items()}
-    plan, too_small, source = plan_splits(
-        labels["main"],
+    plan, too_small, source, unlabelled = plan_labelled_splits(
+        labels,
         np.asarray(parts["main"][use_col]) if use_col else None,
         use_col,
         seed,
+        label_col=label_col,
+        folders={"main": emb, "val": val_embeddings, "test": test_embeddings},
         folds=folds,
         fold=fold,
-        n_val_folder=len(labels["val"]) if "val" in parts else None,
-        n_test_folder=len(labels["test"]) if "test" in parts else None,
     )
     offsets, n = {}, 0
     for k in parts:
@@ -97,6 +98,7 @@ def load_split_data(
         "splits": {name: rows + offsets[where] for name, (where, rows) in plan.items()},
         "too_small": too_small,
         "source": source,
+        "unlabelled": unlabelled,
     }
 
 
@@ -636,6 +638,7 @@ def _train(config: TrainConfig, emb: Path, manifest: dict, run: Path, replicas: 
             "source": split_source,
             **{k: int(len(v)) for k, v in splits.items()},
             "too_small_for_split": [{"label": c, "items": n} for c, n in too_small],
+            "unlabelled_rows": data["unlabelled"],  # an empty label: in no split (`evaluate` plans as train did)
             "unseen_labels_excluded": unseen,
         },
         "class_weight": class_weight and {classes[c]: w for c, w in class_weight.items()},
