@@ -80,12 +80,15 @@ def test_a_label_with_two_parents_is_an_error_naming_it_unless_majority():
 
 
 @pytest.mark.parametrize("empty", [None, "", float("nan")])
-def test_an_empty_finest_label_is_an_error_not_a_class(empty):
-    # training would learn the empty cell as a class of its own ("None", "nan") that the tree does not have
+def test_a_row_with_an_empty_finest_label_is_unlabelled_not_a_class(empty):
+    # as in flat training: the row is in no split, and its coarser cells do not shape the tree
     cols = _columns(["img_a", "img_b", "txt_c"])
-    cols["label"][1] = empty
-    with pytest.raises(ValueError, match=r"1 rows have no 'label' label \(empty\), e.g. ids \['p1'\]"):
-        learn_hierarchy(cols, LEVELS, ids=["p0", "p1", "p2"])
+    cols["label"][1], cols["kind"][1] = empty, "C"
+    tree = learn_hierarchy(cols, LEVELS, ids=["p0", "p1", "p2"])
+    assert tree.parents == {"kind": {"A": "photo", "T": "words"}, "label": {"img_a": "A", "txt_c": "T"}}
+    cols["label"] = [empty] * 3
+    with pytest.raises(ValueError, match="no row has a 'label' label"):
+        learn_hierarchy(cols, LEVELS)
 
 
 def test_an_empty_coarser_label_on_a_labelled_row_is_an_error():

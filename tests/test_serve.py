@@ -711,6 +711,17 @@ def test_web_page_classifies_an_uploaded_photo_in_a_real_browser(served, tmp_pat
         assert len(similar) == 5 and served["catalog"].iloc[8]["product_id"] in similar[0].text
         if os.environ.get("PRODFUSE_SCREENSHOT"):
             driver.save_screenshot(os.environ["PRODFUSE_SCREENSHOT"])
+        assert not driver.find_element(By.ID, "pathbox").is_displayed()  # a flat run's answer has no path
+        # a hierarchical run's answer (as the service gives it) shows its path, coarse to fine
+        driver.execute_script(
+            "show({top_k: [], ocr_text: '', contributions: {}, similar: null, timings_ms: {}, path: arguments[0]})",
+            [
+                {"level": "family", "label": "photo", "probability": 0.99},
+                {"level": "kind", "label": "A", "probability": 0.9},
+            ],
+        )
+        shown = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#path .row .label")]
+        assert shown == ["family: photo", "kind: A"] and driver.find_element(By.ID, "pathbox").is_displayed()
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert not errors, errors
         # nothing loaded from outside the service

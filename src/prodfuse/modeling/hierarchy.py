@@ -136,7 +136,7 @@ def _text(values) -> np.ndarray:
 
 def learn_hierarchy(columns: dict, levels, label_parents: str = "unique", ids=None) -> Hierarchy:
     """The tree of `levels` (column names, coarse to fine) from the rows of `columns` ({column: values}) whose finest
-    label is not empty. Each node must have one parent over those rows (else a ValueError naming the node, its
+    label is not empty (the others are unlabelled: training leaves them out of every split). Each node must have one parent over those rows (else a ValueError naming the node, its
     parents and the level; with `label_parents` "majority" it keeps its most frequent one and the conflict is
     recorded), and no coarser level may be empty on such a row (a ValueError naming rows by `ids` when given)."""
     from prodfuse.checks import check_choice
@@ -147,14 +147,6 @@ def learn_hierarchy(columns: dict, levels, label_parents: str = "unique", ids=No
     labelled = values[levels[-1]] != ""
     if not labelled.any():
         raise ValueError(f"no row has a {levels[-1]!r} label: the hierarchy {list(levels)} cannot be learned")
-    if not labelled.all():  # training would learn the empty cell as a class of its own ("nan", "None")
-        rows = np.flatnonzero(~labelled)[:_SHOWN]
-        named = [str(ids[i]) for i in rows] if ids is not None else [int(i) for i in rows]
-        raise ValueError(
-            f"{int((~labelled).sum())} rows have no {levels[-1]!r} label (empty), e.g. "
-            f"{'ids' if ids is not None else 'rows'} {named}: a hierarchy needs every row labelled. Fill them in the "
-            f"catalog, or leave those rows out, and extract again."
-        )
     for level in levels[:-1]:
         empty = labelled & (values[level] == "")
         if empty.any():
