@@ -210,6 +210,10 @@ def synth(tmp_path_factory):
     img, txt, labels = image_vs_text_classes(n_per_class=100)
     extra = _columns(labels)
     extra.pop("label")
+    # three unlabelled rows (a stray family): training leaves them out, the tree never sees them
+    labels = list(labels)
+    for i in (5, 150, 300):
+        labels[i], extra["kind"][i], extra["family"][i] = "", "", "stray"
     return write_synthetic_shards(tmp_path_factory.mktemp("synth"), img, txt, labels, extra=extra)
 
 
@@ -259,6 +263,7 @@ def test_train_writes_the_tree_and_per_level_metrics(trained):
     assert tree["conflicts"] == [] and tree["label_parents"] == "unique"
     metrics = json.loads((run.path / "metrics.json").read_text())
     assert run.config["train"]["label_cols"] == list(LEVELS) and run.config["label_col"] == "label"
+    assert run.config["splits"]["unlabelled_rows"] == 3 and "" not in run.classes
     for split in ("val", "test"):
         m = metrics[split]
         print(split, {k: m[k] for k in ("accuracy", "levels", "consistent_paths")}, m["backoff"]["0.9"])
