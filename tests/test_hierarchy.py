@@ -281,6 +281,7 @@ def test_train_writes_the_tree_and_per_level_metrics(trained):
         assert m["backoff"]["0.5"]["accuracy"] >= m["accuracy"] - 1e-9
     card = (run.path / "MODEL_CARD.md").read_text()
     assert "## Category hierarchy" in card and "`family` (2) > `kind` (3) > `label` (4)" in card
+    assert "- Rows with an empty label (unlabelled, in no split): 3" in card
     assert prodfuse.Run.load(run.path).hierarchy == run.hierarchy
 
 

@@ -1,5 +1,6 @@
 """audit --labels: a planted mislabel ranks first (linear probe and default model), the files it writes, a class too
-small for the folds reported, bad input refused with nothing written."""
+small for the folds reported, rows with an empty label in no fold (train's folds) and counted, bad input refused with
+nothing written."""
 
 import base64
 import json
@@ -17,14 +18,17 @@ from synthetic import HEADER, write_synthetic_shards
 PLANTED = "p6"  # looks like class a in both streams, labelled b
 
 
-def _catalog(folder, n_per_class=12, rare=2, seed=0, spread=4.0):
-    """Classes a, b, c, well apart in both streams, plus `rare` items of class r; item p6 (an a) is labelled b. Each
-    row's image_path points at a tiny PNG in `folder`/img."""
+def _catalog(folder, n_per_class=12, rare=2, seed=0, spread=4.0, blank=None):
+    """Classes a, b, c, well apart in both streams, plus `rare` items of class r; item p6 (an a) is labelled b, and
+    the rows in `blank` ({row: empty cell}) have no label. Each row's image_path points at a tiny PNG in
+    `folder`/img."""
     rng = np.random.default_rng(seed)
     labels = np.array(["a", "b", "c"] * n_per_class + ["r"] * rare, dtype=object)
     truth = labels.copy()
     labels[6] = "b"
     assert truth[6] == "a"
+    for row, cell in (blank or {}).items():
+        labels[row] = cell
     centres = {c: (rng.normal(size=16) * spread, rng.normal(size=8) * spread) for c in "abcr"}
     n = len(labels)
     img = np.stack([centres[c][0] for c in truth]) + rng.normal(size=(n, 16))
@@ -107,6 +111,7 @@ def _unlabelled(folder):
         "has_text": np.ones(n, bool),
         "brand": ["x"] * n,
         "shelf": ["top", ""] * (n // 2),
+        "note": ["", " ", "nan", "None"] * (n // 4),  # empty in every row
     }
     shards.write_shard(folder, m, data, 0, n)
     shards.finish(folder, m)
@@ -121,12 +126,17 @@ def test_bad_input_is_refused_and_nothing_is_written(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"label_col 'category' is not a column.*'label'.*--label-col"):
         audit_labels(AuditLabelsConfig(embeddings=str(emb), label_col="category", model="lr", out=str(out)))
     bare = _unlabelled(tmp_path / "bare")
-    with pytest.raises(ValueError, match=r"'.*bare' is an unlabelled shard folder.*\['product_id', 'brand', 'shelf'\]"):
+    with pytest.raises(
+        ValueError, match=r"'.*bare' is an unlabelled shard folder.*\['product_id', 'brand', 'shelf', 'note'\]"
+    ):
         audit_labels(AuditLabelsConfig(embeddings=str(bare), model="lr", out=str(out)))
     with pytest.raises(ValueError, match=r"'brand'.*has 1 class\(es\) with at least folds=5.*--folds"):
         audit_labels(AuditLabelsConfig(embeddings=str(bare), label_col="brand", model="lr", out=str(out)))
-    with pytest.raises(ValueError, match=r"'shelf' is empty in 6 of 12 rows.*\['p1', 'p3'.*Fill them"):
+    # half its rows unlabelled: the other six are all "top", one class
+    with pytest.raises(ValueError, match=r"'shelf'.*has 1 class\(es\) with at least folds=5.*\{'top': 6\}"):
         audit_labels(AuditLabelsConfig(embeddings=str(bare), label_col="shelf", model="lr", out=str(out)))
+    with pytest.raises(ValueError, match=r"label_col 'note' is empty .* in every one of the 12 rows.*--label-col"):
+        audit_labels(AuditLabelsConfig(embeddings=str(bare), label_col="note", model="lr", out=str(out)))
     with pytest.raises(ValueError, match=r"model must be one of .*got 'svm'"):
         AuditLabelsConfig(embeddings=str(emb), model="svm")
     assert not out.exists()
@@ -137,6 +147,42 @@ def test_bad_input_is_refused_and_nothing_is_written(tmp_path, capsys):
         main(["audit", "--embeddings", str(emb), "--model", "lr", "--out", str(out)])
     assert e.value.code == 2 and "--model only apply to the label audit" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_rows_with_an_empty_label_are_in_no_fold_and_counted(tmp_path, capsys):
+    from prodfuse.cli import main
+    from prodfuse.evaluation.label_audit import fold_test_rows
+    from prodfuse.modeling.training import load_split_data
+
+    blank = {1: "", 11: None, 20: "nan", 33: "  "}  # among the labelled rows, not after them
+    emb = _catalog(tmp_path, n_per_class=14, blank=blank)
+    out = tmp_path / "audit"
+    s = audit_labels(AuditLabelsConfig(embeddings=str(emb), model="lr", folds=5, out=str(out)))
+    assert (s["rows"], s["unlabelled_rows"], s["audited_rows"]) == (44, 4, 44 - 4 - 2)  # 2: class r, left out
+    assert json.loads((out / "label_audit.json").read_text())["unlabelled_rows"] == 4
+    assert "4 row(s) with an empty label" in s["note"]
+    unlabelled = [f"p{i}" for i in blank]
+    issues = pd.read_csv(out / "label_issues.csv", dtype={"id": str})
+    assert issues["id"].iloc[0] == PLANTED and not set(unlabelled) & set(issues["id"])
+    assert s["classes"] == 4 and "" not in {p["given_label"] for p in s["pairs"]}
+    # pred_probs.npz keeps one row per shard row: an unlabelled one is not audited and has no probabilities
+    saved = np.load(out / "pred_probs.npz")
+    assert saved["ids"].tolist() == [f"p{i}" for i in range(44)] and saved["classes"].tolist() == list("abcr")
+    rows = np.isin(saved["ids"], unlabelled)
+    assert not saved["audited"][rows].any() and np.isnan(saved["probs"][rows]).all()
+    assert (saved["labels"][rows] == "").all() and not np.isnan(saved["probs"][saved["audited"]]).any()
+    # the folds are train's (`train --folds 5 --fold k --split-col ''`), as positions among all rows; unlabelled
+    # rows are in none of them
+    tests = fold_test_rows(saved["labels"], 5, 42)
+    for k, test in enumerate(tests):
+        planned = load_split_data(emb, "label", "", 42, ["image"], folds=5, fold=k)
+        assert planned["unlabelled"] == 4
+        np.testing.assert_array_equal(test, planned["splits"]["test"])
+    assert not np.isin(np.concatenate(tests), list(blank)).any()
+    # the command says how many rows were left unaudited
+    args = ["audit", "--labels", "--embeddings", str(emb), "--model", "lr", "--folds", "5"]
+    assert main(args + ["--out", str(tmp_path / "cli")]) == 0
+    assert "rows with an empty 'label' label (unlabelled, in no fold, not audited): 4" in capsys.readouterr().out
 
 
 def test_audit_labels_command(tmp_path, capsys):

@@ -129,6 +129,10 @@ def run_labels(cfg: AuditLabelsConfig) -> int:
         f"{s['model']} model, {s['folds']} folds, out-of-fold accuracy {s['out_of_fold_accuracy']:.4f}): "
         f"{s['issues']} likely mislabelled"
     )
+    if s.get("unlabelled_rows"):
+        print(
+            f"  rows with an empty {s['label_col']!r} label (unlabelled, in no fold, not audited): {s['unlabelled_rows']}"
+        )
     for pair in s["pairs"]:
         print(f"  {pair['count']:5d}  {pair['given_label']} -> {pair['suggested_label']}")
     left = s["left_out"]

@@ -160,9 +160,10 @@ LABEL_AUDIT_MODELS = ("default", "lr", "image", "text")
 @dataclass(frozen=True)
 class AuditLabelsConfig:
     """Likely mislabelled rows of a labelled shard folder (`label_audit.py`): out-of-fold probabilities over
-    stratified `folds` of every row, each row scored by a model that never trained on it, then cleanlab's confident
-    learning. `label_col=None` takes the label column recorded at extraction. Classes with fewer than `folds` items
-    are left out of the ranking (listed in the summary). Writes label_issues.csv, label_issues_summary.csv,
+    stratified `folds` of every labelled row, each row scored by a model that never trained on it, then cleanlab's
+    confident learning. `label_col=None` takes the label column recorded at extraction. Classes with fewer than
+    `folds` items are left out of the ranking (listed in the summary); rows with an empty label are in no fold (not
+    audited, counted). Writes label_issues.csv, label_issues_summary.csv,
     label_issues.html (the `top` suspects with thumbnails), label_audit.json and pred_probs.npz under `out`."""
 
     embeddings: str

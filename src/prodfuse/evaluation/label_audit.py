@@ -10,6 +10,9 @@ out-of-fold probability, lowest first).
 Classes with fewer items than folds are left out of the ranking: too few of their items train each fold's model
 for their probabilities to mean much (under 3 items, `kfold_split` never holds one out at all). They still take part
 in training, and the summary lists them for a look by hand.
+
+A row whose label cell is empty (`shards.empty_cells`) is unlabelled, as `train` has it: it is in no fold, neither
+trained on nor scored, and the summary counts it ("unlabelled_rows"); pred_probs.npz keeps it (audited False, NaN).
 """
 
 from __future__ import annotations
@@ -68,15 +71,23 @@ def check_label_audit(config: AuditLabelsConfig) -> dict:
     return {"manifest": manifest, "label_col": label_col, "columns": present}
 
 
-def fold_test_rows(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
-    """The rows each fold scores: the test split of `train --folds K --fold k` on these labels (no split column)."""
-    from prodfuse.data.splits import make_splits
+def fold_test_rows(labels: np.ndarray, folds: int, seed: int, label_col: str = "label") -> list[np.ndarray]:
+    """The rows each fold scores: the test split of `train --folds K --fold k` on these labels (no split column),
+    planned as train plans it (`splits.plan_labelled_splits`): folds of the labelled rows, as positions among all
+    rows; a row with an empty label is in none."""
+    from prodfuse.data.splits import plan_labelled_splits
 
-    return [make_splits(labels, None, None, seed, folds=folds, fold=k)[0]["test"] for k in range(folds)]
+    return [
+        plan_labelled_splits({"main": labels}, None, None, seed, label_col=label_col, folds=folds, fold=k)[0]["test"][1]
+        for k in range(folds)
+    ]
 
 
-def _probe_oof(emb: Path, labels: np.ndarray, classes: list[str], tests: list[np.ndarray], seed: int) -> np.ndarray:
-    """The linear probe's out-of-fold probabilities [rows, classes]; NaN rows were never held out."""
+def _probe_oof(
+    emb: Path, labels: np.ndarray, labelled: np.ndarray, classes: list[str], tests: list[np.ndarray], seed: int
+) -> np.ndarray:
+    """The linear probe's out-of-fold probabilities [rows, classes], fitted on the `labelled` rows (a mask) outside
+    each fold; NaN rows were never held out (unlabelled rows among them)."""
     from prodfuse.data.sequence import load_inputs
     from prodfuse.evaluation.probes import fit_probe, probe_features
 
@@ -85,14 +96,12 @@ def _probe_oof(emb: Path, labels: np.ndarray, classes: list[str], tests: list[np
     arrays = load_inputs(emb, [i for i, c in columns.items() if c in present])
     streams = tuple(s for s in ("image", "text") if s in arrays)
     index = {c: i for i, c in enumerate(classes)}
-    y = np.array([index[c] for c in labels], dtype=np.int64)
+    y = np.array([index.get(c, -1) for c in labels], dtype=np.int64)  # -1: unlabelled, never fitted on
     probs = np.full((len(labels), len(classes)), np.nan)
-    everything = np.arange(len(labels))
+    everything = np.flatnonzero(labelled)
     for k, test in enumerate(tests):
-        log.info(
-            "fold %d/%d: linear probe on %d rows, scoring %d", k + 1, len(tests), len(labels) - len(test), len(test)
-        )
         fit = np.setdiff1d(everything, test)
+        log.info("fold %d/%d: linear probe on %d rows, scoring %d", k + 1, len(tests), len(fit), len(test))
         views = probe_features(arrays, streams, fit)
         predict = fit_probe(np.concatenate(views), np.tile(y[fit], len(views)), len(classes), seed=seed)
         probs[test] = np.mean([predict(x) for x in probe_features(arrays, streams, test)], axis=0)
@@ -114,7 +123,8 @@ def _trained_oof(
 
     emb = Path(config.embeddings)
     # compare's fold machinery: its TrainConfig per fold is train's defaults plus these shared settings; split_col ""
-    # folds every row, whatever a split column says (a row marked test can be mislabelled too)
+    # folds every labelled row, whatever a split column says (a row marked test can be mislabelled too); train
+    # leaves the unlabelled rows out of every fold, as `fold_test_rows` does
     shared = CompareConfig(
         embeddings=str(emb),
         folds=config.folds,
@@ -201,7 +211,8 @@ def audit_labels(config: AuditLabelsConfig) -> dict:
     """Rank the likely mislabelled rows of `config.embeddings`; writes label_issues.csv (id, rank, given_label,
     suggested_label, suggested_prob, given_prob, image_path, text), label_issues_summary.csv (count per given ->
     suggested pair), label_issues.html (the `top` suspects, thumbnails embedded), label_audit.json (what this
-    returns) and pred_probs.npz (the out-of-fold probabilities of every row, NaN where a row was not scored)."""
+    returns) and pred_probs.npz (the out-of-fold probabilities of every row, NaN where a row was not scored). Rows
+    with an empty label are not audited (in no fold) and are counted as "unlabelled_rows"."""
     try:
         from cleanlab.filter import find_label_issues
     except ImportError as e:
@@ -218,16 +229,18 @@ def audit_labels(config: AuditLabelsConfig) -> dict:
     wanted = [id_col, label_col] + [c for c in (image_col, "text") if c in present and c not in (id_col, label_col)]
     items = shards.read_shards(emb, list(dict.fromkeys(wanted)))
     labels = np.array(["" if v is None else str(v) for v in items[label_col]], dtype=object)
+    # an empty cell is an unlabelled row, as train has it: in no fold, neither trained on nor scored
     empty = shards.empty_cells(items[label_col])
-    if empty.any():
-        ids = [str(v) for v in items[id_col][empty][:5]]
+    if empty.all():
         raise ValueError(
-            f"label_col {label_col!r} is empty in {int(empty.sum())} of {len(labels)} rows of {str(emb)!r} (ids "
-            f"{ids}): every row is folded and trained on, so each needs a label. Fill them in the catalog and "
-            f"re-extract, or pass --label-col with a column that is filled."
+            f"label_col {label_col!r} is empty (None, NaN or blank) in every one of the {len(labels)} rows of "
+            f"{str(emb)!r}: unlabelled rows are not audited, so there is nothing to audit. Fill {label_col!r} in "
+            f"the catalog and re-extract, or pass --label-col with a column that holds the labels."
         )
+    labels[empty] = ""
     labels = labels.astype(str)
-    classes, counts = np.unique(labels, return_counts=True)
+    labelled = ~empty
+    classes, counts = np.unique(labels[labelled], return_counts=True)
     classes = classes.tolist()
     left_out = {c: int(n) for c, n in zip(classes, counts) if n < config.folds}
     kept = [c for c in classes if c not in left_out]
@@ -240,9 +253,9 @@ def audit_labels(config: AuditLabelsConfig) -> dict:
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)  # every check above passed: from here on files are written
-    tests = fold_test_rows(labels, config.folds, config.seed)
+    tests = fold_test_rows(labels, config.folds, config.seed, label_col)
     if config.model == "lr":
-        probs = {"fused": _probe_oof(emb, labels, classes, tests, config.seed)}
+        probs = {"fused": _probe_oof(emb, labels, labelled, classes, tests, config.seed)}
     else:
         # the fold runs are scaffolding: their probabilities are kept in pred_probs.npz, the models are not
         with tempfile.TemporaryDirectory(prefix=".fold-runs-", dir=out) as work:
@@ -250,8 +263,8 @@ def audit_labels(config: AuditLabelsConfig) -> dict:
     p = probs["fused"]
 
     index = {c: i for i, c in enumerate(classes)}
-    y = np.array([index[c] for c in labels], dtype=np.int64)
-    audited = ~np.isin(labels, list(left_out)) & ~np.isnan(p).any(axis=1)
+    y = np.array([index.get(c, -1) for c in labels], dtype=np.int64)  # -1: unlabelled
+    audited = labelled & ~np.isin(labels, list(left_out)) & ~np.isnan(p).any(axis=1)
     rows = np.flatnonzero(audited)
     # confident learning over the audited classes only: a left-out class has no rows to estimate its noise from
     cols = np.array([index[c] for c in kept])
@@ -305,6 +318,7 @@ def audit_labels(config: AuditLabelsConfig) -> dict:
             if left_out
             else ""
         )
+        + (f" Not audited: {int(empty.sum())} row(s) with an empty label." if empty.any() else "")
     )
     top = issues.head(config.top)
     catalog_dir = Path(manifest.get("catalog_path") or ".").parent
@@ -325,6 +339,7 @@ def audit_labels(config: AuditLabelsConfig) -> dict:
         "folds": config.folds,
         "seed": config.seed,
         "rows": int(len(labels)),
+        "unlabelled_rows": int(empty.sum()),  # an empty label: in no fold, not audited
         "classes": len(classes),
         "audited_rows": int(len(rows)),
         "out_of_fold_accuracy": float((p[rows].argmax(axis=1) == y[rows]).mean()),

@@ -207,6 +207,7 @@ def _known_limits(config: dict, classes: list[str]) -> dict:
         "few_training_items": None,
         "absent_from": None,
         "too_small_for_split": splits.get("too_small_for_split") or [],
+        "unlabelled_rows": splits.get("unlabelled_rows") or 0,
         "unseen_labels_excluded": splits.get("unseen_labels_excluded") or {},
     }
     if counts is None:  # runs trained before the per-class counts were recorded
@@ -556,6 +557,8 @@ def _limit_lines(k: dict) -> list[str]:
             "- Too small to split (all their items train): "
             + ", ".join(f"`{c['label']}` ({c['items']})" for c in k["too_small_for_split"])
         )
+    if k["unlabelled_rows"]:
+        lines.append(f"- Rows with an empty label (unlabelled, in no split): {k['unlabelled_rows']}")
     for split, labels in k["unseen_labels_excluded"].items():
         if labels:
             lines.append(
