@@ -320,14 +320,11 @@ def back_off(path: list[dict], min_confidence: float | None) -> list[dict]:
     """A path (as `path_records` gives it) cut after its deepest level whose probability is at least
     `min_confidence`: the parent answers when the leaf is below it, and so on up."""
     min_confidence = check_min_confidence(min_confidence)
-    if min_confidence is None:
-        return list(path)
-    out = []
-    for step in path:
-        if step["probability"] < min_confidence:
-            break
-        out.append(step)
-    return out
+    if not path:
+        return []
+    # the one cut rule, as path_records applies it to whole arrays
+    depth = answered_depth({s["level"]: (None, np.array([s["probability"]])) for s in path}, min_confidence)[0]
+    return list(path[:depth])
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
