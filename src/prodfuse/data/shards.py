@@ -42,6 +42,12 @@ def empty_cells(values) -> np.ndarray:
     )
 
 
+def label_strings(values) -> np.ndarray:
+    """Labels as str (an object array), an empty cell (`empty_cells`) as "": `labels == ""` is then the unlabelled
+    rows."""
+    return np.where(empty_cells(values), "", np.array([str(v) for v in values], dtype=object)).astype(object)
+
+
 def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 

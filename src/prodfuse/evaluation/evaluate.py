@@ -283,9 +283,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
     extra = [id_col, label_col] + levels + ([cfg.group_col] if cfg.group_col else [])
     data = read_items(folder, run.inputs, extra, rows)
-    labels = np.asarray(data[label_col]).astype(str)
-    unlabelled = shards.empty_cells(labels)  # not a class, not scored (a run trained before may know "nan")
-    labels[unlabelled] = ""
+    labels = shards.label_strings(data[label_col]).astype(str)
+    unlabelled = labels == ""  # not a class, not scored (a run trained before may know "nan")
     index = {c: i for i, c in enumerate(classes)}
     y_all = np.array([index.get(c, -1) for c in labels], dtype=np.int64)
     known = (y_all >= 0) & ~unlabelled

@@ -228,17 +228,15 @@ def audit_labels(config: AuditLabelsConfig) -> dict:
     image_col = manifest["columns"].get("image") or "image_path"
     wanted = [id_col, label_col] + [c for c in (image_col, "text") if c in present and c not in (id_col, label_col)]
     items = shards.read_shards(emb, list(dict.fromkeys(wanted)))
-    labels = np.array(["" if v is None else str(v) for v in items[label_col]], dtype=object)
     # an empty cell is an unlabelled row, as train has it: in no fold, neither trained on nor scored
-    empty = shards.empty_cells(items[label_col])
+    labels = shards.label_strings(items[label_col]).astype(str)
+    empty = labels == ""
     if empty.all():
         raise ValueError(
             f"label_col {label_col!r} is empty (None, NaN or blank) in every one of the {len(labels)} rows of "
             f"{str(emb)!r}: unlabelled rows are not audited, so there is nothing to audit. Fill {label_col!r} in "
             f"the catalog and re-extract, or pass --label-col with a column that holds the labels."
         )
-    labels[empty] = ""
-    labels = labels.astype(str)
     labelled = ~empty
     classes, counts = np.unique(labels[labelled], return_counts=True)
     classes = classes.tolist()

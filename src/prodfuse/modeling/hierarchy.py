@@ -128,17 +128,19 @@ def check_min_confidence(value) -> float | None:
 
 
 def _text(values) -> np.ndarray:
-    """Labels as str, an empty cell (None, NaN, blank) as ""."""
-    from prodfuse.data.shards import empty_cells
+    """Labels as str, an empty cell (None, NaN, blank) as "" (imported here: this module stays numpy-only at
+    import, for the command line's start)."""
+    from prodfuse.data.shards import label_strings
 
-    return np.where(empty_cells(values), "", np.array([str(v) for v in values], dtype=object)).astype(object)
+    return label_strings(values)
 
 
 def learn_hierarchy(columns: dict, levels, label_parents: str = "unique", ids=None) -> Hierarchy:
     """The tree of `levels` (column names, coarse to fine) from the rows of `columns` ({column: values}) whose finest
-    label is not empty (the others are unlabelled: training leaves them out of every split). Each node must have one parent over those rows (else a ValueError naming the node, its
-    parents and the level; with `label_parents` "majority" it keeps its most frequent one and the conflict is
-    recorded), and no coarser level may be empty on such a row (a ValueError naming rows by `ids` when given)."""
+    label is not empty (the others are unlabelled: training leaves them out of every split). Each node must have one
+    parent over those rows (else a ValueError naming the node, its parents and the level; with `label_parents`
+    "majority" it keeps its most frequent one and the conflict is recorded), and no coarser level may be empty on
+    such a row (a ValueError naming rows by `ids` when given)."""
     from prodfuse.checks import check_choice
 
     check_choice("label_parents", label_parents, LABEL_PARENTS)
